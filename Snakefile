@@ -1,0 +1,23 @@
+# qlora-snakemake: fine-tune a Llama-family chat model with LoRA and QLoRA and measure
+# what 4-bit quantisation costs. This file is the table of contents; the stages live in
+# rules/, their code in scripts/, the study design in config/.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+# Validates the config (schema + cross-key rules) before anything is scheduled.
+include: "rules/common.smk"
+include: "rules/model.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

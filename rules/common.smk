@@ -1,0 +1,52 @@
+# Helpers shared by every stage: config validation, paths, the training grid, resources.
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import Paramspace
+
+sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
+from config_check import ConfigError, validate_config  # noqa: E402
+from grid import grid_table  # noqa: E402
+
+try:
+    validate_config(config)
+except ConfigError as err:
+    raise WorkflowError(f"Invalid configuration: {err}") from None
+
+RESULTS = config["results_dir"].rstrip("/")
+RES = config["resources"]
+ENV = "../envs/pipeline.yaml"
+DATASETS = ["train", "eval_chat", "wikitext"]
+
+# One row per training job; the whole row is the cell's name (results/train/<cell>/).
+GRID = Paramspace(grid_table(config["grid"]), filename_params="*", single_wildcard="cell")
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    target_modules="qv|all_linear",
+
+
+def cell_params(wildcards):
+    """The grid row (method, lora_r, ..., seed) of one training job, as plain Python values."""
+    return {key: getattr(value, "item", lambda: value)() for key, value in GRID.instance(wildcards).items()}
+
+
+def init_adapter_dir(wildcards):
+    """The initial adapter shared by every cell of this rank/alpha/dropout/targets/seed."""
+    cell = cell_params(wildcards)
+    return (
+        f"{RESULTS}/init_adapter/r{cell['lora_r']}_a{cell['lora_alpha']}_d{cell['lora_dropout']}"
+        f"_{cell['target_modules']}_s{cell['seed']}"
+    )
+
+
+def final_targets():
+    """What `snakemake` with no target builds (grows with each stage)."""
+    return [
+        f"{RESULTS}/data/stats.json",
+        expand(f"{RESULTS}/train/{{cell}}/metrics.json", cell=GRID.instance_patterns),
+    ]

@@ -1,0 +1,51 @@
+# Training: one job per grid cell. Both arms of a seed start from one initial adapter.
+
+
+rule init_adapter:
+    input:
+        model_dir=f"{RESULTS}/model/base",
+    output:
+        adapter_dir=directory(
+            f"{RESULTS}/init_adapter/r{{lora_r}}_a{{lora_alpha}}_d{{lora_dropout}}_{{target_modules}}_s{{seed}}"
+        ),
+        provenance=f"{RESULTS}/init_adapter/r{{lora_r}}_a{{lora_alpha}}_d{{lora_dropout}}_{{target_modules}}_s{{seed}}.provenance.json",
+    log:
+        f"{RESULTS}/logs/init_adapter/r{{lora_r}}_a{{lora_alpha}}_d{{lora_dropout}}_{{target_modules}}_s{{seed}}.log",
+    conda:
+        ENV
+    threads: RES["threads"]
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime_min"],
+    script:
+        "../scripts/init_adapter.py"
+
+
+rule train:
+    input:
+        model_dir=f"{RESULTS}/model/base",
+        train=f"{RESULTS}/data/train.jsonl",
+        init_adapter=init_adapter_dir,
+    output:
+        adapter_dir=directory(f"{RESULTS}/train/{{cell}}/adapter"),
+        metrics=f"{RESULTS}/train/{{cell}}/metrics.json",
+        loss_curve=f"{RESULTS}/train/{{cell}}/loss_curve.csv",
+        tensorboard=directory(f"{RESULTS}/train/{{cell}}/tensorboard"),
+        provenance=f"{RESULTS}/train/{{cell}}/train.provenance.json",
+    params:
+        cell=cell_params,
+        train=config["train"],
+        max_length=config["data"]["max_length"],
+        # Outside the outputs, so Snakemake keeps them when a killed job is rerun.
+        checkpoint_dir=f"{RESULTS}/checkpoints/{{cell}}",
+    log:
+        f"{RESULTS}/logs/train/{{cell}}.log",
+    conda:
+        ENV
+    threads: RES["threads"]
+    resources:
+        mem_mb=RES["train_mem_mb"],
+        runtime=RES["train_runtime_min"],
+        gpu=RES["gpu"],
+    script:
+        "../scripts/train.py"

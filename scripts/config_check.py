@@ -1,0 +1,89 @@
+"""Validate a run's config against config/schema/config.schema.yaml.
+
+Used by rules/common.smk before any job is scheduled, and by the tests. Errors name the
+offending key as a dotted path (``train.learning_rate``) so a typo costs seconds, not a
+failed job an hour later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value the schema (or a cross-key rule) rejects; the message names the key."""
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        # The unknown key is in the message, not in the path: name it in full.
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        parts.append(extra[0] if len(extra) == 1 else "{" + ",".join(extra) + "}")
+    if error.validator == "required":
+        parts.append(str(error.message.split("'")[1]))
+    return ".".join(parts) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        return f"unknown key (allowed here: {allowed})"
+    if error.validator == "required":
+        return "missing required key"
+    return error.message
+
+
+def _cross_key_checks(config: dict) -> None:
+    """Rules a JSON schema cannot say simply; each names its key."""
+    model = config["model"]
+    if model["source"] == "hub" and not (model.get("hub_id") and model.get("revision")):
+        raise ConfigError("config key 'model.hub_id'/'model.revision': source hub needs both set")
+    if model["source"] == "local" and not model.get("local_path"):
+        raise ConfigError("config key 'model.local_path': source local needs a folder")
+    for name in ("train", "eval_chat", "wikitext"):
+        source = config["data"][name]
+        if not source.get("local_path") and not source.get("hub_id"):
+            raise ConfigError(f"config key 'data.{name}': set hub_id or local_path")
+    if config["data"]["wikitext"]["markup"] != "plain":
+        raise ConfigError("config key 'data.wikitext.markup': must be plain")
+    for name in ("train", "eval_chat"):
+        if config["data"][name]["markup"] == "plain":
+            raise ConfigError(f"config key 'data.{name}.markup': chat data needs llama2_inst or human_assistant")
+
+
+def validate_config(config: dict, schema: dict | None = None) -> None:
+    """Raise ConfigError naming the first offending key (the shallowest one)."""
+    validator = jsonschema.Draft202012Validator(schema or load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(f"config key '{_key_path(first)}': {_describe(first)}{more}")
+    _cross_key_checks(config)
+
+
+def main(config_path: Path) -> None:
+    validate_config(yaml.safe_load(config_path.read_text()))
+    print(f"{config_path}: valid")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", type=Path)
+    args = parser.parse_args()
+    try:
+        main(args.config)
+    except ConfigError as err:
+        sys.exit(str(err))

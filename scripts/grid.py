@@ -1,0 +1,39 @@
+"""The training grid as a table: one row per training job.
+
+Every combination of the config's ``grid`` lists is one row. Quantisation settings mean
+nothing for the 16-bit ``lora`` arm, so its rows carry ``quant_type: none`` and
+``double_quant: False`` and duplicates are collapsed: the two arms differ only in the
+base model's precision.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+
+GRID_COLUMNS = [
+    "method",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "learning_rate",
+    "quant_type",
+    "double_quant",
+    "seed",
+]
+# What the LoRA initialisation depends on: both arms of one seed load the same initial adapter.
+INIT_COLUMNS = ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed"]
+
+
+def grid_table(grid: dict) -> pd.DataFrame:
+    rows = []
+    for values in itertools.product(*(grid[column] for column in GRID_COLUMNS)):
+        row = dict(zip(GRID_COLUMNS, values))
+        if row["method"] == "lora":
+            row.update(quant_type="none", double_quant=False)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=GRID_COLUMNS).drop_duplicates(ignore_index=True)
+    return table.astype({"lora_r": int, "lora_alpha": float, "lora_dropout": float, "learning_rate": float,
+                         "double_quant": bool, "seed": int})

@@ -1,0 +1,68 @@
+"""Loading the base model for one arm: the only place where LoRA and QLoRA differ.
+
+``lora`` loads the base in the compute dtype (bf16/fp16 on a GPU, float32 on a CPU);
+``qlora`` loads the same weights through bitsandbytes 4-bit (NF4/FP4, optional double
+quantisation) with the same compute dtype. Nothing else differs between the arms: no
+fp32 upcast of norms or embeddings in one arm only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TARGET_MODULES = {"qv": ["q_proj", "v_proj"], "all_linear": "all-linear"}
+
+
+def device() -> torch.device:
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """auto: bf16 where the GPU supports it (the tutorial's capability check), else fp16; fp32 on a CPU."""
+    if name != "auto":
+        return getattr(torch, name)
+    if not torch.cuda.is_available():
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability()
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def bnb_cpu_workaround(model) -> int:
+    """bitsandbytes 0.50.2 on CPUs with AVX512-BF16: an eval-mode forward before training
+    makes later gradients zero, and saving after one corrupts the weights. Turning the
+    bf16 CPU path off on every Linear4bit avoids both (regression test in tests/)."""
+    import bitsandbytes as bnb
+
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            patched += 1
+    return patched
+
+
+def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+    )
+
+
+def load_base_model(model_dir, method: str, compute_dtype: torch.dtype, quant_type: str = "nf4", double_quant: bool = False):
+    """The base model of one arm on the current device."""
+    from transformers import AutoModelForCausalLM
+
+    target = device()
+    kwargs = {"dtype": compute_dtype, "device_map": {"": target.index if target.type == "cuda" else "cpu"}}
+    if method == "qlora":
+        kwargs["quantization_config"] = quantization_config(quant_type, double_quant, compute_dtype)
+    elif method != "lora":
+        raise ValueError(f"unknown method {method!r} (lora or qlora)")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if method == "qlora" and target.type == "cpu":
+        bnb_cpu_workaround(model)
+    return model
