@@ -5,8 +5,6 @@ offending key as a dotted path (``train.learning_rate``) so a typo costs seconds
 failed job an hour later.
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 from pathlib import Path

@@ -11,8 +11,6 @@ asks the Hub first and falls back to the mirror when it cannot be reached (or
 ``HF_HUB_OFFLINE=1``).
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -168,7 +166,9 @@ def _from_snakemake(smk) -> None:
     )
 
 
-if __name__ == "__main__":
+if "snakemake" in globals():  # run by Snakemake's script directive
+    _from_snakemake(snakemake)  # noqa: F821
+elif __name__ == "__main__":
     import yaml
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,5 +180,3 @@ if __name__ == "__main__":
     a = parser.parse_args()
     data_config = yaml.safe_load(a.config.read_text())["data"]
     main(a.dataset, data_config[a.dataset], data_config["mirror"], data_config["hub_access"], a.out, a.provenance, a.log)
-elif "snakemake" in globals():
-    _from_snakemake(snakemake)  # noqa: F821 (injected by Snakemake's script directive)

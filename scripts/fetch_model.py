@@ -13,8 +13,6 @@ Every source ends with the same tokenizer fix: the pad token must differ from EO
 the collator masks EOS out of the labels and the model never learns to stop.
 """
 
-from __future__ import annotations
-
 import argparse
 import importlib.util
 import shutil
@@ -175,7 +173,9 @@ def _from_snakemake(smk) -> None:
     )
 
 
-if __name__ == "__main__":
+if "snakemake" in globals():  # run by Snakemake's script directive
+    _from_snakemake(snakemake)  # noqa: F821
+elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, choices=["offline_smollm2", "hub", "local"])
     parser.add_argument("--out-dir", type=Path, required=True)
@@ -186,5 +186,3 @@ if __name__ == "__main__":
     parser.add_argument("--log", type=Path)
     a = parser.parse_args()
     main(a.source, a.out_dir, a.provenance, a.hub_id, a.revision, a.local_path, a.log)
-elif "snakemake" in globals():
-    _from_snakemake(snakemake)  # noqa: F821 (injected by Snakemake's script directive)

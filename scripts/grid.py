@@ -6,8 +6,6 @@ nothing for the 16-bit ``lora`` arm, so its rows carry ``quant_type: none`` and
 base model's precision.
 """
 
-from __future__ import annotations
-
 import itertools
 
 import pandas as pd

@@ -4,8 +4,6 @@ Both arms of a seed load this same adapter, so LoRA and QLoRA start from identic
 weights (A random, B zero) and differ only in the base model's precision.
 """
 
-from __future__ import annotations
-
 import argparse
 import time
 from pathlib import Path
@@ -69,7 +67,9 @@ def _from_snakemake(smk) -> None:
     )
 
 
-if __name__ == "__main__":
+if "snakemake" in globals():  # run by Snakemake's script directive
+    _from_snakemake(snakemake)  # noqa: F821
+elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
@@ -81,5 +81,3 @@ if __name__ == "__main__":
     parser.add_argument("--log", type=Path)
     a = parser.parse_args()
     main(a.model_dir, a.out_dir, a.lora_r, a.lora_alpha, a.lora_dropout, a.target_modules, a.seed, log_path=a.log)
-elif "snakemake" in globals():
-    _from_snakemake(snakemake)  # noqa: F821 (injected by Snakemake's script directive)

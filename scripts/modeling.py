@@ -6,8 +6,6 @@ quantisation) with the same compute dtype. Nothing else differs between the arms
 fp32 upcast of norms or embeddings in one arm only.
 """
 
-from __future__ import annotations
-
 import torch
 
 TARGET_MODULES = {"qv": ["q_proj", "v_proj"], "all_linear": "all-linear"}

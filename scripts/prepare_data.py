@@ -16,8 +16,6 @@ Outputs: ``train.jsonl`` (``row``, ``text``), ``eval_chat.jsonl`` (``row``, ``te
 statistics, the share truncated at ``max_length``).
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import random
@@ -260,7 +258,9 @@ def _from_snakemake(smk) -> None:
     )
 
 
-if __name__ == "__main__":
+if "snakemake" in globals():  # run by Snakemake's script directive
+    _from_snakemake(snakemake)  # noqa: F821
+elif __name__ == "__main__":
     import yaml
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,5 +273,3 @@ if __name__ == "__main__":
     main(a.raw_dir / "train.jsonl", a.raw_dir / "eval_chat.jsonl", a.raw_dir / "wikitext.jsonl", a.model_dir,
          yaml.safe_load(a.config.read_text())["data"], a.out_dir / "train.jsonl", a.out_dir / "eval_chat.jsonl",
          a.out_dir / "wikitext.txt", a.out_dir / "stats.json", a.out_dir / "prepare_data.provenance.json", a.log)
-elif "snakemake" in globals():
-    _from_snakemake(snakemake)  # noqa: F821 (injected by Snakemake's script directive)

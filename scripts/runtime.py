@@ -3,8 +3,6 @@
 Kept deliberately thin; each stage script stays readable on its own.
 """
 
-from __future__ import annotations
-
 import hashlib
 import importlib.metadata
 import json

@@ -14,8 +14,6 @@ ends with the same total step count. A checkpoint written under other settings i
 discarded, never resumed.
 """
 
-from __future__ import annotations
-
 import argparse
 import csv
 import dataclasses
@@ -28,7 +26,7 @@ from pathlib import Path
 import torch
 
 from modeling import device, load_base_model, resolve_compute_dtype
-from runtime import hardware, log_arguments, package_versions, setup_logging, write_provenance
+from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
 
 CUDA_ONLY_OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit"}
 SIGNATURE_FILE = "run_signature.json"
@@ -215,6 +213,8 @@ def main(
         **load_memory,
         **train_memory,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "init_adapter": str(init_adapter_dir),
+        "init_adapter_sha256": sha256_file(Path(init_adapter_dir) / "adapter_model.safetensors"),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "global_steps": trainer.state.global_step,
@@ -259,7 +259,9 @@ def _from_snakemake(smk) -> None:
     )
 
 
-if __name__ == "__main__":
+if "snakemake" in globals():  # run by Snakemake's script directive
+    _from_snakemake(snakemake)  # noqa: F821
+elif __name__ == "__main__":
     import yaml
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,14 +275,19 @@ if __name__ == "__main__":
     parser.add_argument("--quant-type", default="nf4")
     parser.add_argument("--double-quant", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--threads", type=int, default=2)
     a = parser.parse_args()
     cfg = yaml.safe_load(a.config.read_text())
+    settings = dict(cfg["train"], **({"max_steps": a.max_steps} if a.max_steps else {}))
+    # The rank, alpha, dropout and targets are the initial adapter's own.
+    lora = json.loads((a.init_adapter / "adapter_config.json").read_text())
+    targets = "qv" if sorted(lora["target_modules"]) == ["q_proj", "v_proj"] else "all_linear"
+    cell = {"method": a.method, "lora_r": lora["r"], "lora_alpha": lora["lora_alpha"],
+            "lora_dropout": lora["lora_dropout"], "target_modules": targets, "learning_rate": a.learning_rate,
+            "quant_type": a.quant_type if a.method == "qlora" else "none",
+            "double_quant": a.double_quant, "seed": a.seed}
     out = a.out_dir
-    main(a.model_dir, a.train_file, a.init_adapter,
-         {"method": a.method, "learning_rate": a.learning_rate, "quant_type": a.quant_type,
-          "double_quant": a.double_quant, "seed": a.seed},
-         cfg["train"], cfg["data"]["max_length"], out / "adapter", out / "metrics.json", out / "loss_curve.csv",
-         out / "tensorboard", out / "checkpoints", a.threads, log_path=out / "train.log")
-elif "snakemake" in globals():
-    _from_snakemake(snakemake)  # noqa: F821 (injected by Snakemake's script directive)
+    main(a.model_dir, a.train_file, a.init_adapter, cell, settings, cfg["data"]["max_length"], out / "adapter",
+         out / "metrics.json", out / "loss_curve.csv", out / "tensorboard", out / "checkpoints", a.threads,
+         log_path=out / "train.log")

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real tiny pipeline, run once per test session in a temp folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+SHARED_DATA = PROJECT.parent / "shared" / "data"
+TINY_CONFIG = PROJECT / "tests" / "config" / "config.yaml"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(PROJECT / "scripts"))
+
+
+def snakemake(*args: str, results_dir: Path | None = None, config: Path = TINY_CONFIG, timeout: int = 1800,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real Snakemake CLI of this environment in the project folder."""
+    command = [str(BIN / "snakemake"), "--configfile", str(config), *args]
+    if results_dir is not None:
+        command += ["--config", f"results_dir={results_dir}"]
+    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    return yaml.safe_load(TINY_CONFIG.read_text())
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> Path:
+    """The tiny CI grid, run for real through Snakemake; returns its results folder."""
+    assert SHARED_DATA.is_dir(), f"the offline data copies are missing: {SHARED_DATA}"
+    results = tmp_path_factory.mktemp("results")
+    snakemake("--cores", "2", results_dir=results)
+    return results
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(pipeline_run) -> Path:
+    return pipeline_run / "model" / "base"
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,122 @@
+"""The config schema: shipped configs pass; typos and bad values stop the run naming the key."""
+
+import copy
+
+import pytest
+import yaml
+from conftest import PROJECT, TINY_CONFIG, snakemake
+
+from config_check import ConfigError, load_schema, validate_config
+
+SHIPPED = ["config/config.yaml", "config/smollm2-full.yaml", "config/llama2-7b.yaml", "tests/config/config.yaml"]
+
+
+def load(path: str) -> dict:
+    return yaml.safe_load((PROJECT / path).read_text())
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_shipped_configs_are_valid(path):
+    validate_config(load(path))
+
+
+def _set(config: dict, dotted: str, value) -> dict:
+    config = copy.deepcopy(config)
+    *parents, last = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "dotted, value, named",
+    [
+        ("lerning_rate", 1e-4, "lerning_rate"),  # unknown top-level key
+        ("train.lerning_rate", 1e-4, "train.lerning_rate"),  # unknown nested key
+        ("data.train.max_row", 5, "data.train.max_row"),  # unknown key two levels down
+        ("train.warmup_ratio", 2.0, "train.warmup_ratio"),  # out of range
+        ("train.batch_size", 0, "train.batch_size"),
+        ("grid.lora_r", [0], "grid.lora_r.0"),
+        ("grid.method", ["lora", "qlora4"], "grid.method.1"),
+        ("data.max_length", "long", "data.max_length"),
+        ("model.source", "s3", "model.source"),
+        ("data.mirror", [{"hub_id": "x", "path": "y", "sha256": "zz"}], "data.mirror.0.sha256"),
+    ],
+)
+def test_schema_names_the_bad_key(dotted, value, named):
+    config = _set(load("tests/config/config.yaml"), dotted, value)
+    with pytest.raises(ConfigError) as raised:
+        validate_config(config)
+    assert f"'{named}'" in str(raised.value)
+
+
+def test_missing_key_is_named():
+    config = load("tests/config/config.yaml")
+    del config["train"]["epochs"]
+    with pytest.raises(ConfigError, match="'train.epochs': missing required key"):
+        validate_config(config)
+
+
+def test_cross_key_rule_hub_source_needs_revision():
+    config = _set(_set(load("tests/config/config.yaml"), "model.source", "hub"), "model.revision", None)
+    with pytest.raises(ConfigError, match="model.hub_id'/'model.revision"):
+        validate_config(config)
+
+
+def test_every_schema_key_is_documented():
+    undocumented = []
+
+    def walk(node: dict, path: str) -> None:
+        for key, sub in node.get("properties", {}).items():
+            if "description" not in sub and "$ref" not in sub:
+                undocumented.append(f"{path}{key}")
+            walk(sub, f"{path}{key}.")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], path)
+
+    schema = load_schema()
+    walk(schema, "")
+    for name, definition in schema["$defs"].items():
+        walk(definition, f"$defs.{name}.")
+    assert not undocumented
+
+
+def test_every_object_forbids_unknown_keys():
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "object" or "properties" in node:
+                assert node.get("additionalProperties") is False, path
+            for key, sub in node.items():
+                walk(sub, f"{path}.{key}")
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, path)
+
+    walk(load_schema(), "schema")
+
+
+def test_snakemake_stops_before_any_job_naming_the_key(tmp_path):
+    bad = _set(load("tests/config/config.yaml"), "train.lerning_rate", 1e-4)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    result = snakemake("-n", config=path, results_dir=tmp_path / "results", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Invalid configuration: config key 'train.lerning_rate': unknown key" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "results").exists()
+
+
+def test_default_dry_run_plans_the_whole_dag(tmp_path):
+    result = snakemake("-n", config=PROJECT / "config" / "config.yaml", results_dir=tmp_path)
+    for rule in ("fetch_data", "fetch_model", "prepare_data", "init_adapter", "train"):
+        assert f"{rule} " in result.stdout, rule
+    # Both arms, two seeds: four training jobs in the default study.
+    assert "method~qlora" in result.stdout and "method~lora" in result.stdout
+    assert "seed~2" in result.stdout
+
+
+def test_tiny_config_is_what_ci_runs():
+    assert TINY_CONFIG.is_file()

@@ -1,0 +1,45 @@
+"""requirements.txt (the virtualenv) and envs/pipeline.yaml (conda) pin the same stack."""
+
+import re
+
+import yaml
+from conftest import PROJECT
+
+
+def requirement_pins() -> dict[str, str]:
+    pins = {}
+    for line in (PROJECT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"requirements.txt: {line!r} is not pinned with =="
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def conda_pins() -> dict[str, str]:
+    env = yaml.safe_load((PROJECT / "envs" / "pipeline.yaml").read_text())
+    pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
+    pins = {}
+    for spec in pip_section:
+        name, _, version = re.split(r"\s+", spec)[-1].partition("==")
+        pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_conda_env_matches_requirements():
+    assert conda_pins() == requirement_pins()
+
+
+def test_named_stack_is_pinned():
+    pins = requirement_pins()
+    for name in ("snakemake", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets",
+                 "huggingface-hub", "pandas", "seaborn"):
+        assert name in pins, name
+
+
+def test_every_rule_uses_the_pinned_env():
+    for smk in (PROJECT / "rules").glob("*.smk"):
+        text = smk.read_text()
+        rules = text.count("\nrule ")
+        assert text.count("conda:\n        ENV") == rules, smk.name

@@ -1,0 +1,136 @@
+"""Training stage: the tiny grid on CPU, fair arms, vanilla-PEFT adapters, resume, determinism."""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import BIN, PROJECT, read_json, snakemake
+from snakemake.utils import Paramspace
+
+import train
+from grid import grid_table
+
+
+def cells(results):
+    return sorted((results / "train").iterdir())
+
+
+def test_tiny_grid_trains_both_arms(pipeline_run, tiny_config):
+    expected = grid_table(tiny_config["grid"])
+    trained = [read_json(cell / "metrics.json") for cell in cells(pipeline_run)]
+    assert len(trained) == len(expected) == 4
+    for metrics in trained:
+        assert metrics["global_steps"] == tiny_config["train"]["max_steps"]
+        assert metrics["tokens_per_second"] > 0 and metrics["peak_rss_bytes"] > 0
+        assert metrics["optimizer"] == "adamw_torch" and metrics["optimizer_requested"] == "paged_adamw_32bit"
+    by_key = {(m["method"], m["learning_rate"]): m for m in trained}
+    for lr in tiny_config["grid"]["learning_rate"]:
+        lora, qlora = by_key[("lora", lr)], by_key[("qlora", lr)]
+        assert qlora["model_footprint_bytes"] < 0.5 * lora["model_footprint_bytes"]
+        # Fair arms: one initial adapter per seed, shared by both methods.
+        assert qlora["init_adapter_sha256"] == lora["init_adapter_sha256"]
+
+
+def test_outputs_per_cell(pipeline_run, tiny_config):
+    for cell in cells(pipeline_run):
+        with (cell / "loss_curve.csv").open() as handle:
+            curve = list(csv.DictReader(handle))
+        assert [int(row["step"]) for row in curve] == list(range(1, tiny_config["train"]["max_steps"] + 1))
+        assert all(float(row["loss"]) > 0 for row in curve)
+        assert any(p.name.startswith("events.out.tfevents") for p in (cell / "tensorboard").iterdir())
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (cell / "adapter").iterdir()}
+    assert not (pipeline_run / "checkpoints").exists() or not any((pipeline_run / "checkpoints").iterdir())
+
+
+def test_adapters_load_in_vanilla_peft_and_have_learnt(pipeline_run, base_model_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    for cell in cells(pipeline_run):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_dir), cell / "adapter")
+        assert model.peft_config["default"].r == 64
+        weights = load_file(cell / "adapter" / "adapter_model.safetensors")
+        lora_b = [w for name, w in weights.items() if "lora_B" in name]
+        assert lora_b and all(torch.count_nonzero(w) > 0 for w in lora_b)  # B starts at zero
+
+
+def test_qlora_gradients_survive_an_eval_forward(pipeline_run, base_model_dir):
+    """Regression: bitsandbytes 0.50.2 on CPU gave zero gradients after an eval-mode forward."""
+    from peft import PeftModel
+
+    from modeling import load_base_model
+
+    init = next((pipeline_run / "init_adapter").glob("r64*_s1"))
+    model = PeftModel.from_pretrained(load_base_model(base_model_dir, "qlora", torch.float32), init, is_trainable=True)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    grads = [p.grad for name, p in model.named_parameters() if "lora_A" in name]
+    assert grads and all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def _copy_upstream(src, dst):
+    for part in ("model", "data", "init_adapter"):
+        shutil.copytree(src / part, dst / part, copy_function=shutil.copy2)
+
+
+def test_killed_training_resumes_from_its_checkpoint(pipeline_run, tiny_config, tmp_path):
+    config = dict(tiny_config, train=dict(tiny_config["train"], max_steps=12, save_steps=2),
+                  grid=dict(tiny_config["grid"], method=["qlora"], learning_rate=[2e-4]))
+    config_path = tmp_path / "resume.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    results = tmp_path / "results"
+    _copy_upstream(pipeline_run, results)
+    (target,) = Paramspace(grid_table(config["grid"]), filename_params="*").instance_patterns
+    metrics_file = results / "train" / target / "metrics.json"
+    command = [str(BIN / "snakemake"), "--configfile", str(config_path), "--config", f"results_dir={results}",
+               "--cores", "2", str(metrics_file)]
+    job = subprocess.Popen(command, cwd=PROJECT, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    checkpoints = results / "checkpoints" / target
+    deadline = time.time() + 600
+    while not list(checkpoints.glob("checkpoint-4")) and time.time() < deadline:
+        assert job.poll() is None, "training ended before it could be killed"
+        time.sleep(0.5)
+    os.killpg(job.pid, signal.SIGKILL)  # as a SLURM time limit's final kill would
+    job.wait()
+    assert not metrics_file.exists()
+    saved = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    assert 4 <= saved < 12
+
+    snakemake("--unlock", config=config_path, results_dir=results)
+    snakemake("--cores", "2", "--rerun-incomplete", str(metrics_file), config=config_path, results_dir=results)
+    metrics = read_json(metrics_file)
+    assert metrics["resumed_from_step"] >= 4
+    assert metrics["global_steps"] == 12
+    log = (results / "logs" / "train" / f"{target}.log").read_text()
+    assert "resuming from" in log
+    with (results / "train" / target / "loss_curve.csv").open() as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == list(range(1, 13))
+
+
+def test_same_cell_same_seed_gives_identical_loss_curve(pipeline_run, tiny_config, tmp_path):
+    cell = {"method": "qlora", "lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "target_modules": "qv",
+            "learning_rate": 1e-3, "quant_type": "nf4", "double_quant": False, "seed": 1}
+    settings = dict(tiny_config["train"], max_steps=3)
+    init = next((pipeline_run / "init_adapter").glob("r64*_s1"))
+    curves = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        train.main(pipeline_run / "model" / "base", pipeline_run / "data" / "train.jsonl", init, cell, settings,
+                   tiny_config["data"]["max_length"], out / "adapter", out / "metrics.json", out / "loss.csv",
+                   out / "tb", out / "ckpt", threads=2)
+        curves.append((out / "loss.csv").read_text())
+    assert curves[0] == curves[1]
+    assert len(curves[0].splitlines()) == 4  # header + 3 steps
