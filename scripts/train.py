@@ -20,6 +20,7 @@ import dataclasses
 import json
 import resource
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def sft_config(train: dict, cell: dict, checkpoint_dir: Path, compute_dtype: tor
         max_length=max_length,
         dataset_text_field="text",
         packing=False,
+        pad_to_multiple_of=train["pad_to_multiple_of"],
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
@@ -111,10 +113,40 @@ def memory_stats(prefix: str) -> dict:
     }
 
 
-def loss_curve(log_history: list[dict]) -> list[dict]:
+def step_timer():
+    """A Trainer callback timing every optimizer step (wall seconds, non-padding tokens).
+
+    The whole-run tokens/s includes one-off costs (first-shape kernel setup, checkpoint
+    saves); the median step shows the steady state. Both are reported."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.steps: dict[int, dict] = {}
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._started, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.steps[state.global_step] = {"step_seconds": time.perf_counter() - self._started,
+                                             "step_tokens": state.num_input_tokens_seen - self._tokens}
+
+    return StepTimer()
+
+
+def steady_tokens_per_second(steps: dict[int, dict], warmup: int = 3) -> float | None:
+    """Median per-step throughput after the first warm-up steps."""
+    rates = [s["step_tokens"] / s["step_seconds"] for step, s in sorted(steps.items())[warmup:] if s["step_seconds"] > 0]
+    return round(statistics.median(rates), 2) if rates else None
+
+
+def loss_curve(log_history: list[dict], steps: dict[int, dict]) -> list[dict]:
     return [
         {"step": entry["step"], "epoch": entry.get("epoch"), "loss": entry["loss"],
-         "learning_rate": entry.get("learning_rate"), "grad_norm": entry.get("grad_norm")}
+         "learning_rate": entry.get("learning_rate"), "grad_norm": entry.get("grad_norm"),
+         **steps.get(entry["step"], {"step_seconds": None, "step_tokens": None})}
         for entry in log_history
         if "loss" in entry
     ]
@@ -179,7 +211,7 @@ def main(
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[TensorBoardCallback(SummaryWriter(log_dir=str(tensorboard_dir)))],
+        callbacks=[TensorBoardCallback(SummaryWriter(log_dir=str(tensorboard_dir))), timer := step_timer()],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -193,9 +225,10 @@ def main(
 
     Path(adapter_dir).mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(str(adapter_dir))
-    curve = loss_curve(trainer.state.log_history)
+    curve = loss_curve(trainer.state.log_history, timer.steps)
     with Path(loss_curve_path).open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["step", "epoch", "loss", "learning_rate", "grad_norm"])
+        writer = csv.DictWriter(handle, fieldnames=["step", "epoch", "loss", "learning_rate", "grad_norm",
+                                                    "step_seconds", "step_tokens"])
         writer.writeheader()
         writer.writerows(curve)
 
@@ -223,6 +256,7 @@ def main(
         "train_seconds_this_run": round(train_seconds, 3),
         "tokens_per_second": round(tokens_this_run / train_seconds, 2) if train_seconds else None,
         "samples_per_second": round(samples_this_run / train_seconds, 4) if train_seconds else None,
+        "steady_tokens_per_second": steady_tokens_per_second(timer.steps),
         "wall_seconds": round(time.time() - started, 3),
         "final_train_loss": curve[-1]["loss"] if curve else None,
         "mean_train_loss": round(sum(p["loss"] for p in curve) / len(curve), 6) if curve else None,

@@ -75,7 +75,8 @@ def test_qlora_gradients_survive_an_eval_forward(pipeline_run, base_model_dir):
         model(ids)
     model.train()
     model(ids, labels=ids).loss.backward()
-    grads = [p.grad for name, p in model.named_parameters() if "lora_A" in name]
+    # lora_B gets the first gradients (lora_A's are zero while B is still zero).
+    grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
     assert grads and all(g is not None for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
