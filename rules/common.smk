@@ -21,6 +21,9 @@ RES = config["resources"]
 ENV = "../envs/pipeline.yaml"
 DATASETS = ["train", "eval_chat", "wikitext"]
 
+# The initial adapter of one rank/alpha/dropout/targets/seed (shared by both arms).
+INIT_ADAPTER = "init_adapter/r{lora_r}_a{lora_alpha}_d{lora_dropout}_{target_modules}_s{seed}"
+
 # One row per training job; the whole row is the cell's name (results/train/<cell>/).
 GRID = Paramspace(grid_table(config["grid"]), filename_params="*", single_wildcard="cell")
 
@@ -37,11 +40,7 @@ def cell_params(wildcards):
 
 def init_adapter_dir(wildcards):
     """The initial adapter shared by every cell of this rank/alpha/dropout/targets/seed."""
-    cell = cell_params(wildcards)
-    return (
-        f"{RESULTS}/init_adapter/r{cell['lora_r']}_a{cell['lora_alpha']}_d{cell['lora_dropout']}"
-        f"_{cell['target_modules']}_s{cell['seed']}"
-    )
+    return f"{RESULTS}/{INIT_ADAPTER.format(**cell_params(wildcards))}"
 
 
 def final_targets():

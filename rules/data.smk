@@ -6,8 +6,6 @@ rule fetch_data:
     output:
         rows=f"{RESULTS}/data/raw/{{dataset}}.jsonl",
         provenance=f"{RESULTS}/data/raw/{{dataset}}.provenance.json",
-    params:
-        data=config["data"],
     log:
         f"{RESULTS}/logs/fetch_data/{{dataset}}.log",
     conda:
@@ -15,6 +13,8 @@ rule fetch_data:
     resources:
         mem_mb=RES["mem_mb"],
         runtime=RES["runtime_min"],
+    params:
+        data=config["data"],
     script:
         "../scripts/fetch_data.py"
 
@@ -31,8 +31,6 @@ rule prepare_data:
         wikitext=f"{RESULTS}/data/wikitext.txt",
         stats=f"{RESULTS}/data/stats.json",
         provenance=f"{RESULTS}/data/prepare_data.provenance.json",
-    params:
-        data=config["data"],
     log:
         f"{RESULTS}/logs/prepare_data.log",
     conda:
@@ -40,5 +38,7 @@ rule prepare_data:
     resources:
         mem_mb=RES["mem_mb"],
         runtime=RES["runtime_min"],
+    params:
+        data=config["data"],
     script:
         "../scripts/prepare_data.py"

@@ -6,8 +6,6 @@ rule fetch_model:
     output:
         model_dir=directory(f"{RESULTS}/model/base"),
         provenance=f"{RESULTS}/model/base.provenance.json",
-    params:
-        model=config["model"],
     log:
         f"{RESULTS}/logs/fetch_model.log",
     conda:
@@ -16,5 +14,7 @@ rule fetch_model:
     resources:
         mem_mb=RES["mem_mb"],
         runtime=RES["runtime_min"],
+    params:
+        model=config["model"],
     script:
         "../scripts/fetch_model.py"

@@ -5,12 +5,10 @@ rule init_adapter:
     input:
         model_dir=f"{RESULTS}/model/base",
     output:
-        adapter_dir=directory(
-            f"{RESULTS}/init_adapter/r{{lora_r}}_a{{lora_alpha}}_d{{lora_dropout}}_{{target_modules}}_s{{seed}}"
-        ),
-        provenance=f"{RESULTS}/init_adapter/r{{lora_r}}_a{{lora_alpha}}_d{{lora_dropout}}_{{target_modules}}_s{{seed}}.provenance.json",
+        adapter_dir=directory(f"{RESULTS}/{INIT_ADAPTER}"),
+        provenance=f"{RESULTS}/{INIT_ADAPTER}.provenance.json",
     log:
-        f"{RESULTS}/logs/init_adapter/r{{lora_r}}_a{{lora_alpha}}_d{{lora_dropout}}_{{target_modules}}_s{{seed}}.log",
+        f"{RESULTS}/logs/{INIT_ADAPTER}.log",
     conda:
         ENV
     threads: RES["threads"]
@@ -32,12 +30,6 @@ rule train:
         loss_curve=f"{RESULTS}/train/{{cell}}/loss_curve.csv",
         tensorboard=directory(f"{RESULTS}/train/{{cell}}/tensorboard"),
         provenance=f"{RESULTS}/train/{{cell}}/train.provenance.json",
-    params:
-        cell=cell_params,
-        train=config["train"],
-        max_length=config["data"]["max_length"],
-        # Outside the outputs, so Snakemake keeps them when a killed job is rerun.
-        checkpoint_dir=f"{RESULTS}/checkpoints/{{cell}}",
     log:
         f"{RESULTS}/logs/train/{{cell}}.log",
     conda:
@@ -47,5 +39,11 @@ rule train:
         mem_mb=RES["train_mem_mb"],
         runtime=RES["train_runtime_min"],
         gpu=RES["gpu"],
+    params:
+        cell=cell_params,
+        train=config["train"],
+        max_length=config["data"]["max_length"],
+        # Outside the outputs, so Snakemake keeps them when a killed job is rerun.
+        checkpoint_dir=f"{RESULTS}/checkpoints/{{cell}}",
     script:
         "../scripts/train.py"

@@ -64,7 +64,9 @@ def _cross_key_checks(config: dict) -> None:
 def validate_config(config: dict, schema: dict | None = None) -> None:
     """Raise ConfigError naming the first offending key (the shallowest one)."""
     validator = jsonschema.Draft202012Validator(schema or load_schema())
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    errors = sorted(
+        validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)))
+    )
     if errors:
         first = errors[0]
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""

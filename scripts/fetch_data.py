@@ -140,7 +140,9 @@ def main(
                     f"mirror file {path} for {source['hub_id']}: sha256 {digest} != expected {entry['sha256']}"
                 )
             rows = read_local_rows(path, source["text_field"])
-            details.update(origin="mirror", hub_id=source["hub_id"], revision=source["revision"], path=str(path), sha256=digest)
+            details.update(
+                origin="mirror", hub_id=source["hub_id"], revision=source["revision"], path=str(path), sha256=digest
+            )
             logger.info("using the mirror %s for %s (sha256 verified)", path, source["hub_id"])
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,4 +181,6 @@ elif __name__ == "__main__":
     parser.add_argument("--log", type=Path)
     a = parser.parse_args()
     data_config = yaml.safe_load(a.config.read_text())["data"]
-    main(a.dataset, data_config[a.dataset], data_config["mirror"], data_config["hub_access"], a.out, a.provenance, a.log)
+    main(
+        a.dataset, data_config[a.dataset], data_config["mirror"], data_config["hub_access"], a.out, a.provenance, a.log
+    )

@@ -28,10 +28,18 @@ INIT_COLUMNS = ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed"
 def grid_table(grid: dict) -> pd.DataFrame:
     rows = []
     for values in itertools.product(*(grid[column] for column in GRID_COLUMNS)):
-        row = dict(zip(GRID_COLUMNS, values))
+        row = dict(zip(GRID_COLUMNS, values, strict=True))
         if row["method"] == "lora":
             row.update(quant_type="none", double_quant=False)
         rows.append(row)
     table = pd.DataFrame(rows, columns=GRID_COLUMNS).drop_duplicates(ignore_index=True)
-    return table.astype({"lora_r": int, "lora_alpha": float, "lora_dropout": float, "learning_rate": float,
-                         "double_quant": bool, "seed": int})
+    return table.astype(
+        {
+            "lora_r": int,
+            "lora_alpha": float,
+            "lora_dropout": float,
+            "learning_rate": float,
+            "double_quant": bool,
+            "seed": int,
+        }
+    )

@@ -30,8 +30,16 @@ def main(
 
     started = time.time()
     logger = setup_logging(log_path, "init_adapter")
-    log_arguments(logger, model_dir=model_dir, out_dir=out_dir, lora_r=lora_r, lora_alpha=lora_alpha,
-                  lora_dropout=lora_dropout, target_modules=target_modules, seed=seed)
+    log_arguments(
+        logger,
+        model_dir=model_dir,
+        out_dir=out_dir,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        seed=seed,
+    )
     # On the meta-free float32 base: only shapes matter here, and the result is device-neutral.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     set_seed(seed)
@@ -48,8 +56,15 @@ def main(
     peft_model.save_pretrained(out_dir)
     logger.info("initial adapter: %d trainable of %d parameters -> %s", trainable, total, out_dir)
     if provenance_path:
-        write_provenance(provenance_path, "init_adapter", started, seed=seed, trainable_parameters=trainable,
-                         total_parameters=total, lora_config=config.to_dict())
+        write_provenance(
+            provenance_path,
+            "init_adapter",
+            started,
+            seed=seed,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            lora_config=config.to_dict(),
+        )
 
 
 def _from_snakemake(smk) -> None:

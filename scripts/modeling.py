@@ -50,7 +50,9 @@ def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torc
     )
 
 
-def load_base_model(model_dir, method: str, compute_dtype: torch.dtype, quant_type: str = "nf4", double_quant: bool = False):
+def load_base_model(
+    model_dir, method: str, compute_dtype: torch.dtype, quant_type: str = "nf4", double_quant: bool = False
+):
     """The base model of one arm on the current device."""
     from transformers import AutoModelForCausalLM
 

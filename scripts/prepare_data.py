@@ -64,13 +64,11 @@ def parse_human_assistant(text: str) -> list[tuple[str, str]]:
         # openassistant-guanaco ends a quarter of its conversations with an unanswered
         # prompt: nothing to learn or score there, so that last prompt is left out.
         roles, contents = roles[:-1], contents[:-1]
-    if not roles or roles[0] != "Human" or len(roles) % 2:
+    if not roles or roles != ["Human", "Assistant"] * (len(roles) // 2):
         raise RowProblem("turns must alternate '### Human:' / '### Assistant:', starting with Human and with an answer")
-    if any(role != expected for role, expected in zip(roles, ["Human", "Assistant"] * len(roles))):
-        raise RowProblem("turns must alternate '### Human:' / '### Assistant:'")
     if not all(contents):
         raise RowProblem("empty user or assistant turn")
-    return list(zip(contents[0::2], contents[1::2]))
+    return list(zip(contents[0::2], contents[1::2], strict=True))
 
 
 PARSERS = {"llama2_inst": parse_llama2_inst, "human_assistant": parse_human_assistant}
@@ -99,10 +97,15 @@ def parse_rows(rows: list[dict], markup: str, on_invalid: str, dataset: str, log
             continue
         parsed.append({"row": row["row"], "turns": turns})
     if problems:
-        summary = "; ".join(f"{reason}: rows {numbers[:20]}{' ...' if len(numbers) > 20 else ''}" for reason, numbers in problems.items())
+        summary = "; ".join(
+            f"{reason}: rows {numbers[:20]}{' ...' if len(numbers) > 20 else ''}"
+            for reason, numbers in problems.items()
+        )
         if on_invalid == "fail":
-            raise InvalidRowsError(f"data set '{dataset}' has invalid rows (0-based): {summary}. "
-                                   "Fix the file or set data.on_invalid_rows: drop")
+            raise InvalidRowsError(
+                f"data set '{dataset}' has invalid rows (0-based): {summary}. "
+                "Fix the file or set data.on_invalid_rows: drop"
+            )
         logger.warning("%s: dropping invalid rows (0-based): %s", dataset, summary)
     return parsed, {reason: len(numbers) for reason, numbers in problems.items()}
 
@@ -118,7 +121,7 @@ def render(turns: list[tuple[str, str]], text_format: str, tokenizer) -> str:
     text = "".join(f"{bos}[INST] {user} [/INST] {assistant} {eos}" for user, assistant in turns)
     # A tokenizer that adds BOS itself (Llama-2's) would otherwise see it twice.
     if bos and text.startswith(bos) and adds_bos(tokenizer):
-        text = text[len(bos):]
+        text = text[len(bos) :]
     return text
 
 
@@ -192,27 +195,42 @@ def main(
 
     started = time.time()
     logger = setup_logging(log_path, "prepare_data")
-    log_arguments(logger, train_rows=train_rows, eval_chat_rows=eval_chat_rows, wikitext_rows=wikitext_rows,
-                  model_dir=model_dir, data=data)
+    log_arguments(
+        logger,
+        train_rows=train_rows,
+        eval_chat_rows=eval_chat_rows,
+        wikitext_rows=wikitext_rows,
+        model_dir=model_dir,
+        data=data,
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stats: dict = {"format": data["format"], "on_invalid_rows": data["on_invalid_rows"]}
 
-    train, stats_train_invalid = parse_rows(read_jsonl(train_rows), data["train"]["markup"], data["on_invalid_rows"], "train", logger)
-    eval_chat, stats_eval_invalid = parse_rows(read_jsonl(eval_chat_rows), data["eval_chat"]["markup"], data["on_invalid_rows"], "eval_chat", logger)
+    train, stats_train_invalid = parse_rows(
+        read_jsonl(train_rows), data["train"]["markup"], data["on_invalid_rows"], "train", logger
+    )
+    eval_chat, stats_eval_invalid = parse_rows(
+        read_jsonl(eval_chat_rows), data["eval_chat"]["markup"], data["on_invalid_rows"], "eval_chat", logger
+    )
 
     # Held-out means held out: drop eval conversations whose first prompt is also trained on.
     train_prompts = {example["turns"][0][0] for example in train}
     overlapping = [e["row"] for e in eval_chat if e["turns"][0][0] in train_prompts]
     eval_chat = [e for e in eval_chat if e["row"] not in set(overlapping)]
     if overlapping:
-        logger.info("eval_chat: dropped %d row(s) whose prompt is in the training data: %s", len(overlapping), overlapping)
+        logger.info(
+            "eval_chat: dropped %d row(s) whose prompt is in the training data: %s", len(overlapping), overlapping
+        )
 
     train = subset(train, data["train"].get("max_rows"), data["subset_seed"])
     eval_chat = subset(eval_chat, data["eval_chat"].get("max_rows"), data["subset_seed"])
     for example in train + eval_chat:
         example["text"] = render(example["turns"], data["format"], tokenizer)
 
-    for name, examples, invalid in (("train", train, stats_train_invalid), ("eval_chat", eval_chat, stats_eval_invalid)):
+    for name, examples, invalid in (
+        ("train", train, stats_train_invalid),
+        ("eval_chat", eval_chat, stats_eval_invalid),
+    ):
         lengths = [len(tokenizer(e["text"]).input_ids) for e in examples]
         stats[name] = {
             "invalid_rows": invalid,
@@ -221,14 +239,19 @@ def main(
             **length_stats(lengths, data["max_length"]),
         }
     stats["eval_chat"]["dropped_overlap_with_train"] = overlapping
-    stats["eval_chat"]["unanswered_last_prompt_removed"] = sum(
-        HUMAN_ASSISTANT_MARKER.findall(r["text"] or "")[-1:] == ["Human"] for r in read_jsonl(eval_chat_rows)
-    ) if data["eval_chat"]["markup"] == "human_assistant" else 0
+    stats["eval_chat"]["unanswered_last_prompt_removed"] = (
+        sum(HUMAN_ASSISTANT_MARKER.findall(r["text"] or "")[-1:] == ["Human"] for r in read_jsonl(eval_chat_rows))
+        if data["eval_chat"]["markup"] == "human_assistant"
+        else 0
+    )
 
     (document,) = [r["text"] for r in read_jsonl(wikitext_rows)]
     document = check_text(document)
     wikitext = wikitext_prefix(document, data["wikitext"].get("max_tokens"), tokenizer)
-    stats["wikitext"] = {"characters": len(wikitext), "tokens": len(tokenizer(wikitext, add_special_tokens=False).input_ids)}
+    stats["wikitext"] = {
+        "characters": len(wikitext),
+        "tokens": len(tokenizer(wikitext, add_special_tokens=False).input_ids),
+    }
 
     for path in (out_train, out_eval_chat, out_wikitext, out_stats):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -237,9 +260,15 @@ def main(
     Path(out_wikitext).write_text(wikitext)
     Path(out_stats).write_text(json.dumps(stats, indent=2) + "\n")
     write_provenance(provenance_path, "prepare_data", started, data=data, stats=stats)
-    logger.info("train %d rows (%d tokens, %.1f%% truncated at %d); eval_chat %d rows; wikitext %d tokens",
-                stats["train"]["rows"], stats["train"]["tokens"], 100 * stats["train"]["share_truncated"],
-                data["max_length"], stats["eval_chat"]["rows"], stats["wikitext"]["tokens"])
+    logger.info(
+        "train %d rows (%d tokens, %.1f%% truncated at %d); eval_chat %d rows; wikitext %d tokens",
+        stats["train"]["rows"],
+        stats["train"]["tokens"],
+        100 * stats["train"]["share_truncated"],
+        data["max_length"],
+        stats["eval_chat"]["rows"],
+        stats["wikitext"]["tokens"],
+    )
 
 
 def _from_snakemake(smk) -> None:
@@ -265,11 +294,23 @@ elif __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="a pipeline config file (its data section is used)")
-    parser.add_argument("--raw-dir", type=Path, required=True, help="folder with fetch_data's {train,eval_chat,wikitext}.jsonl")
+    parser.add_argument(
+        "--raw-dir", type=Path, required=True, help="folder with fetch_data's {train,eval_chat,wikitext}.jsonl"
+    )
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--log", type=Path)
     a = parser.parse_args()
-    main(a.raw_dir / "train.jsonl", a.raw_dir / "eval_chat.jsonl", a.raw_dir / "wikitext.jsonl", a.model_dir,
-         yaml.safe_load(a.config.read_text())["data"], a.out_dir / "train.jsonl", a.out_dir / "eval_chat.jsonl",
-         a.out_dir / "wikitext.txt", a.out_dir / "stats.json", a.out_dir / "prepare_data.provenance.json", a.log)
+    main(
+        a.raw_dir / "train.jsonl",
+        a.raw_dir / "eval_chat.jsonl",
+        a.raw_dir / "wikitext.jsonl",
+        a.model_dir,
+        yaml.safe_load(a.config.read_text())["data"],
+        a.out_dir / "train.jsonl",
+        a.out_dir / "eval_chat.jsonl",
+        a.out_dir / "wikitext.txt",
+        a.out_dir / "stats.json",
+        a.out_dir / "prepare_data.provenance.json",
+        a.log,
+    )

@@ -41,7 +41,9 @@ def choose_optimizer(requested: str, logger) -> str:
     return requested
 
 
-def sft_config(train: dict, cell: dict, checkpoint_dir: Path, compute_dtype: torch.dtype, optimizer: str, max_length: int, logger):
+def sft_config(
+    train: dict, cell: dict, checkpoint_dir: Path, compute_dtype: torch.dtype, optimizer: str, max_length: int, logger
+):
     """SFTConfig from the config's train section; options this transformers lacks are logged, not lost silently."""
     from trl import SFTConfig
 
@@ -130,23 +132,32 @@ def step_timer():
         def on_step_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.steps[state.global_step] = {"step_seconds": time.perf_counter() - self._started,
-                                             "step_tokens": state.num_input_tokens_seen - self._tokens}
+            self.steps[state.global_step] = {
+                "step_seconds": time.perf_counter() - self._started,
+                "step_tokens": state.num_input_tokens_seen - self._tokens,
+            }
 
     return StepTimer()
 
 
 def steady_tokens_per_second(steps: dict[int, dict], warmup: int = 3) -> float | None:
     """Median per-step throughput after the first warm-up steps."""
-    rates = [s["step_tokens"] / s["step_seconds"] for step, s in sorted(steps.items())[warmup:] if s["step_seconds"] > 0]
+    rates = [
+        s["step_tokens"] / s["step_seconds"] for step, s in sorted(steps.items())[warmup:] if s["step_seconds"] > 0
+    ]
     return round(statistics.median(rates), 2) if rates else None
 
 
 def loss_curve(log_history: list[dict], steps: dict[int, dict]) -> list[dict]:
     return [
-        {"step": entry["step"], "epoch": entry.get("epoch"), "loss": entry["loss"],
-         "learning_rate": entry.get("learning_rate"), "grad_norm": entry.get("grad_norm"),
-         **steps.get(entry["step"], {"step_seconds": None, "step_tokens": None})}
+        {
+            "step": entry["step"],
+            "epoch": entry.get("epoch"),
+            "loss": entry["loss"],
+            "learning_rate": entry.get("learning_rate"),
+            "grad_norm": entry.get("grad_norm"),
+            **steps.get(entry["step"], {"step_seconds": None, "step_tokens": None}),
+        }
         for entry in log_history
         if "loss" in entry
     ]
@@ -177,9 +188,18 @@ def main(
 
     started = time.time()
     logger = setup_logging(log_path, "train")
-    log_arguments(logger, model_dir=model_dir, train_file=train_file, init_adapter_dir=init_adapter_dir, cell=cell,
-                  train=train, max_length=max_length, adapter_dir=adapter_dir, checkpoint_dir=checkpoint_dir,
-                  threads=threads)
+    log_arguments(
+        logger,
+        model_dir=model_dir,
+        train_file=train_file,
+        init_adapter_dir=init_adapter_dir,
+        cell=cell,
+        train=train,
+        max_length=max_length,
+        adapter_dir=adapter_dir,
+        checkpoint_dir=checkpoint_dir,
+        threads=threads,
+    )
     torch.set_num_threads(threads)
     set_seed(cell["seed"])
     compute_dtype = resolve_compute_dtype(train["compute_dtype"])
@@ -196,13 +216,25 @@ def main(
     if train["gradient_checkpointing"]:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("%s base: footprint %.3f GiB, %d trainable / %d parameters, compute %s on %s",
-                cell["method"], footprint / GIB, trainable, total, compute_dtype, device())
+    logger.info(
+        "%s base: footprint %.3f GiB, %d trainable / %d parameters, compute %s on %s",
+        cell["method"],
+        footprint / GIB,
+        trainable,
+        total,
+        compute_dtype,
+        device(),
+    )
 
     dataset = datasets.load_dataset("json", data_files=str(train_file), split="train").select_columns(["text"])
     args, dropped_options = sft_config(train, cell, checkpoint_dir, compute_dtype, optimizer, max_length, logger)
-    signature = {"cell": cell, "train": train, "max_length": max_length, "train_file": str(train_file),
-                 "rows": len(dataset)}
+    signature = {
+        "cell": cell,
+        "train": train,
+        "max_length": max_length,
+        "train_file": str(train_file),
+        "rows": len(dataset),
+    }
     resume_from = prepare_checkpoints(Path(checkpoint_dir), signature, logger)
 
     Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
@@ -217,7 +249,9 @@ def main(
         torch.cuda.reset_peak_memory_stats()
     tokens_before = 0
     if resume_from:
-        tokens_before = json.loads((Path(resume_from) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+        tokens_before = json.loads((Path(resume_from) / "trainer_state.json").read_text()).get(
+            "num_input_tokens_seen", 0
+        )
     train_started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - train_started
@@ -227,8 +261,9 @@ def main(
     trainer.model.save_pretrained(str(adapter_dir))
     curve = loss_curve(trainer.state.log_history, timer.steps)
     with Path(loss_curve_path).open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["step", "epoch", "loss", "learning_rate", "grad_norm",
-                                                    "step_seconds", "step_tokens"])
+        writer = csv.DictWriter(
+            handle, fieldnames=["step", "epoch", "loss", "learning_rate", "grad_norm", "step_seconds", "step_tokens"]
+        )
         writer.writeheader()
         writer.writerows(curve)
 
@@ -269,8 +304,12 @@ def main(
     if provenance_path:
         write_provenance(provenance_path, "train", started, cell=cell, train=train, resumed_from=resume_from)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # done: the adapter is the result
-    logger.info("done: %d steps, final loss %.4f, %.1f tokens/s", trainer.state.global_step,
-                metrics["final_train_loss"] or float("nan"), metrics["tokens_per_second"] or 0)
+    logger.info(
+        "done: %d steps, final loss %.4f, %.1f tokens/s",
+        trainer.state.global_step,
+        metrics["final_train_loss"] or float("nan"),
+        metrics["tokens_per_second"] or 0,
+    )
     return metrics
 
 
@@ -317,11 +356,30 @@ elif __name__ == "__main__":
     # The rank, alpha, dropout and targets are the initial adapter's own.
     lora = json.loads((a.init_adapter / "adapter_config.json").read_text())
     targets = "qv" if sorted(lora["target_modules"]) == ["q_proj", "v_proj"] else "all_linear"
-    cell = {"method": a.method, "lora_r": lora["r"], "lora_alpha": lora["lora_alpha"],
-            "lora_dropout": lora["lora_dropout"], "target_modules": targets, "learning_rate": a.learning_rate,
-            "quant_type": a.quant_type if a.method == "qlora" else "none",
-            "double_quant": a.double_quant, "seed": a.seed}
+    cell = {
+        "method": a.method,
+        "lora_r": lora["r"],
+        "lora_alpha": lora["lora_alpha"],
+        "lora_dropout": lora["lora_dropout"],
+        "target_modules": targets,
+        "learning_rate": a.learning_rate,
+        "quant_type": a.quant_type if a.method == "qlora" else "none",
+        "double_quant": a.double_quant,
+        "seed": a.seed,
+    }
     out = a.out_dir
-    main(a.model_dir, a.train_file, a.init_adapter, cell, settings, cfg["data"]["max_length"], out / "adapter",
-         out / "metrics.json", out / "loss_curve.csv", out / "tensorboard", out / "checkpoints", a.threads,
-         log_path=out / "train.log")
+    main(
+        a.model_dir,
+        a.train_file,
+        a.init_adapter,
+        cell,
+        settings,
+        cfg["data"]["max_length"],
+        out / "adapter",
+        out / "metrics.json",
+        out / "loss_curve.csv",
+        out / "tensorboard",
+        out / "checkpoints",
+        a.threads,
+        log_path=out / "train.log",
+    )

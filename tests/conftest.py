@@ -16,8 +16,9 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(PROJECT / "scripts"))
 
 
-def snakemake(*args: str, results_dir: Path | None = None, config: Path = TINY_CONFIG, timeout: int = 1800,
-              check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    *args: str, results_dir: Path | None = None, config: Path = TINY_CONFIG, timeout: int = 1800, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run the real Snakemake CLI of this environment in the project folder."""
     command = [str(BIN / "snakemake"), "--configfile", str(config), *args]
     if results_dir is not None:

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import yaml
-from conftest import PROJECT, TINY_CONFIG, snakemake
 
 from config_check import ConfigError, load_schema, validate_config
+from conftest import PROJECT, TINY_CONFIG, snakemake
 
 SHIPPED = ["config/config.yaml", "config/smollm2-full.yaml", "config/llama2-7b.yaml", "tests/config/config.yaml"]
 

@@ -4,17 +4,23 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA, read_json
 
 import fetch_data
 import prepare_data
+from conftest import SHARED_DATA, read_json
 
 GOOD = "<s>[INST] What is 2+2? [/INST] 4. </s>"
 
 
 def fetch(tmp_path, path, text_field="text", markup="llama2_inst"):
-    source = {"hub_id": None, "revision": "main", "split": "train", "local_path": str(path),
-              "text_field": text_field, "markup": markup}
+    source = {
+        "hub_id": None,
+        "revision": "main",
+        "split": "train",
+        "local_path": str(path),
+        "text_field": text_field,
+        "markup": markup,
+    }
     out = tmp_path / "rows.jsonl"
     fetch_data.main("train", source, [], "mirror", out, tmp_path / "prov.json")
     return prepare_data.read_jsonl(out)
@@ -94,10 +100,21 @@ def test_real_guanaco_multiturn_row_parses():
 
 
 def test_mirror_with_wrong_sha256_stops(tmp_path):
-    source = {"hub_id": "mlabonne/guanaco-llama2-1k", "revision": "main", "split": "train", "local_path": None,
-              "text_field": "text", "markup": "llama2_inst"}
-    mirror = [{"hub_id": "mlabonne/guanaco-llama2-1k", "path": str(SHARED_DATA / "guanaco-llama2-1k-train.parquet"),
-               "sha256": "0" * 64}]
+    source = {
+        "hub_id": "mlabonne/guanaco-llama2-1k",
+        "revision": "main",
+        "split": "train",
+        "local_path": None,
+        "text_field": "text",
+        "markup": "llama2_inst",
+    }
+    mirror = [
+        {
+            "hub_id": "mlabonne/guanaco-llama2-1k",
+            "path": str(SHARED_DATA / "guanaco-llama2-1k-train.parquet"),
+            "sha256": "0" * 64,
+        }
+    ]
     with pytest.raises(fetch_data.DataSourceError, match="sha256 .* != expected 0000"):
         fetch_data.main("train", source, mirror, "mirror", tmp_path / "rows.jsonl", tmp_path / "prov.json")
 
@@ -122,7 +139,9 @@ def test_eos_survives_in_the_labels(pipeline_run, base_model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    short, long = sorted(prepare_data.read_jsonl(pipeline_run / "data" / "train.jsonl"), key=lambda r: len(r["text"]))[:2]
+    short, long = sorted(prepare_data.read_jsonl(pipeline_run / "data" / "train.jsonl"), key=lambda r: len(r["text"]))[
+        :2
+    ]
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     batch = collator([{"input_ids": tokenizer(r["text"]).input_ids} for r in (short, long)])
     labels = batch["labels"][0]

@@ -3,6 +3,7 @@
 import re
 
 import yaml
+
 from conftest import PROJECT
 
 
@@ -33,8 +34,18 @@ def test_conda_env_matches_requirements():
 
 def test_named_stack_is_pinned():
     pins = requirement_pins()
-    for name in ("snakemake", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets",
-                 "huggingface-hub", "pandas", "seaborn"):
+    for name in (
+        "snakemake",
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "datasets",
+        "huggingface-hub",
+        "pandas",
+        "seaborn",
+    ):
         assert name in pins, name
 
 

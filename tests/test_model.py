@@ -1,9 +1,9 @@
 """Base-model stage: the converted SmolLM2 folder is a plain model with the GGUF's logits."""
 
 import torch
-from conftest import read_json
 
 import fetch_model
+from conftest import read_json
 
 
 def test_converted_model_keeps_the_gguf_logits(base_model_dir):
@@ -20,7 +20,11 @@ def test_converted_model_keeps_the_gguf_logits(base_model_dir):
         expected = gguf_model(ids).logits
         got = model(ids).logits
     assert torch.equal(expected, got)
-    assert tokenizer.decode(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:]).strip().startswith("Paris")
+    assert (
+        tokenizer.decode(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1] :])
+        .strip()
+        .startswith("Paris")
+    )
 
 
 def test_provenance_says_dequantised_q4_1(pipeline_run):

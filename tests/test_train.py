@@ -7,13 +7,12 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 import yaml
-from conftest import BIN, PROJECT, read_json, snakemake
 from snakemake.utils import Paramspace
 
 import train
+from conftest import BIN, PROJECT, read_json, snakemake
 from grid import grid_table
 
 
@@ -87,18 +86,30 @@ def _copy_upstream(src, dst):
 
 
 def test_killed_training_resumes_from_its_checkpoint(pipeline_run, tiny_config, tmp_path):
-    config = dict(tiny_config, train=dict(tiny_config["train"], max_steps=12, save_steps=2),
-                  grid=dict(tiny_config["grid"], method=["qlora"], learning_rate=[2e-4]))
+    config = dict(
+        tiny_config,
+        train=dict(tiny_config["train"], max_steps=12, save_steps=2),
+        grid=dict(tiny_config["grid"], method=["qlora"], learning_rate=[2e-4]),
+    )
     config_path = tmp_path / "resume.yaml"
     config_path.write_text(yaml.safe_dump(config))
     results = tmp_path / "results"
     _copy_upstream(pipeline_run, results)
     (target,) = Paramspace(grid_table(config["grid"]), filename_params="*").instance_patterns
     metrics_file = results / "train" / target / "metrics.json"
-    command = [str(BIN / "snakemake"), "--configfile", str(config_path), "--config", f"results_dir={results}",
-               "--cores", "2", str(metrics_file)]
-    job = subprocess.Popen(command, cwd=PROJECT, start_new_session=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    command = [
+        str(BIN / "snakemake"),
+        "--configfile",
+        str(config_path),
+        "--config",
+        f"results_dir={results}",
+        "--cores",
+        "2",
+        str(metrics_file),
+    ]
+    job = subprocess.Popen(
+        command, cwd=PROJECT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     checkpoints = results / "checkpoints" / target
     deadline = time.time() + 600
     while not list(checkpoints.glob("checkpoint-4")) and time.time() < deadline:
@@ -122,16 +133,36 @@ def test_killed_training_resumes_from_its_checkpoint(pipeline_run, tiny_config, 
 
 
 def test_same_cell_same_seed_gives_identical_loss_curve(pipeline_run, tiny_config, tmp_path):
-    cell = {"method": "qlora", "lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "target_modules": "qv",
-            "learning_rate": 1e-3, "quant_type": "nf4", "double_quant": False, "seed": 1}
+    cell = {
+        "method": "qlora",
+        "lora_r": 64,
+        "lora_alpha": 16.0,
+        "lora_dropout": 0.1,
+        "target_modules": "qv",
+        "learning_rate": 1e-3,
+        "quant_type": "nf4",
+        "double_quant": False,
+        "seed": 1,
+    }
     settings = dict(tiny_config["train"], max_steps=3)
     init = next((pipeline_run / "init_adapter").glob("r64*_s1"))
     curves = []
     for run in ("a", "b"):
         out = tmp_path / run
-        train.main(pipeline_run / "model" / "base", pipeline_run / "data" / "train.jsonl", init, cell, settings,
-                   tiny_config["data"]["max_length"], out / "adapter", out / "metrics.json", out / "loss.csv",
-                   out / "tb", out / "ckpt", threads=2)
+        train.main(
+            pipeline_run / "model" / "base",
+            pipeline_run / "data" / "train.jsonl",
+            init,
+            cell,
+            settings,
+            tiny_config["data"]["max_length"],
+            out / "adapter",
+            out / "metrics.json",
+            out / "loss.csv",
+            out / "tb",
+            out / "ckpt",
+            threads=2,
+        )
         curves.append((out / "loss.csv").read_text())
     assert curves[0] == curves[1]
     assert len(curves[0].splitlines()) == 4  # header + 3 steps
