@@ -10,11 +10,16 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 # Validates the config (schema + cross-key rules) before anything is scheduled.
 include: "rules/common.smk"
 include: "rules/model.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/merge.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

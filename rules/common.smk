@@ -9,7 +9,7 @@ from snakemake.utils import Paramspace
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from config_check import ConfigError, validate_config  # noqa: E402
-from grid import grid_table  # noqa: E402
+from grid import base_model_description, base_model_names, grid_table  # noqa: E402
 
 try:
     validate_config(config)
@@ -28,8 +28,13 @@ INIT_ADAPTER = "init_adapter/r{lora_r}_a{lora_alpha}_d{lora_dropout}_{target_mod
 GRID = Paramspace(grid_table(config["grid"]), filename_params="*", single_wildcard="cell")
 
 
+# Base models evaluated: the 16-bit base and each distinct 4-bit setting of the qlora arm.
+BASE_MODELS = base_model_names(GRID.dataframe)
+
+
 wildcard_constraints:
     dataset="|".join(DATASETS),
+    base="|".join(BASE_MODELS),
     target_modules="qv|all_linear",
 
 
@@ -43,9 +48,34 @@ def init_adapter_dir(wildcards):
     return f"{RESULTS}/{INIT_ADAPTER.format(**cell_params(wildcards))}"
 
 
+def base_description(wildcards):
+    """What the evaluated base model is (precision, quantisation) for the perplexity table."""
+    return base_model_description(wildcards.base)
+
+
+def adapter_description(wildcards):
+    cell = cell_params(wildcards)
+    precision = "4bit" if cell["method"] == "qlora" else "16bit"
+    return {"model_kind": "adapter", "model": wildcards.cell, "precision": precision, **cell}
+
+
+def merged_description(wildcards):
+    return {"model_kind": "merged", "model": wildcards.cell, "precision": "16bit", **cell_params(wildcards)}
+
+
+def evaluation_tables():
+    """Every per-model perplexity CSV: the bases, each adapter, each merged model."""
+    return (
+        expand(f"{RESULTS}/eval/base/{{base}}.csv", base=BASE_MODELS)
+        + expand(f"{RESULTS}/eval/adapter/{{cell}}.csv", cell=GRID.instance_patterns)
+        + expand(f"{RESULTS}/eval/merged/{{cell}}.csv", cell=GRID.instance_patterns)
+    )
+
+
 def final_targets():
     """What `snakemake` with no target builds (grows with each stage)."""
     return [
         f"{RESULTS}/data/stats.json",
         expand(f"{RESULTS}/train/{{cell}}/metrics.json", cell=GRID.instance_patterns),
+        f"{RESULTS}/tables/perplexity.csv",
     ]

@@ -43,3 +43,23 @@ def grid_table(grid: dict) -> pd.DataFrame:
             "seed": int,
         }
     )
+
+
+def base_model_names(table: pd.DataFrame) -> list[str]:
+    """The 16-bit base plus one 4-bit base per distinct (quant_type, double_quant) of the qlora rows."""
+    qlora = table[table.method == "qlora"][["quant_type", "double_quant"]].drop_duplicates()
+    return ["base-16bit"] + [f"base-4bit-{q}-dq{int(d)}" for q, d in qlora.itertuples(index=False)]
+
+
+def base_model_description(name: str) -> dict:
+    if name == "base-16bit":
+        return {"model_kind": "base", "model": name, "precision": "16bit", "method": "lora"}
+    _, _, quant_type, double_quant = name.split("-")
+    return {
+        "model_kind": "base",
+        "model": name,
+        "precision": "4bit",
+        "method": "qlora",
+        "quant_type": quant_type,
+        "double_quant": double_quant == "dq1",
+    }

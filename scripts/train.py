@@ -88,6 +88,14 @@ def sft_config(
     return SFTConfig(**{k: v for k, v in wanted.items() if k in known}), dropped
 
 
+def checkpoint_is_complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def prepare_checkpoints(checkpoint_dir: Path, signature: dict, logger) -> str | None:
     """The checkpoint to resume from, if one exists for exactly these settings."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -100,7 +108,10 @@ def prepare_checkpoints(checkpoint_dir: Path, signature: dict, logger) -> str | 
             shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     signature_path.write_text(json.dumps(signature, indent=2, sort_keys=True))
-    last = get_last_checkpoint(str(checkpoint_dir))
+    # A kill during a save leaves a partial checkpoint: trainer_state.json is written last.
+    while (last := get_last_checkpoint(str(checkpoint_dir))) and not checkpoint_is_complete(Path(last)):
+        logger.warning("discarding incomplete checkpoint %s (killed while saving)", last)
+        shutil.rmtree(last)
     if last:
         logger.info("resuming from %s", last)
     return last

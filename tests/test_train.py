@@ -163,6 +163,7 @@ def test_same_cell_same_seed_gives_identical_loss_curve(pipeline_run, tiny_confi
             out / "ckpt",
             threads=2,
         )
-        curves.append((out / "loss.csv").read_text())
+        with (out / "loss.csv").open() as handle:  # step timings differ between runs, the curve must not
+            curves.append([(r["step"], r["loss"], r["learning_rate"], r["grad_norm"]) for r in csv.DictReader(handle)])
     assert curves[0] == curves[1]
-    assert len(curves[0].splitlines()) == 4  # header + 3 steps
+    assert len(curves[0]) == 3

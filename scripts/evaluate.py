@@ -1,0 +1,276 @@
+"""Perplexity and greedy samples of one model: the base (16- or 4-bit), an adapter on its
+training base, or a merged model.
+
+Perplexity is token-weighted (total NLL over total predicted tokens), padding masked,
+in fixed batches in eval mode, so it is deterministic:
+
+- ``eval_chat``: the held-out chat split over whole sequences, and ``eval_chat_assistant``
+  over the assistant tokens only (each answer and its EOS);
+- ``wikitext``: WikiText-2 test with a sliding window (``evaluate.wikitext_context``
+  tokens, moved by ``evaluate.wikitext_stride``; each token is scored once, with up to
+  context - stride tokens of left context).
+
+Outputs: a tidy CSV (one row per data set: tokens, mean nll, perplexity, plus the model's
+description) and greedy generations for ``evaluate.sample_prompts`` in the chat format.
+"""
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from modeling import load_base_model, resolve_compute_dtype
+from runtime import log_arguments, setup_logging, write_provenance
+
+CSV_COLUMNS = [
+    "model_kind",
+    "model",
+    "precision",
+    "method",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "learning_rate",
+    "quant_type",
+    "double_quant",
+    "seed",
+    "dataset",
+    "tokens",
+    "nll",
+    "perplexity",
+]
+
+
+def assistant_spans(text: str, turns: list, eos: str) -> list[tuple[int, int]]:
+    """Character spans of each answer in the formatted text, with the EOS that closes it."""
+    spans, pos = [], 0
+    for user, answer in turns:
+        start = text.find(answer, text.find(user, pos) + len(user))
+        if start < 0:
+            raise ValueError("an answer is missing from its formatted text")
+        end = start + len(answer)
+        rest = text[end:]
+        if rest.lstrip().startswith(eos):
+            end += len(rest) - len(rest.lstrip()) + len(eos)
+        spans.append((start, end))
+        pos = end
+    return spans
+
+
+def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """NLL of every token given its prefix: shape (batch, seq-1), for targets input_ids[:, 1:]."""
+    logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(model.device), reduction="none"
+    ).cpu()
+
+
+@torch.no_grad()
+def chat_perplexity(model, tokenizer, examples: list[dict], max_length: int, batch_size: int) -> dict:
+    """Token-weighted NLL over whole sequences and over assistant tokens only."""
+    totals = {"eval_chat": [0.0, 0], "eval_chat_assistant": [0.0, 0]}
+    tokenizer.padding_side = "right"
+    for first in range(0, len(examples), batch_size):
+        chunk = examples[first : first + batch_size]
+        encoded = tokenizer(
+            [e["text"] for e in chunk],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_offsets_mapping=True,
+        )
+        nll = token_nll(model, encoded["input_ids"], encoded["attention_mask"])
+        full = encoded["attention_mask"][:, 1:].bool()
+        assistant = torch.zeros_like(full)
+        for row, example in enumerate(chunk):
+            spans = assistant_spans(example["text"], example["turns"], tokenizer.eos_token)
+            for position, (start, end) in enumerate(encoded["offset_mapping"][row].tolist()[1:], start=0):
+                if end > start and any(s <= start < e for s, e in spans):
+                    assistant[row, position] = True
+        assistant &= full
+        for name, mask in (("eval_chat", full), ("eval_chat_assistant", assistant)):
+            totals[name][0] += float(nll[mask].sum())
+            totals[name][1] += int(mask.sum())
+    return {name: (total, count) for name, (total, count) in totals.items()}
+
+
+@torch.no_grad()
+def sliding_window_nll(model, ids: list[int], context: int, stride: int) -> tuple[float, int]:
+    """Total NLL and token count over a long text, each token scored once."""
+    total, count, scored_until = 0.0, 0, 1  # the first token has no prefix: never scored
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        window = torch.tensor([ids[begin:end]])
+        nll = token_nll(model, window, torch.ones_like(window))[0]  # nll[j] scores token begin + j + 1
+        first_new = max(scored_until, begin + 1) - (begin + 1)
+        total += float(nll[first_new:].sum())
+        count += len(nll) - first_new
+        scored_until = end
+        if end == len(ids):
+            break
+    return total, count
+
+
+def prompt_text(prompt: str, text_format: str, tokenizer) -> str:
+    if text_format == "chat_template":
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    text = f"{tokenizer.bos_token or ''}[INST] {prompt} [/INST]"
+    bos = tokenizer.bos_token
+    ids = tokenizer("x").input_ids
+    if bos and ids and ids[0] == tokenizer.bos_token_id:  # the tokenizer adds BOS itself
+        text = text.removeprefix(bos)
+    return text
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, prompts: list[str], text_format: str, max_new_tokens: int) -> list[dict]:
+    samples = []
+    for prompt in prompts:
+        encoded = tokenizer(prompt_text(prompt, text_format, tokenizer), return_tensors="pt").to(model.device)
+        output = model.generate(
+            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        completion = tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "completion": completion.strip()})
+    return samples
+
+
+def load_model(
+    model_dir: Path,
+    precision: str,
+    compute_dtype: torch.dtype,
+    quant_type: str,
+    double_quant: bool,
+    adapter_dir: Path | None,
+):
+    model = load_base_model(
+        model_dir, "qlora" if precision == "4bit" else "lora", compute_dtype, quant_type, double_quant
+    )
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return model.eval()
+
+
+def main(
+    model_dir: Path,
+    description: dict,
+    eval_chat_file: Path,
+    wikitext_file: Path,
+    evaluate: dict,
+    text_format: str,
+    out_csv: Path,
+    out_samples: Path,
+    adapter_dir: Path | None = None,
+    compute_dtype: str = "auto",
+    threads: int = 2,
+    provenance_path: Path | None = None,
+    log_path: Path | None = None,
+) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    started = time.time()
+    logger = setup_logging(log_path, "evaluate")
+    log_arguments(
+        logger,
+        model_dir=model_dir,
+        description=description,
+        adapter_dir=adapter_dir,
+        eval_chat_file=eval_chat_file,
+        wikitext_file=wikitext_file,
+        evaluate=evaluate,
+        text_format=text_format,
+        compute_dtype=compute_dtype,
+        threads=threads,
+    )
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dtype = resolve_compute_dtype(compute_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(
+        model_dir,
+        description["precision"],
+        dtype,
+        description.get("quant_type") or "nf4",
+        bool(description.get("double_quant")),
+        adapter_dir,
+    )
+
+    examples = [json.loads(line) for line in Path(eval_chat_file).read_text().splitlines()]
+    results = chat_perplexity(model, tokenizer, examples, evaluate["max_length"], evaluate["batch_size"])
+    wikitext_ids = tokenizer(Path(wikitext_file).read_text(), add_special_tokens=False).input_ids
+    results["wikitext"] = sliding_window_nll(
+        model, wikitext_ids, evaluate["wikitext_context"], evaluate["wikitext_stride"]
+    )
+    rows = []
+    for dataset, (total, count) in results.items():
+        row = {column: description.get(column) for column in CSV_COLUMNS}
+        row.update(dataset=dataset, tokens=count, nll=total / count, perplexity=math.exp(total / count))
+        rows.append(row)
+        logger.info("%s: %d tokens, perplexity %.4f", dataset, count, row["perplexity"])
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    with Path(out_csv).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    samples = greedy_samples(model, tokenizer, evaluate["sample_prompts"], text_format, evaluate["max_new_tokens"])
+    Path(out_samples).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_samples).write_text("".join(json.dumps({**description, **s}, ensure_ascii=False) + "\n" for s in samples))
+    if provenance_path:
+        write_provenance(provenance_path, "evaluate", started, description=description, evaluate=evaluate)
+    return rows
+
+
+def _from_snakemake(smk) -> None:
+    main(
+        model_dir=Path(smk.input.model_dir),
+        description=dict(smk.params.description),
+        eval_chat_file=Path(smk.input.eval_chat),
+        wikitext_file=Path(smk.input.wikitext),
+        evaluate=smk.params.evaluate,
+        text_format=smk.params.text_format,
+        out_csv=Path(smk.output.table),
+        out_samples=Path(smk.output.samples),
+        adapter_dir=Path(smk.input.adapter_dir) if "adapter_dir" in smk.input.keys() else None,
+        compute_dtype=smk.params.compute_dtype,
+        threads=smk.threads,
+        provenance_path=Path(smk.output.provenance),
+        log_path=Path(smk.log[0]),
+    )
+
+
+if "snakemake" in globals():  # run by Snakemake's script directive
+    _from_snakemake(snakemake)  # noqa: F821
+elif __name__ == "__main__":
+    import yaml
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True, help="pipeline config (evaluate section, data.format)")
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--adapter-dir", type=Path)
+    parser.add_argument("--precision", choices=["16bit", "4bit"], default="16bit")
+    parser.add_argument("--data-dir", type=Path, required=True, help="prepare_data's output folder")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    a = parser.parse_args()
+    cfg = yaml.safe_load(a.config.read_text())
+    main(
+        a.model_dir,
+        {"model_kind": "cli", "model": str(a.model_dir), "precision": a.precision},
+        a.data_dir / "eval_chat.jsonl",
+        a.data_dir / "wikitext.txt",
+        cfg["evaluate"],
+        cfg["data"]["format"],
+        a.out_dir / "perplexity.csv",
+        a.out_dir / "samples.jsonl",
+        a.adapter_dir,
+        cfg["train"]["compute_dtype"],
+    )
