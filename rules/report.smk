@@ -1,0 +1,71 @@
+# Tables, figures and the report. Figures and report read only results/tables/, so
+# deleting them and rerunning rebuilds them without a model or a GPU.
+
+
+rule tables:
+    input:
+        metrics=expand(f"{RESULTS}/train/{{cell}}/metrics.json", cell=GRID.instance_patterns),
+        checks=expand(f"{RESULTS}/merged/{{cell}}/merge_check.json", cell=GRID.instance_patterns),
+        perplexity=f"{RESULTS}/tables/perplexity.csv",
+        samples=sample_files(),
+    output:
+        runs=report(f"{RESULTS}/tables/runs.csv", category="Tables", caption="../report/runs.rst"),
+        pairs=f"{RESULTS}/tables/pairs.csv",
+        loss_curves=f"{RESULTS}/tables/loss_curves.csv",
+        samples=f"{RESULTS}/tables/samples.csv",
+        environment=f"{RESULTS}/tables/environment.json",
+    log:
+        f"{RESULTS}/logs/tables.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime_min"],
+    script:
+        "../scripts/tables.py"
+
+
+rule figure:
+    input:
+        runs=f"{RESULTS}/tables/runs.csv",
+        loss_curves=f"{RESULTS}/tables/loss_curves.csv",
+    output:
+        png=report(
+            f"{RESULTS}/figures/{{figure}}.png",
+            category="Figures",
+            labels={"figure": "{figure}"},
+            caption="../report/figure.rst",
+        ),
+        svg=f"{RESULTS}/figures/{{figure}}.svg",
+    log:
+        f"{RESULTS}/logs/figures/{{figure}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime_min"],
+    script:
+        "../scripts/figures.py"
+
+
+rule report:
+    input:
+        runs=f"{RESULTS}/tables/runs.csv",
+        pairs=f"{RESULTS}/tables/pairs.csv",
+        perplexity=f"{RESULTS}/tables/perplexity.csv",
+        samples=f"{RESULTS}/tables/samples.csv",
+        environment=f"{RESULTS}/tables/environment.json",
+        figures=expand(f"{RESULTS}/figures/{{figure}}.png", figure=FIGURES),
+    output:
+        html=report(f"{RESULTS}/report/report.html", category="Report", caption="../report/report.rst"),
+    log:
+        f"{RESULTS}/logs/report.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime_min"],
+    params:
+        config=config,
+    script:
+        "../scripts/report.py"
