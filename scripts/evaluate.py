@@ -65,9 +65,17 @@ def assistant_spans(text: str, turns: list, eos: str) -> list[tuple[int, int]]:
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """NLL of every token given its prefix: shape (batch, seq-1), for targets input_ids[:, 1:]."""
     logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(model.device), reduction="none"
-    ).cpu()
+    return token_nll_from_logits(logits, input_ids).cpu()
+
+
+def token_nll_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL of input_ids[:, 1:]. Flattened to (tokens, vocab): the contiguous float32
+    log-softmax is accurate to ~1e-6, the transposed (batch, vocab, seq) one only to ~1e-4."""
+    batch, length, vocab = logits.shape
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, vocab), input_ids[:, 1:].reshape(-1).to(logits.device), reduction="none"
+    )
+    return nll.view(batch, length - 1)
 
 
 @torch.no_grad()

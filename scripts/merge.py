@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from evaluate import token_nll_from_logits
 from modeling import load_base_model, resolve_compute_dtype
 from runtime import log_arguments, setup_logging, write_provenance
 
@@ -43,9 +44,8 @@ def logits_and_ppl(model, batch: dict) -> tuple[torch.Tensor, float]:
     model.eval()
     batch = {k: v.to(model.device) for k, v in batch.items()}
     logits = model(**batch).logits.float()
-    targets = batch["input_ids"][:, 1:]
     mask = batch["attention_mask"][:, 1:].bool()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+    nll = token_nll_from_logits(logits, batch["input_ids"])
     return logits, math.exp(float(nll[mask].sum() / mask.sum()))
 
 
