@@ -4,12 +4,12 @@ import json
 import math
 import shutil
 
-import evaluate
-import merge
 import pandas as pd
 import pytest
 import torch
 
+import evaluate
+import merge
 from conftest import read_json
 
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog. It was a sunny day in the small town of Elm."

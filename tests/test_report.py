@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from figures import FIGURES
-from tables import PAIR_KEYS
 
 from conftest import PROJECT, TINY_CONFIG, snakemake
+from figures import FIGURES
+from tables import PAIR_KEYS
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
