@@ -112,7 +112,7 @@ def test_killed_training_resumes_from_its_checkpoint(pipeline_run, tiny_config, 
     )
     checkpoints = results / "checkpoints" / target
     deadline = time.time() + 600
-    while not list(checkpoints.glob("checkpoint-4")) and time.time() < deadline:
+    while not (checkpoints / "checkpoint-4" / "trainer_state.json").is_file() and time.time() < deadline:
         assert job.poll() is None, "training ended before it could be killed"
         time.sleep(0.5)
     os.killpg(job.pid, signal.SIGKILL)  # as a SLURM time limit's final kill would
@@ -167,3 +167,21 @@ def test_same_cell_same_seed_gives_identical_loss_curve(pipeline_run, tiny_confi
             curves.append([(r["step"], r["loss"], r["learning_rate"], r["grad_norm"]) for r in csv.DictReader(handle)])
     assert curves[0] == curves[1]
     assert len(curves[0]) == 3
+
+
+def test_partial_checkpoint_is_discarded(tmp_path):
+    """A job killed while saving leaves a checkpoint without trainer_state.json: never resume from it."""
+    import logging
+
+    signature = {"cell": "x"}
+    checkpoints = tmp_path / "ckpt"
+    train.prepare_checkpoints(checkpoints, signature, logging.getLogger("test"))
+    (checkpoints / "checkpoint-2").mkdir()
+    (checkpoints / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (checkpoints / "checkpoint-4").mkdir()  # killed mid-save
+    (checkpoints / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"partial")
+    resume = train.prepare_checkpoints(checkpoints, signature, logging.getLogger("test"))
+    assert resume and resume.endswith("checkpoint-2")
+    assert not (checkpoints / "checkpoint-4").exists()
+    # Checkpoints made under other settings are discarded, never resumed.
+    assert train.prepare_checkpoints(checkpoints, {"cell": "y"}, logging.getLogger("test")) is None
