@@ -41,6 +41,7 @@ def cluster():
         yield state
     finally:
         subprocess.run([str(CLUSTER_SCRIPT), "stop", str(state)], timeout=300)
+        shutil.rmtree(state / "mariadb", ignore_errors=True)  # ~100 MB; configs and logs stay
 
 
 @pytest.fixture(scope="module")

@@ -185,7 +185,7 @@ start_mariadb() {
         fi
         # mariadbd does not daemonize: detach it; it writes its own pid file.
         setsid mariadbd --no-defaults --user=root --datadir="$STATE/mariadb" --socket="$DB_SOCKET" \
-            --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve --innodb-buffer-pool-size=32M \
+            --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve --innodb-buffer-pool-size=32M --innodb-log-file-size=8M \
             --pid-file="$PIDS/mariadb.pid" --log-error="$LOGS/mariadb.log" </dev/null >/dev/null 2>&1 &
         wait_for 60 MariaDB mariadb-admin --socket="$DB_SOCKET" -u root ping
     fi
@@ -202,6 +202,9 @@ start_slurm() {
     fi
     if ! sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER"; then
         sacctmgr -i add cluster "$CLUSTER" >/dev/null # also gives user root the account root
+    fi
+    if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then # the user who runs the tests
+        sacctmgr -n -P list user "$SUDO_USER" | grep -q . || sacctmgr -i add user "$SUDO_USER" account=root >/dev/null
     fi
     if ! pid_alive slurmctld; then
         slurmctld
