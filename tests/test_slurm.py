@@ -8,6 +8,7 @@ import csv
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -191,21 +192,27 @@ def test_scancelled_training_resumes_from_its_checkpoint(cluster, profile_dir, s
     command = ["timeout", "-k", "30", "600", str(BIN / "snakemake"), str(metrics_file), "--retries", "0"]
     command += ["--profile", str(profile_dir), "--configfile", str(config)]
     with (tmp_path / "first_run.log").open("w") as log:
-        first = subprocess.Popen(command, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 400
-        while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
-            assert first.poll() is None, (tmp_path / "first_run.log").read_text()[-4000:]
-            time.sleep(0.5)
-        assert list(checkpoints.glob("checkpoint-*/trainer_state.json")), "no checkpoint within 400 s"
-        first_saved = min(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
-        (job_id,) = [job for job, comment in squeue_ids().items() if comment.startswith("rule_train_")]
-        # Slurm sends SIGTERM to the job's processes, then SIGKILL after KillWait (5 s here).
-        subprocess.run(["scancel", job_id], check=True)
-        first.wait(timeout=300)
-        # The rerun must not overlap the dying job (KillWait): wait until Slurm has let it go.
-        deadline = time.time() + 60
-        while job_id in squeue_ids() and time.time() < deadline:
-            time.sleep(0.5)
+        first = subprocess.Popen(command, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 400
+            while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+                assert first.poll() is None, (tmp_path / "first_run.log").read_text()[-4000:]
+                time.sleep(0.5)
+            assert list(checkpoints.glob("checkpoint-*/trainer_state.json")), "no checkpoint within 400 s"
+            first_saved = min(
+                int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json")
+            )
+            (job_id,) = [job for job, comment in squeue_ids().items() if comment.startswith("rule_train_")]
+            # Slurm sends SIGTERM to the job's processes, then SIGKILL after KillWait (5 s here).
+            subprocess.run(["scancel", job_id], check=True)
+            first.wait(timeout=300)
+            # The rerun must not overlap the dying job (KillWait): wait until Slurm has let it go.
+            deadline = time.time() + 60
+            while job_id in squeue_ids() and time.time() < deadline:
+                time.sleep(0.5)
+        finally:  # a failed assertion must not leave snakemake polling
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
     first_output = (tmp_path / "first_run.log").read_text()
     assert first.returncode != 0, first_output[-4000:]
     assert not metrics_file.exists()
