@@ -23,27 +23,12 @@ from pathlib import Path
 
 import torch
 
+from grid import GRID_COLUMNS
 from modeling import load_base_model, resolve_compute_dtype
+from prepare_data import adds_bos
 from runtime import log_arguments, setup_logging, write_provenance
 
-CSV_COLUMNS = [
-    "model_kind",
-    "model",
-    "precision",
-    "method",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "learning_rate",
-    "quant_type",
-    "double_quant",
-    "seed",
-    "dataset",
-    "tokens",
-    "nll",
-    "perplexity",
-]
+CSV_COLUMNS = ["model_kind", "model", "precision", *GRID_COLUMNS, "dataset", "tokens", "nll", "perplexity"]
 
 
 def assistant_spans(text: str, turns: list, eos: str) -> list[tuple[int, int]]:
@@ -131,10 +116,8 @@ def prompt_text(prompt: str, text_format: str, tokenizer) -> str:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     text = f"{tokenizer.bos_token or ''}[INST] {prompt} [/INST]"
-    bos = tokenizer.bos_token
-    ids = tokenizer("x").input_ids
-    if bos and ids and ids[0] == tokenizer.bos_token_id:  # the tokenizer adds BOS itself
-        text = text.removeprefix(bos)
+    if tokenizer.bos_token and adds_bos(tokenizer):  # the tokenizer adds BOS itself
+        text = text.removeprefix(tokenizer.bos_token)
     return text
 
 
