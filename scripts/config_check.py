@@ -59,6 +59,9 @@ def _cross_key_checks(config: dict) -> None:
     for name in ("train", "eval_chat"):
         if config["data"][name]["markup"] == "plain":
             raise ConfigError(f"config key 'data.{name}.markup': chat data needs llama2_inst or human_assistant")
+    train = config["train"]
+    if train["gradient_checkpointing"] == "auto" and train["memory_budget_gib"] is None:
+        raise ConfigError("config key 'train.memory_budget_gib': gradient_checkpointing auto needs a budget")
 
 
 def validate_config(config: dict, schema: dict | None = None) -> None:

@@ -66,3 +66,27 @@ def load_base_model(
     if method == "qlora" and target.type == "cpu":
         bnb_cpu_workaround(model)
     return model
+
+
+def apply_kernels(model, kernels: str, logger) -> str:
+    """Liger's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy (no logits tensor) on a
+    Llama model; they need CUDA (Triton), so a CPU run keeps the stock kernels and says so.
+    Returns the kernels in use."""
+    if kernels == "none":
+        return "none"
+    if not torch.cuda.is_available():
+        logger.warning("kernels %s need CUDA; running with the stock transformers kernels", kernels)
+        return "none"
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError as error:
+        raise RuntimeError(
+            "config train.kernels is 'liger' but liger-kernel is not installed: "
+            "pip install -r requirements-gpu.txt (or set train.kernels: none)"
+        ) from error
+    if model.config.model_type != "llama":
+        raise ValueError(f"config train.kernels 'liger' supports Llama models here, not {model.config.model_type!r}")
+    apply_liger_kernel_to_llama(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model
+    )
+    return kernels

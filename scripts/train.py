@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from modeling import device, load_base_model, resolve_compute_dtype
+from memory_model import ModelShape, choose_checkpointing, predict_peak
+from modeling import apply_kernels, device, load_base_model, resolve_compute_dtype
 from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
 
 CUDA_ONLY_OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit"}
@@ -60,8 +61,7 @@ def sft_config(
         max_grad_norm=train["max_grad_norm"],
         weight_decay=train["weight_decay"],
         train_sampling_strategy="group_by_length" if train["group_by_length"] else "random",
-        gradient_checkpointing=train["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing=False,  # enabled layer by layer in prepare_model
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
         logging_steps=train["logging_steps"],
@@ -174,6 +174,102 @@ def loss_curve(log_history: list[dict], steps: dict[int, dict]) -> list[dict]:
     ]
 
 
+def checkpoint_plan(model_dir: Path, cell: dict, train: dict, max_length: int, kernels: str) -> tuple[int, dict]:
+    """checkpoint_every (0 = off, k = every k-th layer) and the memory model's prediction.
+
+    ``gradient_checkpointing: auto`` takes the fastest setting the memory model fits in
+    ``memory_budget_gib`` (fewest recomputed layers)."""
+    shape = ModelShape.from_config(model_dir)
+    recipe = dict(
+        method=cell["method"],
+        rank=cell["lora_r"],
+        targets=cell["target_modules"],
+        seq=max_length,
+        batch=train["batch_size"],
+        kernels=kernels,
+        double_quant=cell["double_quant"],
+        paged_optimizer=train["optimizer"].startswith("paged"),
+    )
+    setting = train["gradient_checkpointing"]
+    if setting == "auto":
+        return choose_checkpointing(shape, train["memory_budget_gib"] * GIB, **recipe)
+    every = train["checkpoint_every"] if setting else 0
+    return every, predict_peak(shape, checkpoint_every=every, **recipe)
+
+
+def enable_checkpointing(model, every: int) -> int:
+    """Checkpoint decoder layers 0, k, 2k, ...; the others keep their activations.
+    Returns the number of checkpointed layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if every == 0:
+        return 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
+def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Path, max_length: int, logger):
+    """The trainable PEFT model of one cell and what was decided on the way.
+
+    The train rule and bench/gpu_recipes.py both build their model here."""
+    from peft import PeftModel
+
+    compute_dtype = resolve_compute_dtype(train["compute_dtype"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model = load_base_model(model_dir, cell["method"], compute_dtype, cell["quant_type"], cell["double_quant"])
+    details = {
+        "compute_dtype": compute_dtype,
+        "model_footprint_bytes": model.get_memory_footprint(),
+        **memory_stats("load"),
+        "kernels": apply_kernels(model, train["kernels"], logger),
+        "kernels_requested": train["kernels"],
+    }
+    model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
+    model.train()  # gradient checkpointing silently does nothing in eval mode
+    every, prediction = checkpoint_plan(model_dir, cell, train, max_length, details["kernels"])
+    details["checkpoint_every"] = every
+    details["checkpointed_layers"] = enable_checkpointing(model, every)
+    details["predicted_peak_bytes"] = prediction["total"]
+    details["predicted_paged_optimizer_bytes"] = prediction["paged_optimizer"]
+    logger.info(
+        "gradient checkpointing: every %s layer(s) (%d checkpointed); predicted peak %.2f GiB",
+        every or "no",
+        details["checkpointed_layers"],
+        prediction["total"] / GIB,
+    )
+    return model, details
+
+
+def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list):
+    """SFTTrainer with the pipeline's two corrections: adapters stay fp32 in both arms, and
+    an optional padding-free collator (same examples per step, no padding tokens)."""
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    # TRL casts a quantised model's adapters to bf16 (and not a 16-bit one's): that would make
+    # the arms differ in more than the base's precision, so both keep PEFT's fp32 adapters.
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    if train["padding_free"]:
+        # Sequences concatenated into one row with restarting position_ids: transformers
+        # masks attention per example, so the maths is that of the padded batch.
+        trainer.data_collator = DataCollatorForLanguageModeling(
+            pad_token_id=tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=train["pad_to_multiple_of"]
+        )
+    return trainer
+
+
+def adapter_dtypes(model) -> list[str]:
+    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+
+
 def main(
     model_dir: Path,
     train_file: Path,
@@ -191,11 +287,9 @@ def main(
     log_path: Path | None = None,
 ) -> dict:
     import datasets
-    from peft import PeftModel
     from torch.utils.tensorboard import SummaryWriter
     from transformers import AutoTokenizer, set_seed
     from transformers.integrations import TensorBoardCallback
-    from trl import SFTTrainer
 
     started = time.time()
     logger = setup_logging(log_path, "train")
@@ -213,28 +307,21 @@ def main(
     )
     torch.set_num_threads(threads)
     set_seed(cell["seed"])
-    compute_dtype = resolve_compute_dtype(train["compute_dtype"])
     optimizer = choose_optimizer(train["optimizer"], logger)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    model = load_base_model(model_dir, cell["method"], compute_dtype, cell["quant_type"], cell["double_quant"])
-    footprint = model.get_memory_footprint()
-    load_memory = memory_stats("load")
-    model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
-    model.train()  # gradient checkpointing silently does nothing in eval mode
-    if train["gradient_checkpointing"]:
-        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
+    model, details = prepare_model(model_dir, cell, train, init_adapter_dir, max_length, logger)
+    compute_dtype = details["compute_dtype"]
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
-        "%s base: footprint %.3f GiB, %d trainable / %d parameters, compute %s on %s",
+        "%s base: footprint %.3f GiB, %d trainable / %d parameters, compute %s on %s, kernels %s",
         cell["method"],
-        footprint / GIB,
+        details["model_footprint_bytes"] / GIB,
         trainable,
         total,
         compute_dtype,
         device(),
+        details["kernels"],
     )
 
     dataset = datasets.load_dataset("json", data_files=str(train_file), split="train").select_columns(["text"])
@@ -249,13 +336,9 @@ def main(
     resume_from = prepare_checkpoints(Path(checkpoint_dir), signature, logger)
 
     Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[TensorBoardCallback(SummaryWriter(log_dir=str(tensorboard_dir))), timer := step_timer()],
-    )
+    timer = step_timer()
+    callbacks = [TensorBoardCallback(SummaryWriter(log_dir=str(tensorboard_dir))), timer]
+    trainer = make_trainer(model, tokenizer, dataset, args, train, callbacks)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     tokens_before = 0
@@ -288,9 +371,10 @@ def main(
         "optimizer": optimizer,
         "optimizer_requested": train["optimizer"],
         "unsupported_options": dropped_options,
-        "model_footprint_bytes": footprint,
-        **load_memory,
+        **{k: v for k, v in details.items() if k != "compute_dtype"},
         **train_memory,
+        "adapter_dtypes": adapter_dtypes(trainer.model),
+        "padding_free": train["padding_free"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "init_adapter": str(init_adapter_dir),
         "init_adapter_sha256": sha256_file(Path(init_adapter_dir) / "adapter_model.safetensors"),

@@ -1,0 +1,231 @@
+"""Peak GPU memory of one training step, predicted from the model's shape and the recipe.
+
+Predicts ``torch.cuda.max_memory_allocated()`` of a LoRA/QLoRA step (what the bench
+measures). Paged optimizer states live in CUDA managed memory, outside that counter;
+they are reported apart (``paged_optimizer``) and added for a SLURM memory request.
+
+    peak = weights + adapter (weights, grads, unpaged optimizer state)
+         + tokens x [ full_layers x a_layer + checkpointed_layers x a_input
+                      + (a_layer if any layer is checkpointed: its recompute) ]
+         + tokens x (loss head + one layer's backward working set)
+
+``a_layer`` counts the bytes per token that autograd keeps for one decoder layer, tensor by
+tensor (see ``layer_activation_bytes``); frozen base weights keep nothing for their inputs
+(PyTorch and bitsandbytes save an input only when a weight needs its gradient).
+Checkpointing every k-th layer keeps only the input of each checkpointed layer and
+recomputes the rest in the backward pass, one layer at a time.
+
+The recipes:
+- ``pipeline``: base in the compute dtype (bf16), autocast, fp32 LoRA weights;
+  ``kernels: liger`` swaps in Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy
+  (no logits tensor at all).
+- ``tutorial``: the tutorial's QLoRA recipe: fp16 compute, ``prepare_model_for_kbit_training``
+  (embeddings, norms and head upcast to fp32, so the residual stream is fp32), no autocast.
+"""
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1024**3
+QLORA_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weights
+DOUBLE_QUANT_BLOCK = 256  # double quantisation: absmax in 8 bit, one fp32 per 256 of them
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = {"qv": ("q_proj", "v_proj"), "all_linear": LINEAR_MODULES}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict | str | Path) -> "ModelShape":
+        """From a Hugging Face ``config.json`` (a dict, a file or a model folder)."""
+        if not isinstance(config, dict):
+            path = Path(config)
+            config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+        return cls(
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            layers=config["num_hidden_layers"],
+            heads=config["num_attention_heads"],
+            kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+            vocab=config["vocab_size"],
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    @property
+    def kv_hidden(self) -> int:
+        return self.hidden * self.kv_heads // self.heads
+
+    def linear_shape(self, module: str) -> tuple[int, int]:
+        """(in, out) features of one decoder layer's linear module."""
+        h, kv, i = self.hidden, self.kv_hidden, self.intermediate
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }[module]
+
+    def linear_parameters(self) -> int:
+        return self.layers * sum(a * b for a, b in map(self.linear_shape, LINEAR_MODULES))
+
+    def other_parameters(self) -> int:
+        """Embeddings, head (unless tied) and norms: never quantised."""
+        head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.vocab * self.hidden + head + (2 * self.layers + 1) * self.hidden
+
+
+def lora_parameters(shape: ModelShape, rank: int, targets: str) -> int:
+    return shape.layers * sum(rank * sum(shape.linear_shape(m)) for m in TARGETS[targets])
+
+
+def checkpointed_layer_count(layers: int, checkpoint_every: int) -> int:
+    """Layers 0, k, 2k, ... are checkpointed; 0 = none."""
+    return 0 if checkpoint_every == 0 else math.ceil(layers / checkpoint_every)
+
+
+def layer_activation_bytes(
+    shape: ModelShape, rank: int, targets: str, recipe: str, kernels: str, autocast: bool = True
+) -> int:
+    """Bytes per token autograd keeps for one decoder layer (no checkpointing)."""
+    h, kv, i = shape.hidden, shape.kv_hidden, shape.intermediate
+    act = 4 if recipe == "tutorial" else 2  # the residual stream's dtype
+    if recipe == "tutorial" or kernels == "none":
+        norms = 2 * 4 * h  # HF RMSNorm keeps an fp32 copy of its input
+        mlp = 3 * act * i  # SiLU keeps gate, the product keeps silu(gate) and up
+    else:
+        norms = 2 * act * h  # Liger RMSNorm keeps its input (and 4 bytes of rstd)
+        mlp = 2 * act * i  # Liger SwiGLU keeps gate and up, recomputes the activation
+    attention = act * (2 * h + 2 * kv)  # SDPA keeps q, k, v (after RoPE) and its output
+    # Without autocast PEFT casts a LoRA input to its fp32 weights: fp32 dropout and matmuls.
+    lora_act = act if autocast and recipe != "tutorial" else 4
+    adapters = 0
+    for module in TARGETS[targets]:
+        features_in, _ = shape.linear_shape(module)
+        # dropout mask (1 byte) + dropout output (lora_A's saved input) + lora_A output
+        adapters += features_in * (1 + lora_act) + lora_act * rank
+    return norms + attention + mlp + adapters
+
+
+def loss_head_bytes(shape: ModelShape, recipe: str, kernels: str) -> int:
+    """Bytes per token for the logits and cross-entropy at the step's peak."""
+    if recipe != "tutorial" and kernels == "liger":
+        return 4 * shape.hidden  # fused linear cross-entropy: the hidden's gradient only
+    # At the peak: the fp32 logits and the log-softmax output (both recipes upcast logits)
+    return shape.vocab * (4 + 4)
+
+
+def predict_peak(
+    shape: ModelShape,
+    *,
+    method: str,
+    rank: int,
+    targets: str,
+    seq: int,
+    batch: int,
+    checkpoint_every: int,
+    recipe: str = "pipeline",
+    kernels: str = "none",
+    double_quant: bool = False,
+    paged_optimizer: bool = True,
+    autocast: bool = True,
+) -> dict:
+    """Predicted peak of torch-allocated bytes, term by term."""
+    compute = 2  # bf16/fp16
+    if method == "qlora":
+        linear = shape.linear_parameters()
+        absmax = linear / QLORA_BLOCK * (1 + 4 / DOUBLE_QUANT_BLOCK if double_quant else 4)
+        weights = linear / 2 + absmax
+    elif method == "lora":
+        weights = shape.linear_parameters() * compute
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    upcast = 4 if recipe == "tutorial" else compute
+    weights += shape.other_parameters() * upcast
+    lora = lora_parameters(shape, rank, targets)
+    adapter = lora * (4 + 4 + (0 if paged_optimizer else 8))  # fp32 weights + grads (+ Adam m, v)
+    tokens = seq * batch
+    a_layer = layer_activation_bytes(shape, rank, targets, recipe, kernels, autocast)
+    a_input = (4 if recipe == "tutorial" else 2) * shape.hidden
+    stored = checkpointed_layer_count(shape.layers, checkpoint_every)
+    full = shape.layers - stored
+    activations = tokens * (full * a_layer + stored * a_input + (a_layer if stored else 0))
+    head = tokens * loss_head_bytes(shape, recipe, kernels)
+    working = tokens * 2 * compute * (shape.intermediate + shape.hidden)  # one layer's backward grads
+    total = weights + adapter + activations + head + working
+    return {
+        "weights": int(weights),
+        "adapter": int(adapter),
+        "activations": int(activations),
+        "loss_head": int(head),
+        "backward_working_set": int(working),
+        "total": int(total),
+        "paged_optimizer": int(lora * 8) if paged_optimizer else 0,
+        "checkpointed_layers": stored,
+        "layer_activation_bytes_per_token": a_layer,
+    }
+
+
+def checkpoint_candidates(layers: int) -> list[int]:
+    """checkpoint_every values from fastest (none) to leanest (every layer)."""
+    options = {0: 0}
+    for k in range(layers, 0, -1):
+        options.setdefault(checkpointed_layer_count(layers, k), k)
+    return [options[count] for count in sorted(options)]
+
+
+def choose_checkpointing(shape: ModelShape, budget_bytes: float, **recipe) -> tuple[int, dict]:
+    """The fastest setting predicted to fit: the fewest checkpointed layers (each costs a
+    recomputed forward). Every layer when nothing fits (the prediction says by how much)."""
+    prediction = {}
+    for every in checkpoint_candidates(shape.layers):
+        prediction = predict_peak(shape, checkpoint_every=every, **recipe)
+        if prediction["total"] <= budget_bytes:
+            return every, prediction
+    return 1, prediction
+
+
+def main(config: Path, **recipe) -> dict:
+    shape = ModelShape.from_config(config)
+    return predict_peak(shape, **recipe)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_config", type=Path, help="config.json or a model folder")
+    parser.add_argument("--method", choices=["lora", "qlora"], default="qlora")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--targets", choices=list(TARGETS), default="qv")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--checkpoint-every", type=int, default=1, help="0 = no checkpointing")
+    parser.add_argument("--recipe", choices=["pipeline", "tutorial"], default="pipeline")
+    parser.add_argument("--kernels", choices=["none", "liger"], default="none")
+    parser.add_argument("--no-autocast", action="store_true", help="LoRA matmuls in fp32 (a plain loop)")
+    a = parser.parse_args()
+    result = main(
+        a.model_config,
+        method=a.method,
+        rank=a.rank,
+        targets=a.targets,
+        seq=a.seq,
+        batch=a.batch,
+        checkpoint_every=a.checkpoint_every,
+        recipe=a.recipe,
+        kernels=a.kernels,
+        autocast=not a.no_autocast,
+    )
+    print(json.dumps({k: round(v / GIB, 3) if k not in ("checkpointed_layers",) else v for k, v in result.items()}))
