@@ -169,11 +169,11 @@ def run_row(row: dict) -> dict:
     load_peak = torch.cuda.max_memory_allocated()
     dataset = token_rows(row["batch"] * row["steps"], row["seq"], LLAMA2_7B["vocab_size"])
     with tempfile.TemporaryDirectory() as scratch:
+        # The tutorial trains without autocast (fp16=False, bf16=False).
+        autocast = row["recipe"] != "tutorial"
         args, _ = train_stage.sft_config(
-            settings, cell, Path(scratch), compute_dtype, "paged_adamw_32bit", row["seq"], logger
+            settings, cell, Path(scratch), compute_dtype, "paged_adamw_32bit", row["seq"], logger, autocast
         )
-        if row["recipe"] == "tutorial":
-            args.fp16 = args.bf16 = False  # the tutorial trains without autocast
         timer = train_stage.step_timer()
         trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, [timer])
         torch.cuda.reset_peak_memory_stats()

@@ -43,9 +43,19 @@ def choose_optimizer(requested: str, logger) -> str:
 
 
 def sft_config(
-    train: dict, cell: dict, checkpoint_dir: Path, compute_dtype: torch.dtype, optimizer: str, max_length: int, logger
+    train: dict,
+    cell: dict,
+    checkpoint_dir: Path,
+    compute_dtype: torch.dtype,
+    optimizer: str,
+    max_length: int,
+    logger,
+    autocast: bool = True,
 ):
-    """SFTConfig from the config's train section; options this transformers lacks are logged, not lost silently."""
+    """SFTConfig from the config's train section; options this transformers lacks are logged, not lost silently.
+
+    autocast=False reproduces the tutorial (fp16=bf16=False); it must be set here, not on the
+    finished SFTConfig, whose __post_init__ already told accelerate the mixed precision."""
     from trl import SFTConfig
 
     wanted = dict(
@@ -62,8 +72,8 @@ def sft_config(
         weight_decay=train["weight_decay"],
         train_sampling_strategy="group_by_length" if train["group_by_length"] else "random",
         gradient_checkpointing=False,  # enabled layer by layer in prepare_model
-        bf16=compute_dtype == torch.bfloat16,
-        fp16=compute_dtype == torch.float16,
+        bf16=autocast and compute_dtype == torch.bfloat16,
+        fp16=autocast and compute_dtype == torch.float16,
         logging_steps=train["logging_steps"],
         logging_first_step=True,
         save_strategy="steps",
