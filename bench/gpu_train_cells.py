@@ -10,6 +10,7 @@ in fresh processes; the table reports every run and the per-arm median.
 """
 
 import argparse
+import csv
 import json
 import statistics
 import subprocess
@@ -56,7 +57,10 @@ def run_cell(method: str, config: Path, args, model_dir: Path, init_dir: Path, o
         "8",
     ]
     subprocess.run(command, check=True)
-    return json.loads((out_dir / "metrics.json").read_text())
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    with (out_dir / "loss_curve.csv").open() as handle:
+        metrics["loss_curve"] = [float(row["loss"]) for row in csv.DictReader(handle)]
+    return metrics
 
 
 def main(shape_dir: Path, train_file: Path, configs: list[Path], out: Path, max_steps: int, repeats: int) -> None:
@@ -112,6 +116,10 @@ def main(shape_dir: Path, train_file: Path, configs: list[Path], out: Path, max_
                                 "samples_per_second",
                                 "global_steps",
                                 "final_train_loss",
+                                "loss_curve",
+                                "kernels",
+                                "padding_free",
+                                "checkpoint_every",
                                 "versions",
                                 "unsupported_options",
                             )

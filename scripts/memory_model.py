@@ -21,6 +21,11 @@ The recipes:
   (no logits tensor at all).
 - ``tutorial``: the tutorial's QLoRA recipe: fp16 compute, ``prepare_model_for_kbit_training``
   (embeddings, norms and head upcast to fp32, so the residual stream is fp32), no autocast.
+  Its LoRA counterpart (fp16 base, no upcast, no autocast) is ``pipeline`` with
+  ``kernels="none", autocast=False``.
+
+Checked against an H200 in bench/results/gpu_recipes_h200_*.md (tests/test_memory_model.py
+recomputes every row).
 """
 
 import argparse
@@ -120,11 +125,15 @@ def layer_activation_bytes(
     return norms + attention + mlp + adapters
 
 
-def loss_head_bytes(shape: ModelShape, recipe: str, kernels: str) -> int:
+def loss_head_bytes(shape: ModelShape, recipe: str, kernels: str, autocast: bool = True) -> int:
     """Bytes per token for the logits and cross-entropy at the step's peak."""
     if recipe != "tutorial" and kernels == "liger":
         return 4 * shape.hidden  # fused linear cross-entropy: the hidden's gradient only
-    # At the peak: the fp32 logits and the log-softmax output (both recipes upcast logits)
+    if recipe == "tutorial" or not autocast:
+        # fp32 head without autocast: the log-softmax output; calibrated on an H200
+        # (bench/results/gpu_recipes_h200_qv_all.json), where 8 bytes over-predicted by 1 GiB.
+        return shape.vocab * 4
+    # At the peak: the fp32 copy of the bf16 logits and the log-softmax output
     return shape.vocab * (4 + 4)
 
 
@@ -163,7 +172,7 @@ def predict_peak(
     stored = checkpointed_layer_count(shape.layers, checkpoint_every)
     full = shape.layers - stored
     activations = tokens * (full * a_layer + stored * a_input + (a_layer if stored else 0))
-    head = tokens * loss_head_bytes(shape, recipe, kernels)
+    head = tokens * loss_head_bytes(shape, recipe, kernels, autocast)
     working = tokens * 2 * compute * (shape.intermediate + shape.hidden)  # one layer's backward grads
     total = weights + adapter + activations + head + working
     return {

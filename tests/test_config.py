@@ -43,6 +43,9 @@ def _set(config: dict, dotted: str, value) -> dict:
         ("data.max_length", "long", "data.max_length"),
         ("model.source", "s3", "model.source"),
         ("data.mirror", [{"hub_id": "x", "path": "y", "sha256": "zz"}], "data.mirror.0.sha256"),
+        ("train.gradient_checkpointing", "sometimes", "train.gradient_checkpointing"),
+        ("train.kernels", "triton", "train.kernels"),
+        ("train.checkpoint_every", 0, "train.checkpoint_every"),
     ],
 )
 def test_schema_names_the_bad_key(dotted, value, named):
@@ -63,6 +66,13 @@ def test_cross_key_rule_hub_source_needs_revision():
     config = _set(_set(load("tests/config/config.yaml"), "model.source", "hub"), "model.revision", None)
     with pytest.raises(ConfigError, match="model.hub_id'/'model.revision"):
         validate_config(config)
+
+
+def test_cross_key_rule_auto_checkpointing_needs_a_budget():
+    config = _set(load("tests/config/config.yaml"), "train.gradient_checkpointing", "auto")
+    with pytest.raises(ConfigError, match="'train.memory_budget_gib': gradient_checkpointing auto needs a budget"):
+        validate_config(config)
+    validate_config(_set(config, "train.memory_budget_gib", 70))
 
 
 def test_every_schema_key_is_documented():

@@ -28,6 +28,8 @@ def test_tiny_grid_trains_both_arms(pipeline_run, tiny_config):
         assert metrics["global_steps"] == tiny_config["train"]["max_steps"]
         assert metrics["tokens_per_second"] > 0 and metrics["peak_rss_bytes"] > 0
         assert metrics["optimizer"] == "adamw_torch" and metrics["optimizer_requested"] == "paged_adamw_32bit"
+        # TRL casts a quantised model's adapters to bf16; the stage keeps both arms in fp32.
+        assert metrics["adapter_dtypes"] == ["float32"]
     by_key = {(m["method"], m["learning_rate"]): m for m in trained}
     for lr in tiny_config["grid"]["learning_rate"]:
         lora, qlora = by_key[("lora", lr)], by_key[("qlora", lr)]
@@ -167,6 +169,54 @@ def test_same_cell_same_seed_gives_identical_loss_curve(pipeline_run, tiny_confi
             curves.append([(r["step"], r["loss"], r["learning_rate"], r["grad_norm"]) for r in csv.DictReader(handle)])
     assert curves[0] == curves[1]
     assert len(curves[0]) == 3
+
+
+def test_layerwise_checkpointing_and_padding_free_keep_the_loss_curve(pipeline_run, tiny_config, tmp_path):
+    """Checkpointing every 2nd layer and the padding-free collator change memory and speed,
+    not the maths: same tokens, same losses (float32 on the CPU) within 1e-3 relative."""
+    cell = {
+        "method": "qlora",
+        "lora_r": 64,
+        "lora_alpha": 16.0,
+        "lora_dropout": 0.1,
+        "target_modules": "qv",
+        "learning_rate": 1e-3,
+        "quant_type": "nf4",
+        "double_quant": False,
+        "seed": 1,
+    }
+    init = next((pipeline_run / "init_adapter").glob("r64*_s1"))
+    runs = {}
+    for name, every, padding_free in (("reference", 1, False), ("optimised", 2, True)):
+        settings = dict(tiny_config["train"], max_steps=3, checkpoint_every=every, padding_free=padding_free)
+        out = tmp_path / name
+        runs[name] = train.main(
+            pipeline_run / "model" / "base",
+            pipeline_run / "data" / "train.jsonl",
+            init,
+            cell,
+            settings,
+            tiny_config["data"]["max_length"],
+            out / "adapter",
+            out / "metrics.json",
+            out / "loss.csv",
+            out / "tb",
+            out / "ckpt",
+            threads=2,
+        )
+        with (out / "loss.csv").open() as handle:
+            runs[name]["curve"] = [
+                (int(r["step"]), float(r["loss"]), int(r["step_tokens"])) for r in csv.DictReader(handle)
+            ]
+    reference, optimised = runs["reference"], runs["optimised"]
+    assert (reference["checkpointed_layers"], optimised["checkpointed_layers"]) == (30, 15)  # SmolLM2: 30 layers
+    assert optimised["padding_free"] and not reference["padding_free"]
+    assert [s for s, _, _ in reference["curve"]] == [s for s, _, _ in optimised["curve"]] == [1, 2, 3]
+    for (_, loss_a, tokens_a), (_, loss_b, tokens_b) in zip(reference["curve"], optimised["curve"], strict=True):
+        assert tokens_a == tokens_b  # the same examples, no padding counted
+        assert abs(loss_a - loss_b) <= 1e-3 * loss_a
+    # The memory model predicted more memory for fewer checkpointed layers.
+    assert optimised["predicted_peak_bytes"] > reference["predicted_peak_bytes"]
 
 
 def test_partial_checkpoint_is_discarded(tmp_path):

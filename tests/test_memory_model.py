@@ -1,0 +1,79 @@
+"""The memory model: its predictions against the peaks measured on an H200, and its choice."""
+
+import json
+
+import pytest
+
+from conftest import PROJECT
+from memory_model import ModelShape, checkpoint_candidates, choose_checkpointing, lora_parameters, predict_peak
+
+GIB = 1024**3
+BENCH = PROJECT / "bench" / "results"
+LLAMA2_7B = ModelShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
+
+
+def bench_rows():
+    """Every measured 7B-shape row (card, recipe, shape, checkpointing, measured peak)."""
+    rows = []
+    for path in sorted(BENCH.glob("gpu_recipes_h200_*.json")):
+        report = json.loads(path.read_text())
+        if report.get("superseded"):
+            continue
+        rows += [dict(row, source=path.name) for row in report["rows"]]
+    return rows
+
+
+def test_bench_results_exist_and_cover_the_goal_rows():
+    rows = bench_rows()
+    assert {(r["recipe"], r["targets"], r["checkpointing"]) for r in rows} >= {
+        ("tutorial", "qv", "on"),
+        ("pipeline", "qv", "on"),
+        ("pipeline", "qv", "auto:40"),
+        ("tutorial", "all_linear", "on"),
+        ("pipeline", "all_linear", "on"),
+        ("pipeline", "all_linear", "auto:80"),
+    }
+
+
+@pytest.mark.parametrize(
+    "row",
+    bench_rows(),
+    ids=lambda r: (
+        f"{r['source']}:{r['recipe']}-{r['method']}-{r['targets']}-{r['seq']}x{r['batch']}-{r['checkpointing']}-{r['repeat']}"
+    ),
+)
+def test_prediction_within_ten_percent_of_the_measured_peak(row):
+    from gpu_recipes import prediction_recipe
+
+    predicted = predict_peak(
+        LLAMA2_7B, checkpoint_every=row["checkpoint_every"], **prediction_recipe(row, row["kernels"])
+    )
+    measured = row["peak_allocated_gib"] * GIB
+    assert abs(predicted["total"] - measured) <= 0.10 * measured, (predicted["total"] / GIB, row["peak_allocated_gib"])
+
+
+def test_auto_checkpointing_takes_the_fastest_setting_that_fits():
+    recipe = dict(method="qlora", rank=64, targets="qv", seq=2048, batch=4, kernels="liger")
+    assert choose_checkpointing(LLAMA2_7B, 40 * GIB, **recipe)[0] == 0  # everything fits: no recomputation
+    assert choose_checkpointing(LLAMA2_7B, 8 * GIB, **recipe)[0] == 1  # only every layer fits
+    every, prediction = choose_checkpointing(LLAMA2_7B, 22 * GIB, **recipe)
+    assert every == 2 and prediction["total"] <= 22 * GIB  # half the layers: 21.0 GiB predicted
+    # ... and it is the least recomputation that fits: one more kept layer would not.
+    lighter = [k for k in checkpoint_candidates(32) if 0 < k and k > every] + [0]
+    assert predict_peak(LLAMA2_7B, checkpoint_every=lighter[0], **recipe)["total"] > 22 * GIB
+
+
+def test_memory_grows_with_tokens_rank_and_targets():
+    base = dict(method="qlora", rank=64, targets="qv", seq=1024, batch=1, checkpoint_every=1)
+    total = predict_peak(LLAMA2_7B, **base)["total"]
+    assert predict_peak(LLAMA2_7B, **dict(base, batch=4))["total"] > total
+    assert predict_peak(LLAMA2_7B, **dict(base, rank=128))["total"] > total
+    assert predict_peak(LLAMA2_7B, **dict(base, targets="all_linear"))["total"] > total
+    assert predict_peak(LLAMA2_7B, **dict(base, method="lora"))["total"] > 2 * total  # 16-bit weights
+    assert lora_parameters(LLAMA2_7B, 64, "qv") == 32 * 2 * 64 * (4096 + 4096)
+
+
+def test_shape_from_the_pipelines_base_model(base_model_dir):
+    shape = ModelShape.from_config(base_model_dir)
+    assert (shape.hidden, shape.layers, shape.kv_heads, shape.vocab) == (576, 30, 3, 49152)
+    assert shape.tied_embeddings
