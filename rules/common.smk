@@ -1,5 +1,6 @@
 # Helpers shared by every stage: config validation, paths, the training grid, resources.
 
+import math
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from snakemake.utils import Paramspace
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from config_check import ConfigError, validate_config  # noqa: E402
 from grid import base_model_description, base_model_names, grid_table  # noqa: E402
+from memory_model import plan_for_cell  # noqa: E402
 
 try:
     validate_config(config)
@@ -49,6 +51,19 @@ def cell_params(wildcards):
 def init_adapter_dir(wildcards):
     """The initial adapter shared by every cell of this rank/alpha/dropout/targets/seed."""
     return f"{RESULTS}/{INIT_ADAPTER.format(**cell_params(wildcards))}"
+
+
+def train_gpu_mem_mb(wildcards, input):
+    """GPU memory (MB) the memory model predicts for this cell, paged optimizer state
+    included: `--resources gpu_mem_mb=N` packs cells onto a GPU locally, and a SLURM site
+    maps it to a GPU type (profiles/slurm). 0 while the base model is not fetched (dry run)."""
+    model_config = Path(input.model_dir) / "config.json"
+    if not model_config.exists():
+        return 0
+    kernels = config["train"]["kernels"] if RES["gpu"] else "none"
+    cell = cell_params(wildcards)
+    _, prediction = plan_for_cell(model_config, cell, config["train"], config["data"]["max_length"], kernels)
+    return math.ceil((prediction["total"] + prediction["paged_optimizer"]) / 1e6)
 
 
 def base_description(wildcards):

@@ -39,6 +39,7 @@ rule train:
         mem_mb=RES["train_mem_mb"],
         runtime=RES["train_runtime_min"],
         gpu=RES["gpu"],
+        gpu_mem_mb=train_gpu_mem_mb,
     params:
         cell=cell_params,
         train=config["train"],

@@ -207,6 +207,29 @@ def choose_checkpointing(shape: ModelShape, budget_bytes: float, **recipe) -> tu
     return 1, prediction
 
 
+def plan_for_cell(model_config, cell: dict, train: dict, max_length: int, kernels: str) -> tuple[int, dict]:
+    """checkpoint_every (0 = off, k = every k-th layer) and the prediction for one grid cell
+    under the config's train section. ``gradient_checkpointing: auto`` takes the fastest
+    setting that fits ``memory_budget_gib``. Used by the train stage and by the train rule's
+    ``gpu_mem_mb`` resource."""
+    shape = ModelShape.from_config(model_config)
+    recipe = dict(
+        method=cell["method"],
+        rank=cell["lora_r"],
+        targets=cell["target_modules"],
+        seq=max_length,
+        batch=train["batch_size"],
+        kernels=kernels,
+        double_quant=cell["double_quant"],
+        paged_optimizer=train["optimizer"].startswith("paged"),
+    )
+    setting = train["gradient_checkpointing"]
+    if setting == "auto":
+        return choose_checkpointing(shape, train["memory_budget_gib"] * GIB, **recipe)
+    every = train["checkpoint_every"] if setting else 0
+    return every, predict_peak(shape, checkpoint_every=every, **recipe)
+
+
 def main(config: Path, **recipe) -> dict:
     shape = ModelShape.from_config(config)
     return predict_peak(shape, **recipe)

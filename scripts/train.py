@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from memory_model import ModelShape, choose_checkpointing, predict_peak
+from memory_model import plan_for_cell
 from modeling import apply_kernels, device, load_base_model, resolve_compute_dtype
 from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
 
@@ -184,29 +184,6 @@ def loss_curve(log_history: list[dict], steps: dict[int, dict]) -> list[dict]:
     ]
 
 
-def checkpoint_plan(model_dir: Path, cell: dict, train: dict, max_length: int, kernels: str) -> tuple[int, dict]:
-    """checkpoint_every (0 = off, k = every k-th layer) and the memory model's prediction.
-
-    ``gradient_checkpointing: auto`` takes the fastest setting the memory model fits in
-    ``memory_budget_gib`` (fewest recomputed layers)."""
-    shape = ModelShape.from_config(model_dir)
-    recipe = dict(
-        method=cell["method"],
-        rank=cell["lora_r"],
-        targets=cell["target_modules"],
-        seq=max_length,
-        batch=train["batch_size"],
-        kernels=kernels,
-        double_quant=cell["double_quant"],
-        paged_optimizer=train["optimizer"].startswith("paged"),
-    )
-    setting = train["gradient_checkpointing"]
-    if setting == "auto":
-        return choose_checkpointing(shape, train["memory_budget_gib"] * GIB, **recipe)
-    every = train["checkpoint_every"] if setting else 0
-    return every, predict_peak(shape, checkpoint_every=every, **recipe)
-
-
 def enable_checkpointing(model, every: int) -> int:
     """Checkpoint decoder layers 0, k, 2k, ...; the others keep their activations.
     Returns the number of checkpointed layers."""
@@ -241,7 +218,7 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     }
     model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
     model.train()  # gradient checkpointing silently does nothing in eval mode
-    every, prediction = checkpoint_plan(model_dir, cell, train, max_length, details["kernels"])
+    every, prediction = plan_for_cell(model_dir, cell, train, max_length, details["kernels"])
     details["checkpoint_every"] = every
     details["checkpointed_layers"] = enable_checkpointing(model, every)
     details["predicted_peak_bytes"] = prediction["total"]

@@ -77,3 +77,25 @@ def test_shape_from_the_pipelines_base_model(base_model_dir):
     shape = ModelShape.from_config(base_model_dir)
     assert (shape.hidden, shape.layers, shape.kv_heads, shape.vocab) == (576, 30, 3, 49152)
     assert shape.tied_embeddings
+
+
+def test_train_jobs_request_the_predicted_gpu_memory(pipeline_run, tiny_config):
+    """The train rule's gpu_mem_mb resource is the memory model's prediction for its cell."""
+    import math
+    import re
+
+    from conftest import snakemake
+    from grid import grid_table
+    from memory_model import plan_for_cell
+
+    planned = snakemake("-n", "--forcerun", "train", results_dir=pipeline_run).stdout
+    requested = [int(m) for m in re.findall(r"rule train:.*?gpu_mem_mb=(\d+)", planned, flags=re.S)]
+    expected = []
+    for _, row in grid_table(tiny_config["grid"]).iterrows():
+        cell = {k: getattr(v, "item", lambda v=v: v)() for k, v in row.items()}
+        _, prediction = plan_for_cell(
+            pipeline_run / "model" / "base", cell, tiny_config["train"], tiny_config["data"]["max_length"], "none"
+        )
+        expected.append(math.ceil((prediction["total"] + prediction["paged_optimizer"]) / 1e6))
+    assert len(requested) == 4 and sorted(requested) == sorted(expected)
+    assert all(mb > 0 for mb in requested)
