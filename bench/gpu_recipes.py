@@ -61,6 +61,11 @@ ROWS = {
         ("pipeline", "qlora", "all_linear", 2048, 4, "on"),
         ("pipeline", "qlora", "all_linear", 2048, 4, "auto:80"),
     ],
+    # Data-parallel scaling (issue 8): the same QLoRA cell on 1 and 2 GPUs, per-GPU batch 4.
+    "scaling": [
+        ("pipeline", "qlora", "qv", 2048, 4, "on", 1),
+        ("pipeline", "qlora", "qv", 2048, 4, "on", 2),
+    ],
     "small": [
         ("tutorial", "qlora", "qv", 1024, 1, "on"),
         ("pipeline", "qlora", "qv", 1024, 1, "on"),
@@ -129,6 +134,7 @@ def tutorial_model(model_dir: Path, method: str, adapter_dir: Path):
 def run_row(row: dict) -> dict:
     """One recipe in this process: build, train `steps` steps, measure."""
     import logging
+    import os
 
     from transformers import AutoTokenizer, set_seed
 
@@ -137,6 +143,10 @@ def run_row(row: dict) -> dict:
 
     logger = logging.getLogger("bench")
     logging.basicConfig(level=logging.INFO)
+    processes = train_stage.world_size()
+    if processes > 1:  # under torchrun: one GPU per process, as the train stage does
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group(backend="nccl")
     model_dir, config = Path(row["model_dir"]), yaml.safe_load(Path(row["config"]).read_text())
     settings = dict(config["train"], batch_size=row["batch"], max_steps=row["steps"], pad_to_multiple_of=None)
     settings.update(save_steps=10**6, logging_steps=1, group_by_length=False, padding_free=False)
@@ -167,7 +177,7 @@ def run_row(row: dict) -> dict:
         model, details = train_stage.prepare_model(model_dir, cell, settings, adapter_dir, row["seq"], logger)
         compute_dtype = details["compute_dtype"]
     load_peak = torch.cuda.max_memory_allocated()
-    dataset = token_rows(row["batch"] * row["steps"], row["seq"], LLAMA2_7B["vocab_size"])
+    dataset = token_rows(row["batch"] * row["steps"] * processes, row["seq"], LLAMA2_7B["vocab_size"])
     with tempfile.TemporaryDirectory() as scratch:
         # The tutorial trains without autocast (fp16=False, bf16=False).
         autocast = row["recipe"] != "tutorial"
@@ -182,14 +192,17 @@ def run_row(row: dict) -> dict:
         seconds = time.perf_counter() - started
     times = [s["step_seconds"] for step, s in sorted(timer.steps.items())][row["warmup"] :]
     median = statistics.median(times)
-    tokens = row["seq"] * row["batch"]
+    tokens = row["seq"] * row["batch"] * processes  # every process's batch in a step
     every = details["checkpoint_every"]
     predicted = predict_peak(
         ModelShape.from_config(model_dir), checkpoint_every=every, **prediction_recipe(row, details["kernels"])
     )
     peak = torch.cuda.max_memory_allocated()
+    peaks = train_stage.gather_memory({"peak": peak})
     return {
         **{k: row[k] for k in ("recipe", "method", "targets", "seq", "batch", "checkpointing", "repeat")},
+        "processes": processes,
+        "per_gpu_peak_allocated_gib": [round(p["peak"] / GIB, 3) for p in peaks],
         "kernels": details["kernels"],
         "checkpoint_every": every,
         "median_step_seconds": round(median, 4),
@@ -217,10 +230,10 @@ def prediction_recipe(row: dict, kernels: str) -> dict:
 
 def summarise(results: list[dict]) -> list[dict]:
     """Median over repeats per row, and its ratio to the tutorial row of the same shape and targets."""
-    keys = ("recipe", "method", "targets", "seq", "batch", "checkpointing")
+    keys = ("recipe", "method", "targets", "seq", "batch", "checkpointing", "processes")
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+        groups.setdefault(tuple(r.get(k, 1) for k in keys), []).append(r)
     table = []
     for key, runs in groups.items():
         row = dict(zip(keys, key, strict=True))
@@ -246,6 +259,8 @@ def summarise(results: list[dict]) -> list[dict]:
             and t["checkpointing"] == "on"
         ]
         row["vs_tutorial"] = round(row["tokens_per_second"] / base[0]["tokens_per_second"], 2) if base else None
+        single = [t for t in table if t["processes"] == 1 and all(t[k] == row[k] for k in keys[:-1])]
+        row["vs_one_gpu"] = round(row["tokens_per_second"] / single[0]["tokens_per_second"], 2) if single else None
     return table
 
 
@@ -253,9 +268,9 @@ def markdown(table: list[dict], device: str) -> str:
     lines = [
         f"Card: {device}. Median tokens/s over repeats; ratio to the tutorial row of the same method, targets and shape.",
         "",
-        "| recipe | method | targets | seq x batch | checkpointing | kernels | tok/s (runs) | x tutorial "
-        "| peak alloc GiB | reserved GiB | predicted GiB (err %) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recipe | method | targets | seq x batch | checkpointing | kernels | GPUs | tok/s (runs) | x tutorial "
+        "| x 1 GPU | peak alloc GiB | reserved GiB | predicted GiB (err %) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         ckpt = r["checkpointing"] + (
@@ -263,8 +278,9 @@ def markdown(table: list[dict], device: str) -> str:
         )
         lines.append(
             f"| {r['recipe']} | {r['method']} | {r['targets']} | {r['seq']} x {r['batch']} | {ckpt} | {r['kernels']} "
+            f"| {r['processes']} "
             f"| {r['tokens_per_second']:,.0f} ({', '.join(f'{t:,.0f}' for t in r['runs_tokens_per_second'])}) "
-            f"| {r['vs_tutorial']} | {r['peak_allocated_gib']} | {r['peak_reserved_gib']} "
+            f"| {r['vs_tutorial']} | {r['vs_one_gpu']} | {r['peak_allocated_gib']} | {r['peak_reserved_gib']} "
             f"| {r['predicted_peak_gib']} ({r['prediction_error_pct']:+}) |"
         )
     return "\n".join(lines) + "\n"
@@ -277,13 +293,15 @@ def main(rows: list[str], repeats: int, steps: int, warmup: int, config: Path, m
     results = []
     for repeat in range(repeats):
         for name in rows:
-            for recipe, method, targets, seq, batch, checkpointing in ROWS[name]:
+            for recipe, method, targets, seq, batch, checkpointing, *gpus in ROWS[name]:
                 row = dict(recipe=recipe, method=method, targets=targets, seq=seq, batch=batch)
                 row.update(checkpointing=checkpointing, repeat=repeat, steps=steps, warmup=warmup)
                 row.update(model_dir=str(model_dir), config=str(config))
-                done = subprocess.run(
-                    [sys.executable, __file__, "--row", json.dumps(row)], capture_output=True, text=True
-                )
+                command = [sys.executable, __file__, "--row", json.dumps(row)]
+                if gpus and gpus[0] > 1:
+                    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+                    command += [f"--nproc_per_node={gpus[0]}", __file__, "--row", json.dumps(row)]
+                done = subprocess.run(command, capture_output=True, text=True)
                 lines = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
                 if done.returncode or not lines:
                     print("FAILED", row, done.stderr[-3000:], flush=True)
@@ -314,6 +332,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=PROJECT / "bench" / "results" / "gpu_recipes")
     a = parser.parse_args()
     if a.row:
-        print("ROW " + json.dumps(run_row(json.loads(a.row))), flush=True)
+        result = run_row(json.loads(a.row))
+        if int(__import__("os").environ.get("RANK", "0")) == 0:
+            print("ROW " + json.dumps(result), flush=True)
     else:
         main(a.rows, a.repeats, a.steps, a.warmup, a.config, a.model_dir, a.out)

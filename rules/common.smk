@@ -20,6 +20,9 @@ except ConfigError as err:
 
 RESULTS = config["results_dir"].rstrip("/")
 RES = config["resources"]
+# A training job's GPUs (one data-parallel process each) and CPU threads to match.
+TRAIN_GPUS = RES["gpus_per_job"] if RES["gpu"] else 0
+TRAIN_THREADS = RES["threads"] * RES["gpus_per_job"]
 ENV = "../envs/pipeline.yaml"
 DATASETS = ["train", "eval_chat", "wikitext"]
 

@@ -34,16 +34,18 @@ rule train:
         f"{RESULTS}/logs/train/{{cell}}.log",
     conda:
         ENV
-    threads: RES["threads"]
+    threads: TRAIN_THREADS
     resources:
         mem_mb=RES["train_mem_mb"],
         runtime=RES["train_runtime_min"],
-        gpu=RES["gpu"],
+        gpu=TRAIN_GPUS,
         gpu_mem_mb=train_gpu_mem_mb,
+        nodes=1,  # data-parallel processes share one node
     params:
         cell=cell_params,
         train=config["train"],
         max_length=config["data"]["max_length"],
+        processes=RES["gpus_per_job"],
         # Outside the outputs, so Snakemake keeps them when a killed job is rerun.
         checkpoint_dir=f"{RESULTS}/checkpoints/{{cell}}",
     script:

@@ -60,6 +60,11 @@ def _cross_key_checks(config: dict) -> None:
         if config["data"][name]["markup"] == "plain":
             raise ConfigError(f"config key 'data.{name}.markup': chat data needs llama2_inst or human_assistant")
     train = config["train"]
+    if train["gradient_accumulation_steps"] % config["resources"]["gpus_per_job"]:
+        raise ConfigError(
+            "config key 'train.gradient_accumulation_steps': must be a multiple of resources.gpus_per_job "
+            "(each GPU accumulates its share of the same global batch)"
+        )
     if train["gradient_checkpointing"] == "auto" and train["memory_budget_gib"] is None:
         raise ConfigError("config key 'train.memory_budget_gib': gradient_checkpointing auto needs a budget")
 

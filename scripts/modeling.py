@@ -6,13 +6,18 @@ quantisation) with the same compute dtype. Nothing else differs between the arms
 fp32 upcast of norms or embeddings in one arm only.
 """
 
+import os
+
 import torch
 
 TARGET_MODULES = {"qv": ["q_proj", "v_proj"], "all_linear": "all-linear"}
 
 
 def device() -> torch.device:
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    """This process's GPU (its LOCAL_RANK under torchrun), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
 
 
 def resolve_compute_dtype(name: str) -> torch.dtype:

@@ -18,9 +18,12 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +34,18 @@ from modeling import apply_kernels, device, load_base_model, resolve_compute_dty
 from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
 
 CUDA_ONLY_OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit"}
+PATH_ARGUMENTS = {
+    "model_dir",
+    "train_file",
+    "init_adapter_dir",
+    "adapter_dir",
+    "metrics_path",
+    "loss_curve_path",
+    "tensorboard_dir",
+    "checkpoint_dir",
+    "provenance_path",
+    "log_path",
+}
 SIGNATURE_FILE = "run_signature.json"
 GIB = 1024**3
 
@@ -89,6 +104,7 @@ def sft_config(
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step
         use_cpu=not torch.cuda.is_available(),
     )
     known = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -235,10 +251,31 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
 def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list):
     """SFTTrainer with the pipeline's two corrections: adapters stay fp32 in both arms, and
     an optional padding-free collator (same examples per step, no padding tokens)."""
+    from torch.utils.data import RandomSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    class SameOrderSFTTrainer(SFTTrainer):
+        """Orders the examples by the global batch and a seeded generator, so N data-parallel
+        processes see, step by step, the examples one process sees with N x the accumulation
+        (transformers groups lengths by the per-process batch and draws from the global RNG)."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            if isinstance(sampler, LengthGroupedSampler):
+                sampler.batch_size = (
+                    self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+                )
+                sampler.generator = torch.Generator().manual_seed(seed)
+            elif isinstance(sampler, RandomSampler):
+                sampler.generator = torch.Generator().manual_seed(seed)
+            return sampler
+
+    trainer = SameOrderSFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
+    )
     # TRL casts a quantised model's adapters to bf16 (and not a 16-bit one's): that would make
     # the arms differ in more than the base's precision, so both keep PEFT's fp32 adapters.
     for parameter in trainer.model.parameters():
@@ -251,6 +288,50 @@ def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list):
             pad_token_id=tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=train["pad_to_multiple_of"]
         )
     return trainer
+
+
+def world_size() -> int:
+    """Processes of this data-parallel run (torchrun sets WORLD_SIZE; 1 when run alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_command(processes: int, arguments_file: Path) -> list[str]:
+    """torchrun: this script once per GPU on one node, each process reading the same
+    arguments; each QLoRA process holds its own 4-bit base on its own GPU."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        str(Path(__file__).resolve()),
+        "--arguments-json",
+        str(arguments_file),
+    ]
+
+
+def per_process_accumulation(train: dict, processes: int) -> int:
+    """The step's global batch stays batch_size x gradient_accumulation_steps: N processes
+    each accumulate 1/N of the micro-batches, so the step sees the examples one process
+    would see with the full accumulation."""
+    steps = train["gradient_accumulation_steps"]
+    if steps % processes:
+        raise ValueError(
+            f"config key 'train.gradient_accumulation_steps' ({steps}) must be a multiple of "
+            f"'resources.gpus_per_job' ({processes}) to keep the global batch"
+        )
+    return steps // processes
+
+
+def gather_memory(stats: dict) -> list[dict]:
+    """Every process's memory statistics, in rank order (just this one's when alone)."""
+    if world_size() == 1:
+        return [stats]
+    import torch.distributed as dist
+
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, stats)
+    return gathered
 
 
 def adapter_dtypes(model) -> list[str]:
@@ -272,14 +353,39 @@ def main(
     threads: int = 2,
     provenance_path: Path | None = None,
     log_path: Path | None = None,
+    processes: int = 1,
 ) -> dict:
+    """Train one cell; with processes > 1, relaunch this script data-parallel under torchrun
+    (one process per GPU) and return the metrics its first process wrote."""
+    if processes > 1 and world_size() == 1:
+        arguments = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()}
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        arguments_file = Path(checkpoint_dir) / "launch_arguments.json"
+        arguments_file.write_text(json.dumps(arguments, indent=2))
+        launched = subprocess.run(launch_command(processes, arguments_file))
+        if launched.returncode:
+            raise RuntimeError(
+                f"data-parallel training of {processes} processes failed (exit {launched.returncode}): "
+                f"see {log_path} and the job's stderr"
+            )
+        return json.loads(Path(metrics_path).read_text())
+
     import datasets
+    from accelerate import PartialState
     from torch.utils.tensorboard import SummaryWriter
     from transformers import AutoTokenizer, set_seed
     from transformers.integrations import TensorBoardCallback
 
     started = time.time()
-    logger = setup_logging(log_path, "train")
+    processes, rank = world_size(), int(os.environ.get("RANK", "0"))  # torchrun's, before any library reads them
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if processes > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    state = PartialState()  # uses that process group
+    main_process = rank == 0
+    # The first process writes the rule's log and every output; the others log to stderr.
+    logger = setup_logging(log_path if main_process else None, f"train.rank{rank}")
     log_arguments(
         logger,
         model_dir=model_dir,
@@ -291,8 +397,10 @@ def main(
         adapter_dir=adapter_dir,
         checkpoint_dir=checkpoint_dir,
         threads=threads,
+        processes=processes,
     )
-    torch.set_num_threads(threads)
+    train = dict(train, gradient_accumulation_steps=per_process_accumulation(train, processes))
+    torch.set_num_threads(max(1, threads // processes))
     set_seed(cell["seed"])
     optimizer = choose_optimizer(train["optimizer"], logger)
 
@@ -311,20 +419,24 @@ def main(
         details["kernels"],
     )
 
-    dataset = datasets.load_dataset("json", data_files=str(train_file), split="train").select_columns(["text"])
-    args, dropped_options = sft_config(train, cell, checkpoint_dir, compute_dtype, optimizer, max_length, logger)
-    signature = {
-        "cell": cell,
-        "train": train,
-        "max_length": max_length,
-        "train_file": str(train_file),
-        "rows": len(dataset),
-    }
-    resume_from = prepare_checkpoints(Path(checkpoint_dir), signature, logger)
+    with state.main_process_first():  # one process fills the datasets cache and tidies checkpoints
+        dataset = datasets.load_dataset("json", data_files=str(train_file), split="train").select_columns(["text"])
+        args, dropped_options = sft_config(train, cell, checkpoint_dir, compute_dtype, optimizer, max_length, logger)
+        signature = {
+            "cell": cell,
+            "train": train,
+            "max_length": max_length,
+            "train_file": str(train_file),
+            "rows": len(dataset),
+            "processes": processes,
+        }
+        resume_from = prepare_checkpoints(Path(checkpoint_dir), signature, logger)
 
-    Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
     timer = step_timer()
-    callbacks = [TensorBoardCallback(SummaryWriter(log_dir=str(tensorboard_dir))), timer]
+    callbacks = [timer]
+    if main_process:
+        Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(tensorboard_dir))))
     trainer = make_trainer(model, tokenizer, dataset, args, train, callbacks)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -336,7 +448,13 @@ def main(
     train_started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - train_started
+    per_process = gather_memory({**memory_stats("load"), **memory_stats("train")})
+    if not main_process:
+        return {}
     train_memory = memory_stats("train")
+    if torch.cuda.is_available():  # the largest process is what a GPU must hold
+        for key in train_memory:
+            train_memory[key] = max(p[key] for p in per_process)
 
     Path(adapter_dir).mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(str(adapter_dir))
@@ -350,7 +468,7 @@ def main(
 
     tokens_this_run = trainer.state.num_input_tokens_seen - tokens_before
     steps_this_run = trainer.state.global_step - (int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
-    samples_this_run = steps_this_run * train["batch_size"] * train["gradient_accumulation_steps"]
+    samples_this_run = steps_this_run * train["batch_size"] * train["gradient_accumulation_steps"] * processes
     metrics = {
         **cell,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -379,6 +497,9 @@ def main(
         "mean_train_loss": round(sum(p["loss"] for p in curve) / len(curve), 6) if curve else None,
         "trainer_reported_loss": output.training_loss,
         "threads": threads,
+        "world_size": processes,
+        "gradient_accumulation_steps_per_process": train["gradient_accumulation_steps"],
+        "per_process_memory": per_process,
         "versions": package_versions(),
         "hardware": hardware(),
     }
@@ -411,11 +532,15 @@ def _from_snakemake(smk) -> None:
         threads=smk.threads,
         provenance_path=Path(smk.output.provenance),
         log_path=Path(smk.log[0]),
+        processes=smk.params.processes,
     )
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive
     _from_snakemake(snakemake)  # noqa: F821
+elif __name__ == "__main__" and sys.argv[1:2] == ["--arguments-json"]:  # one process of launch_command
+    arguments = json.loads(Path(sys.argv[2]).read_text())
+    main(**{k: Path(v) if k in PATH_ARGUMENTS and v is not None else v for k, v in arguments.items()})
 elif __name__ == "__main__":
     import yaml
 
@@ -432,6 +557,7 @@ elif __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=1, help="data-parallel processes (GPUs)")
     a = parser.parse_args()
     cfg = yaml.safe_load(a.config.read_text())
     settings = dict(cfg["train"], **({"max_steps": a.max_steps} if a.max_steps else {}))
@@ -464,4 +590,5 @@ elif __name__ == "__main__":
         out / "checkpoints",
         a.threads,
         log_path=out / "train.log",
+        processes=a.processes,
     )
