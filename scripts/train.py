@@ -370,6 +370,11 @@ def main(
             )
         return json.loads(Path(metrics_path).read_text())
 
+    if processes == 1 and world_size() == 1:
+        # One process, one GPU: with several visible, transformers would wrap the model in
+        # nn.DataParallel, which TRL refuses. Set before anything initialises CUDA.
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+
     import datasets
     from accelerate import PartialState
     from torch.utils.tensorboard import SummaryWriter
