@@ -453,7 +453,8 @@ def main(
     train_started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - train_started
-    per_process = gather_memory({**memory_stats("load"), **memory_stats("train")})
+    load_keys = ("load_peak_allocated_bytes", "load_peak_reserved_bytes")
+    per_process = gather_memory({**{k: details[k] for k in load_keys}, **memory_stats("train")})
     if not main_process:
         return {}
     train_memory = memory_stats("train")
