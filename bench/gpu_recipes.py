@@ -136,6 +136,10 @@ def run_row(row: dict) -> dict:
     import logging
     import os
 
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One GPU, as the train stage pins it (no nn.DataParallel); before transformers'
+        # import, which counts the CUDA devices.
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     from transformers import AutoTokenizer, set_seed
 
     import train as train_stage
@@ -144,8 +148,6 @@ def run_row(row: dict) -> dict:
     logger = logging.getLogger("bench")
     logging.basicConfig(level=logging.INFO)
     processes = train_stage.world_size()
-    if processes == 1:  # one GPU, as the train stage pins it (no nn.DataParallel)
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     if processes > 1:  # under torchrun: one GPU per process, as the train stage does
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         torch.distributed.init_process_group(backend="nccl")
