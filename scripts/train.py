@@ -325,6 +325,9 @@ def main(
 
 
 def _from_snakemake(smk) -> None:
+    from runtime import write_manifest  # here, not at the top: train.py's imports are shared work
+
+    started = time.time()
     main(
         model_dir=Path(smk.input.model_dir),
         train_file=Path(smk.input.train),
@@ -341,6 +344,7 @@ def _from_snakemake(smk) -> None:
         provenance_path=Path(smk.output.provenance),
         log_path=Path(smk.log[0]),
     )
+    write_manifest(smk, "train", started)
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive
