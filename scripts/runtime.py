@@ -191,6 +191,7 @@ def resolve_path(path: str | Path) -> Path:
 
 MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".provenance.json"
+SNAKEMAKE_MARKER = ".snakemake_timestamp"
 # Config keys that say where and how a run executes, not what it computes: left out of
 # the config fingerprint, so moving a results folder or enabling the Hub push does not
 # make earlier artifacts look as if they came from another study.
@@ -222,6 +223,8 @@ def hash_files(path: str | Path, results_dir: str | Path) -> dict[str, dict]:
     """{recorded path: {sha256, bytes}} of one file, or of every file under a folder."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    # Snakemake marks a finished directory() output with an empty file of its own, after the job.
+    files = [f for f in files if f.name != SNAKEMAKE_MARKER]
     return {relative_to_results(f, results_dir): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files}
 
 

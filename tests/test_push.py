@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -21,7 +22,15 @@ from runtime import sha256_file
 
 FAKE_TOKEN = "hf_" + "QlOrAsNaKeMaKeFaKeToKeNaBcDeFgHiJk"  # hf_ + 34 letters, shaped like a real one
 SNAKEMAKE_LOGS = PROJECT / ".snakemake" / "log"
-PUSH = "push={'enabled': True, 'dry_run': True, 'repo_id': 'someone/tiny-qlora'}"
+PUSH = {"enabled": True, "dry_run": True, "repo_id": "someone/tiny-qlora"}
+
+
+def push_config(folder) -> Path:
+    """The tiny config with the push enabled in dry-run mode (--config cannot set nested keys)."""
+    config = {**yaml.safe_load(TINY_CONFIG.read_text()), "push": PUSH}
+    path = folder / "push.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def no_token_env(tmp_path, **extra) -> dict:
@@ -36,9 +45,9 @@ def dry_run(pipeline_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("push")
     results = linked_copy(pipeline_run, tmp / "results")
     env = no_token_env(tmp, HF_TOKEN=FAKE_TOKEN)
-    command = [str(BIN / "snakemake"), "--configfile", str(TINY_CONFIG), "--cores", "1"]
+    command = [str(BIN / "snakemake"), "--configfile", str(push_config(tmp)), "--cores", "1"]
     # The copy has no Snakemake metadata; mtimes (kept by the links) say it is complete.
-    command += ["--rerun-triggers", "mtime", "--config", f"results_dir={results}", PUSH]
+    command += ["--rerun-triggers", "mtime", "--config", f"results_dir={results}"]
     logs_before = set(SNAKEMAKE_LOGS.glob("*.snakemake.log"))
     result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -56,11 +65,11 @@ def front_matter_and_tables(card: str) -> tuple[dict, dict[str, list[list[str]]]
     return yaml.safe_load(front), {name: rows[1:] for name, rows in tables.items()}  # drop header rows
 
 
-def test_push_is_off_by_default(pipeline_run):
-    planned = snakemake("-n", results_dir=pipeline_run).stdout
-    assert "push_to_hub" not in planned
-    enabled = snakemake("-n", "--config", f"results_dir={pipeline_run}", PUSH).stdout
-    assert "rule push_to_hub:" in enabled
+def test_push_is_off_by_default(tmp_path):
+    planned = snakemake("-n", results_dir=tmp_path)
+    assert "push_to_hub" not in planned.stdout + planned.stderr
+    enabled = snakemake("-n", results_dir=tmp_path, config=push_config(tmp_path))
+    assert "rule push_to_hub:" in enabled.stdout + enabled.stderr
 
 
 def test_dry_run_lists_every_file_with_size_and_hash(dry_run):
