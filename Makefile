@@ -52,8 +52,10 @@ report-from-tables:
 
 # Re-hash every artifact and check each manifest's chain back to the sources (scripts/audit.py).
 # Checked against CONFIG when given (or when RESULTS is not); RESULTS alone: the report's config.
+# AUDIT_CODE=report accepts code other than this checkout's, as long as every artifact shares the report's.
+AUDIT_CODE ?= checkout
 audit:
-	$(PYTHON_BIN) scripts/audit.py --results $(RESULTS) \
+	$(PYTHON_BIN) scripts/audit.py --results $(RESULTS) --code $(AUDIT_CODE) \
 		$(if $(filter command line,$(origin CONFIG))$(filter-out command line,$(origin RESULTS)),--config $(CONFIG))
 
 lint: setup

@@ -207,7 +207,7 @@ def provenance_tree(auditor: Auditor, walk: dict) -> list[str]:
 
     def label(rule: str) -> str:
         files = sum(len(manifests[rel]["outputs"]) for rel in jobs[rule])
-        text = f"{rule} ×{len(jobs[rule])} ({files} files)"
+        text = f"{rule} ×{len(jobs[rule])} ({files} file{'s' if files != 1 else ''})"
         record = manifests[jobs[rule][0]]
         if rule == "fetch_model":
             keys = ("source", "original_model", "hub_id", "resolved_commit", "gguf_sha256")

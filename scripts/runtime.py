@@ -301,7 +301,7 @@ def write_manifest(smk, stage: str, started: float) -> dict:
         hardware=record.get("hardware") or hardware(),
         params=params,
         wildcards=wildcards,
-        seeds=_seeds({**params, **wildcards}),
+        seeds={**_seeds(wildcards), **_seeds(params)},
         config_sha256=config_sha256(smk.config),
         hub_revisions=hub_revisions(results_dir),
         inputs=_file_entries(_named_files(smk.input), results_dir),
