@@ -17,10 +17,9 @@ import pytest
 import yaml
 from test_audit import linked_copy
 
-from conftest import BIN, PROJECT, TINY_CONFIG, read_json, snakemake
+from conftest import BIN, FAKE_TOKEN, PROJECT, TINY_CONFIG, read_json, snakemake
 from runtime import sha256_file
 
-FAKE_TOKEN = "hf_" + "QlOrAsNaKeMaKeFaKeToKeNaBcDeFgHiJk"  # hf_ + 34 letters, shaped like a real one
 SNAKEMAKE_LOGS = PROJECT / ".snakemake" / "log"
 PUSH = {"enabled": True, "dry_run": True, "repo_id": "someone/tiny-qlora"}
 
@@ -153,3 +152,10 @@ def test_adapter_dry_run_uploads_adapter_and_tokenizer(pipeline_run, tmp_path):
     assert "model.safetensors" not in plan["files"]
     front, _ = front_matter_and_tables((tmp_path / "hub" / "README.md").read_text())
     assert front["library_name"] == "peft"
+
+
+def test_a_token_in_the_pipelines_environment_never_reaches_a_file(pipeline_run):
+    """The tiny run itself ran with HF_TOKEN set (conftest): no artifact, manifest or log holds it."""
+    leaks = [p for p in pipeline_run.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
+    assert not leaks
+    assert (pipeline_run / "logs" / "fetch_data" / "train.log").is_file()
