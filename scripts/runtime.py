@@ -36,7 +36,9 @@ _TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 class _RedactTokens(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = _TOKEN_PATTERN.sub("hf_***", str(record.msg))
+        # The formatted message, so a token passed as an argument is caught too.
+        record.msg = _TOKEN_PATTERN.sub("hf_***", record.getMessage())
+        record.args = None
         return True
 
 

@@ -159,3 +159,17 @@ def test_a_token_in_the_pipelines_environment_never_reaches_a_file(pipeline_run)
     leaks = [p for p in pipeline_run.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
     assert not leaks
     assert (pipeline_run / "logs" / "fetch_data" / "train.log").is_file()
+
+
+def test_logs_redact_a_token_passed_as_an_argument(tmp_path):
+    import logging
+
+    from runtime import setup_logging
+
+    logger = setup_logging(tmp_path / "job.log", "redaction")
+    logger.info("message %s", FAKE_TOKEN)
+    logger.info(f"inline {FAKE_TOKEN}")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    text = (tmp_path / "job.log").read_text()
+    assert FAKE_TOKEN not in text and text.count("hf_***") == 2
