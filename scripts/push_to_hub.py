@@ -26,7 +26,15 @@ import pandas as pd
 import yaml
 
 from grid import GRID_COLUMNS
-from runtime import MANIFEST_SUFFIX, config_sha256, log_arguments, setup_logging, sha256_file, write_manifest
+from runtime import (
+    MANIFEST_SUFFIX,
+    SNAKEMAKE_MARKER,
+    config_sha256,
+    log_arguments,
+    setup_logging,
+    sha256_file,
+    write_manifest,
+)
 
 CARD_NAME = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -78,7 +86,8 @@ def select_cell(runs: pd.DataFrame, perplexity: pd.DataFrame, cell: str, what: s
 
 def upload_files(model_dir: Path, base_dir: Path, what: str) -> dict[str, Path]:
     """{path in the repo: local file}: the model (or adapter) files plus the tokenizer."""
-    files = {p.name: p for p in sorted(model_dir.iterdir()) if p.is_file() and p.name != CARD_NAME}
+    skip = {CARD_NAME, SNAKEMAKE_MARKER}  # PEFT's own card is replaced; Snakemake's marker is no model file
+    files = {p.name: p for p in sorted(model_dir.iterdir()) if p.is_file() and p.name not in skip}
     if what == "adapter":
         files.update({name: base_dir / name for name in TOKENIZER_FILES if (base_dir / name).is_file()})
     missing = [n for n in ("tokenizer.json", "tokenizer_config.json") if n not in files]
@@ -140,7 +149,7 @@ def model_card(
         "datasets": [config["data"]["train"]["hub_id"]] if config["data"]["train"].get("hub_id") else [],
         "library_name": "peft" if what == "adapter" else "transformers",
         "license": license_id,
-        "tags": ["qlora-snakemake", cell_row["method"], "lora", "peft", "trl", "sft"],
+        "tags": list(dict.fromkeys(["qlora-snakemake", cell_row["method"], "lora", "peft", "trl", "sft"])),
         "pipeline_tag": "text-generation",
     }
     hyper = [(k, cell_row[k]) for k in GRID_COLUMNS] + [(k, config["train"][k]) for k in TRAIN_KEYS]

@@ -79,7 +79,7 @@ def test_dry_run_lists_every_file_with_size_and_hash(dry_run):
     assert plan["dry_run"] is True and plan["private"] is True and plan["commit"] is None
     assert plan["repo_id"] == "someone/tiny-qlora" and plan["what"] == "merged"
     model_dir = results / "merged" / plan["cell"] / "model"
-    expected = {p.name for p in model_dir.iterdir()} | {"README.md"}
+    expected = {p.name for p in model_dir.iterdir() if p.name != ".snakemake_timestamp"} | {"README.md"}
     assert set(plan["files"]) == expected and "model.safetensors" in expected and "tokenizer.json" in expected
     for name, info in plan["files"].items():
         path = results / "hub" / "README.md" if name == "README.md" else model_dir / name
@@ -99,6 +99,7 @@ def test_model_card_matches_the_metrics(dry_run, tiny_config):
     perplexity = pd.read_csv(results / "tables" / "perplexity.csv")
     row = runs.loc[plan["cell"]]
     assert row.method in front["tags"] and "qlora-snakemake" in front["tags"]
+    assert len(front["tags"]) == len(set(front["tags"]))
     # best = the lowest held-out chat perplexity of a merged model
     merged = perplexity[(perplexity.model_kind == "merged") & (perplexity.dataset == "eval_chat")]
     assert plan["cell"] == merged.sort_values("perplexity").iloc[0]["model"]
