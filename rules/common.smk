@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-from config_check import ConfigError, validate_config  # noqa: E402
+from config_check import ConfigError, push_settings, validate_config  # noqa: E402
 from grid import base_model_description, base_model_names, grid_table  # noqa: E402
 from memory_model import plan_for_cell  # noqa: E402
 
@@ -31,6 +31,12 @@ INIT_ADAPTER = "init_adapter/r{lora_r}_a{lora_alpha}_d{lora_dropout}_{target_mod
 
 # One row per training job; the whole row is the cell's name (results/train/<cell>/).
 GRID = Paramspace(grid_table(config["grid"]), filename_params="*", single_wildcard="cell")
+
+
+# The opt-in Hub upload (config push:, schema defaults filled in).
+PUSH = push_settings(config)
+if PUSH["cell"] != "best" and PUSH["cell"] not in GRID.instance_patterns:
+    raise WorkflowError(f"Invalid configuration: config key 'push.cell': {PUSH['cell']!r} is not a grid cell")
 
 
 FIGURES = ["memory", "perplexity", "loss_curves", "throughput", "quality_vs_memory"]
@@ -102,11 +108,20 @@ def sample_files():
     )
 
 
+def push_models():
+    """The models push_to_hub may upload: push.cell's, or every cell's when it picks the best."""
+    cells = list(GRID.instance_patterns) if PUSH["cell"] == "best" else [PUSH["cell"]]
+    if PUSH["what"] == "adapter":
+        return expand(f"{RESULTS}/train/{{cell}}/adapter", cell=cells)
+    return expand(f"{RESULTS}/merged/{{cell}}/model", cell=cells)
+
+
 def final_targets():
-    """What `snakemake` with no target builds (grows with each stage)."""
+    """What `snakemake` with no target builds (grows with each stage); the push only when enabled."""
     return [
         f"{RESULTS}/data/stats.json",
+        f"{RESULTS}/model/tokenizer_audit.json",
         expand(f"{RESULTS}/train/{{cell}}/metrics.json", cell=GRID.instance_patterns),
         f"{RESULTS}/tables/perplexity.csv",
         f"{RESULTS}/report/report.html",
-    ]
+    ] + ([f"{RESULTS}/hub/upload.json"] if PUSH["enabled"] else [])

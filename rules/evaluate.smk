@@ -89,6 +89,7 @@ rule perplexity_table:
         tables=evaluation_tables(),
     output:
         table=f"{RESULTS}/tables/perplexity.csv",
+        provenance=f"{RESULTS}/tables/perplexity.provenance.json",
     log:
         f"{RESULTS}/logs/perplexity_table.log",
     conda:

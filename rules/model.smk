@@ -18,3 +18,25 @@ rule fetch_model:
         model=config["model"],
     script:
         "../scripts/fetch_model.py"
+
+
+# The tokenizer and chat template the training runs use: template hash, special-token ids,
+# and EOS kept in the labels of real formatted examples collated like SFTTrainer.
+rule tokenizer_audit:
+    input:
+        model_dir=f"{RESULTS}/model/base",
+        train=f"{RESULTS}/data/train.jsonl",
+    output:
+        audit=f"{RESULTS}/model/tokenizer_audit.json",
+        provenance=f"{RESULTS}/model/tokenizer_audit.provenance.json",
+    log:
+        f"{RESULTS}/logs/tokenizer_audit.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime_min"],
+    params:
+        max_length=config["data"]["max_length"],
+    script:
+        "../scripts/tokenizer_audit.py"

@@ -1,5 +1,6 @@
 # Tables, figures and the report. Figures and report read only results/tables/, so
-# deleting them and rerunning rebuilds them without a model or a GPU.
+# deleting them and rerunning rebuilds them without a model or a GPU
+# (`make report-from-tables`; `make audit` names the tables they came from).
 
 
 rule tables:
@@ -14,6 +15,7 @@ rule tables:
         loss_curves=f"{RESULTS}/tables/loss_curves.csv",
         samples=f"{RESULTS}/tables/samples.csv",
         environment=f"{RESULTS}/tables/environment.json",
+        provenance=f"{RESULTS}/tables/tables.provenance.json",
     log:
         f"{RESULTS}/logs/tables.log",
     conda:
@@ -37,6 +39,7 @@ rule figure:
             caption="../report/figure.rst",
         ),
         svg=f"{RESULTS}/figures/{{figure}}.svg",
+        provenance=f"{RESULTS}/figures/{{figure}}.provenance.json",
     log:
         f"{RESULTS}/logs/figures/{{figure}}.log",
     conda:
@@ -58,6 +61,7 @@ rule report:
         figures=expand(f"{RESULTS}/figures/{{figure}}.png", figure=FIGURES),
     output:
         html=report(f"{RESULTS}/report/report.html", category="Report", caption="../report/report.rst"),
+        provenance=f"{RESULTS}/report/report.provenance.json",
     log:
         f"{RESULTS}/logs/report.log",
     conda:

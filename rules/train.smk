@@ -24,6 +24,8 @@ rule train:
         model_dir=f"{RESULTS}/model/base",
         train=f"{RESULTS}/data/train.jsonl",
         init_adapter=init_adapter_dir,
+        # No training starts on a tokenizer that would mask EOS (rules/model.smk).
+        tokenizer_audit=f"{RESULTS}/model/tokenizer_audit.json",
     output:
         adapter_dir=directory(f"{RESULTS}/train/{{cell}}/adapter"),
         metrics=f"{RESULTS}/train/{{cell}}/metrics.json",

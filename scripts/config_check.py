@@ -67,6 +67,15 @@ def _cross_key_checks(config: dict) -> None:
         )
     if train["gradient_checkpointing"] == "auto" and train["memory_budget_gib"] is None:
         raise ConfigError("config key 'train.memory_budget_gib': gradient_checkpointing auto needs a budget")
+    push = push_settings(config)
+    if push["enabled"] and not push["repo_id"]:
+        raise ConfigError("config key 'push.repo_id': push.enabled needs a Hub repository (owner/name)")
+
+
+def push_settings(config: dict, schema: dict | None = None) -> dict:
+    """The push section with the schema's defaults filled in (the section is optional)."""
+    properties = (schema or load_schema())["properties"]["push"]["properties"]
+    return {key: (config.get("push") or {}).get(key, spec["default"]) for key, spec in properties.items()}
 
 
 def validate_config(config: dict, schema: dict | None = None) -> None:

@@ -26,7 +26,7 @@ import torch
 from grid import GRID_COLUMNS
 from modeling import load_base_model, resolve_compute_dtype
 from prepare_data import adds_bos
-from runtime import log_arguments, setup_logging, write_provenance
+from runtime import log_arguments, setup_logging, write_manifest, write_provenance
 
 CSV_COLUMNS = ["model_kind", "model", "precision", *GRID_COLUMNS, "dataset", "tokens", "nll", "perplexity"]
 
@@ -222,6 +222,7 @@ def main(
 
 
 def _from_snakemake(smk) -> None:
+    started = time.time()
     main(
         model_dir=Path(smk.input.model_dir),
         description=dict(smk.params.description),
@@ -237,6 +238,7 @@ def _from_snakemake(smk) -> None:
         provenance_path=Path(smk.output.provenance),
         log_path=Path(smk.log[0]),
     )
+    write_manifest(smk, "evaluate", started)
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive

@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from runtime import log_arguments, resolve_path, setup_logging, sha256_file, write_provenance
+from runtime import log_arguments, resolve_path, setup_logging, sha256_file, write_manifest, write_provenance
 
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 PLAIN_TEXT_SUFFIXES = {".txt", ".raw"}
@@ -155,6 +155,7 @@ def main(
 
 
 def _from_snakemake(smk) -> None:
+    started = time.time()
     data = smk.params.data
     name = smk.wildcards.dataset
     main(
@@ -166,6 +167,7 @@ def _from_snakemake(smk) -> None:
         provenance_path=Path(smk.output.provenance),
         log_path=Path(smk.log[0]),
     )
+    write_manifest(smk, "fetch_data", started)
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive

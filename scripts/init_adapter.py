@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from modeling import TARGET_MODULES
-from runtime import log_arguments, setup_logging, write_provenance
+from runtime import log_arguments, setup_logging, write_manifest, write_provenance
 
 
 def main(
@@ -68,6 +68,7 @@ def main(
 
 
 def _from_snakemake(smk) -> None:
+    started = time.time()
     w = smk.wildcards
     main(
         model_dir=Path(smk.input.model_dir),
@@ -80,6 +81,7 @@ def _from_snakemake(smk) -> None:
         provenance_path=Path(smk.output.provenance),
         log_path=Path(smk.log[0]),
     )
+    write_manifest(smk, "init_adapter", started)
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive

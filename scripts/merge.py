@@ -26,7 +26,7 @@ import torch
 
 from evaluate import token_nll_from_logits
 from modeling import load_base_model, resolve_compute_dtype
-from runtime import log_arguments, setup_logging, write_provenance
+from runtime import log_arguments, setup_logging, write_manifest, write_provenance
 
 
 class MergeCheckError(RuntimeError):
@@ -170,6 +170,7 @@ def main(
 
 
 def _from_snakemake(smk) -> None:
+    started = time.time()
     main(
         model_dir=Path(smk.input.model_dir),
         adapter_dir=Path(smk.input.adapter_dir),
@@ -183,6 +184,7 @@ def _from_snakemake(smk) -> None:
         provenance_path=Path(smk.output.provenance),
         log_path=Path(smk.log[0]),
     )
+    write_manifest(smk, "merge", started)
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive

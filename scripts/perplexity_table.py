@@ -3,11 +3,12 @@ evaluated model and data set: model kind, the cell's hyperparameters, seed, data
 tokens, mean nll, perplexity)."""
 
 import argparse
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from runtime import log_arguments, setup_logging
+from runtime import log_arguments, setup_logging, write_manifest
 
 
 def main(tables: list[Path], out_path: Path, log_path: Path | None = None) -> pd.DataFrame:
@@ -22,8 +23,14 @@ def main(tables: list[Path], out_path: Path, log_path: Path | None = None) -> pd
     return combined
 
 
+def _from_snakemake(smk) -> None:
+    started = time.time()
+    main([Path(p) for p in smk.input.tables], Path(smk.output.table), Path(smk.log[0]))
+    write_manifest(smk, "perplexity_table", started)
+
+
 if "snakemake" in globals():  # run by Snakemake's script directive
-    main([Path(p) for p in snakemake.input.tables], Path(snakemake.output.table), Path(snakemake.log[0]))  # noqa: F821
+    _from_snakemake(snakemake)  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("tables", type=Path, nargs="+")

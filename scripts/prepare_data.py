@@ -24,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from runtime import log_arguments, setup_logging, write_provenance
+from runtime import log_arguments, setup_logging, write_manifest, write_provenance
 
 LLAMA2_TURN = re.compile(r"\s*<s>\s*\[INST\](?P<user>.*?)\[/INST\](?P<assistant>.*?)</s>", re.S)
 HUMAN_ASSISTANT_MARKER = re.compile(r"### (Human|Assistant):")
@@ -272,6 +272,7 @@ def main(
 
 
 def _from_snakemake(smk) -> None:
+    started = time.time()
     main(
         train_rows=Path(smk.input.train),
         eval_chat_rows=Path(smk.input.eval_chat),
@@ -285,6 +286,7 @@ def _from_snakemake(smk) -> None:
         provenance_path=Path(smk.output.provenance),
         log_path=Path(smk.log[0]),
     )
+    write_manifest(smk, "prepare_data", started)
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive

@@ -14,13 +14,14 @@ import html
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from grid import GRID_COLUMNS
-from runtime import log_arguments, setup_logging
+from runtime import log_arguments, setup_logging, write_manifest
 
 # Two-sided 95 % Student t quantiles by degrees of freedom (beyond 30: the normal 1.96).
 T_975 = [
@@ -229,10 +230,15 @@ def main(
     return numbers
 
 
-if "snakemake" in globals():  # run by Snakemake's script directive
-    smk = snakemake  # noqa: F821
+def _from_snakemake(smk) -> None:
+    started = time.time()
     figure_paths = {Path(p).stem: Path(p) for p in smk.input.figures}
     main(Path(smk.input.runs).parent, figure_paths, smk.params.config, Path(smk.output.html), Path(smk.log[0]))
+    write_manifest(smk, "report", started)
+
+
+if "snakemake" in globals():  # run by Snakemake's script directive
+    _from_snakemake(snakemake)  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", type=Path, required=True)

@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +36,9 @@ _TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 class _RedactTokens(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = _TOKEN_PATTERN.sub("hf_***", str(record.msg))
+        # The formatted message, so a token passed as an argument is caught too.
+        record.msg = _TOKEN_PATTERN.sub("hf_***", record.getMessage())
+        record.args = None
         return True
 
 
@@ -90,11 +93,54 @@ def code_version() -> dict[str, Any]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
+    dirty = None if status is None else bool(status)
+    # A dirty tree is identified by its diff, so two runs of different edits never look alike.
+    diff = git("diff", "HEAD") if dirty else None
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": dirty,
+        "git_diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff is not None else None,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _gpu_driver() -> str | None:
+    """The NVIDIA driver version from nvidia-smi, or None (no GPU, no nvidia-smi)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
 
 
 def hardware() -> dict[str, Any]:
-    info: dict[str, Any] = {"machine": platform.machine(), "cpu_count": os.cpu_count()}
+    """CPU, GPU name, driver and CUDA version (None where there is no GPU)."""
+    info: dict[str, Any] = {
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu_name": None,
+        "gpu_count": 0,
+        "gpu_driver": None,
+        "cuda_version": None,
+    }
     try:
         import torch
 
@@ -103,9 +149,20 @@ def hardware() -> dict[str, Any]:
             info["gpu_name"] = torch.cuda.get_device_name(0)
             info["gpu_count"] = torch.cuda.device_count()
             info["cuda_version"] = torch.version.cuda
+            info["gpu_driver"] = _gpu_driver()
     except ImportError:
         pass
     return info
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _write_json_redacted(path: str | Path, record: dict) -> None:
+    text = _TOKEN_PATTERN.sub("hf_***", json.dumps(record, indent=2, default=str, sort_keys=True))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text + "\n")
 
 
 def write_provenance(record_path: str | Path, stage: str, started: float, /, **details: Any) -> dict:
@@ -119,9 +176,7 @@ def write_provenance(record_path: str | Path, stage: str, started: float, /, **d
         "hardware": hardware(),
         **details,
     }
-    text = _TOKEN_PATTERN.sub("hf_***", json.dumps(record, indent=2, default=str, sort_keys=True))
-    Path(record_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(record_path).write_text(text + "\n")
+    _write_json_redacted(record_path, record)
     return record
 
 
@@ -129,3 +184,131 @@ def resolve_path(path: str | Path) -> Path:
     """Config paths are relative to the project folder (where Snakemake runs)."""
     path = Path(path)
     return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+# ---------------------------------------------------------------------------------------
+# Manifests: the provenance record of a rule's job, extended with the sha256 of every
+# input and output file (folders file by file), the config values the job used, seeds
+# and the Hub revisions of model and data. scripts/audit.py checks the chain.
+
+MANIFEST_VERSION = 1
+MANIFEST_SUFFIX = ".provenance.json"
+SNAKEMAKE_MARKER = ".snakemake_timestamp"
+# Config keys that say where and how a run executes, not what it computes: left out of
+# the config fingerprint, so moving a results folder or enabling the Hub push does not
+# make earlier artifacts look as if they came from another study.
+NON_RESULT_CONFIG_KEYS = ("results_dir", "resources", "push")
+
+
+def _plain(value: Any) -> Any:
+    """Snakemake's Namedlists, numpy scalars and paths as plain JSON values."""
+    return json.loads(json.dumps(value, default=lambda v: getattr(v, "item", lambda: str(v))()))
+
+
+def study_config(config: dict) -> dict:
+    """The part of a config that determines the results (see NON_RESULT_CONFIG_KEYS)."""
+    return {key: value for key, value in _plain(config).items() if key not in NON_RESULT_CONFIG_KEYS}
+
+
+def config_sha256(config: dict) -> str:
+    canonical = json.dumps(study_config(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def relative_to_results(path: str | Path, results_dir: str | Path) -> str:
+    """A path as recorded in a manifest: relative to results_dir, else absolute."""
+    path, root = os.path.abspath(path), os.path.abspath(results_dir)
+    return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+
+
+def hash_files(path: str | Path, results_dir: str | Path) -> dict[str, dict]:
+    """{recorded path: {sha256, bytes}} of one file, or of every file under a folder."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    # Snakemake marks a finished directory() output with an empty file of its own, after the job.
+    files = [f for f in files if f.name != SNAKEMAKE_MARKER]
+    return {relative_to_results(f, results_dir): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files}
+
+
+def _named_files(namedlist, skip: set[str] = frozenset()) -> dict[str, list[str]]:
+    """{name: [paths]} of a Snakemake input/output Namedlist (every entry of a rule is named here)."""
+    named = {}
+    for name in namedlist.keys():
+        if name in skip:
+            continue
+        value = getattr(namedlist, name)
+        named[name] = [str(value)] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]
+    return named
+
+
+def _file_entries(named: dict[str, list[str]], results_dir: str | Path) -> dict[str, dict]:
+    entries = {}
+    for name, paths in named.items():
+        for path in paths:
+            for recorded, digest in hash_files(path, results_dir).items():
+                entries[recorded] = {"name": name, **digest}
+    return entries
+
+
+def _seeds(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Every seed in the job's params and wildcards, by dotted key."""
+    found = {}
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            dotted = f"{prefix}{key}"
+            if "seed" in str(key).lower() and not isinstance(sub, (dict, list)):
+                found[dotted] = sub
+            found.update(_seeds(sub, dotted + "."))
+    return found
+
+
+_REVISION_KEYS = ("source", "origin", "hub_id", "revision", "resolved_commit", "original_model", "package")
+
+
+def hub_revisions(results_dir: str | Path) -> dict[str, Any]:
+    """The resolved Hub revisions (or mirror/GGUF hashes) of model and data, from fetch_* records."""
+    results_dir = Path(results_dir)
+    found: dict[str, Any] = {"model": None, "data": {}}
+    model = results_dir / "model" / f"base{MANIFEST_SUFFIX}"
+    if model.is_file():
+        record = json.loads(model.read_text())
+        found["model"] = {k: record[k] for k in (*_REVISION_KEYS, "gguf_sha256") if record.get(k) is not None}
+    for path in sorted((results_dir / "data" / "raw").glob(f"*{MANIFEST_SUFFIX}")):
+        record = json.loads(path.read_text())
+        name = record.get("dataset", path.name.removesuffix(MANIFEST_SUFFIX))
+        found["data"][name] = {k: record[k] for k in (*_REVISION_KEYS, "sha256") if record.get(k) is not None}
+    return found
+
+
+def write_manifest(smk, stage: str, started: float) -> dict:
+    """Turn the job's provenance record (``output.provenance``) into its manifest.
+
+    Called by each script's Snakemake adapter after ``main`` returns: keeps what ``main``
+    recorded and adds the hashes of every input and output file, the params (the config
+    values the job used), wildcards, seeds, the config fingerprint and Hub revisions.
+    """
+    path = Path(smk.output.provenance)
+    results_dir = smk.config["results_dir"]
+    record = json.loads(path.read_text()) if path.is_file() and path.stat().st_mtime >= started - 1 else {}
+    params = {name: _plain(getattr(smk.params, name)) for name in smk.params.keys()}
+    wildcards = {name: getattr(smk.wildcards, name) for name in smk.wildcards.keys()}
+    record.update(
+        manifest_version=MANIFEST_VERSION,
+        stage=record.get("stage", stage),
+        rule=smk.rule,
+        started_utc=record.get("started_utc", _utc(started)),
+        finished_utc=_utc(time.time()),
+        code=record.get("code") or code_version(),
+        versions=record.get("versions") or package_versions(),
+        hardware=record.get("hardware") or hardware(),
+        params=params,
+        wildcards=wildcards,
+        seeds={**_seeds(wildcards), **_seeds(params)},
+        config_sha256=config_sha256(smk.config),
+        hub_revisions=hub_revisions(results_dir),
+        inputs=_file_entries(_named_files(smk.input), results_dir),
+        outputs=_file_entries(_named_files(smk.output, skip={"provenance"}), results_dir),
+        log=[relative_to_results(p, results_dir) for p in smk.log],
+    )
+    _write_json_redacted(path, record)
+    return record

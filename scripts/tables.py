@@ -12,12 +12,13 @@
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from grid import GRID_COLUMNS
-from runtime import log_arguments, setup_logging
+from runtime import log_arguments, setup_logging, write_manifest
 
 GIB = 1024**3
 METRIC_COLUMNS = {
@@ -147,6 +148,7 @@ def main(
 
 
 def _from_snakemake(smk) -> None:
+    started = time.time()
     main(
         [Path(p) for p in smk.input.metrics],
         [Path(p) for p in smk.input.checks],
@@ -155,6 +157,7 @@ def _from_snakemake(smk) -> None:
         Path(smk.output.runs).parent,
         Path(smk.log[0]),
     )
+    write_manifest(smk, "tables", started)
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive

@@ -523,6 +523,9 @@ def main(
 
 
 def _from_snakemake(smk) -> None:
+    from runtime import write_manifest  # here, not at the top: train.py's imports are shared work
+
+    started = time.time()
     main(
         model_dir=Path(smk.input.model_dir),
         train_file=Path(smk.input.train),
@@ -540,6 +543,7 @@ def _from_snakemake(smk) -> None:
         log_path=Path(smk.log[0]),
         processes=smk.params.processes,
     )
+    write_manifest(smk, "train", started)
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive

@@ -16,14 +16,24 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(PROJECT / "scripts"))
 
 
+# Shaped like a real Hub token (hf_ + 34 letters); planted in the tiny run's environment, it
+# must never reach a file or a log (tests/test_push.py greps for it).
+FAKE_TOKEN = "hf_" + "QlOrAsNaKeMaKeFaKeToKeNaBcDeFgHiJk"
+
+
 def snakemake(
-    *args: str, results_dir: Path | None = None, config: Path = TINY_CONFIG, timeout: int = 1800, check: bool = True
+    *args: str,
+    results_dir: Path | None = None,
+    config: Path = TINY_CONFIG,
+    timeout: int = 1800,
+    check: bool = True,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """Run the real Snakemake CLI of this environment in the project folder."""
     command = [str(BIN / "snakemake"), "--configfile", str(config), *args]
     if results_dir is not None:
         command += ["--config", f"results_dir={results_dir}"]
-    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
     result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -40,7 +50,7 @@ def pipeline_run(tmp_path_factory) -> Path:
     """The tiny CI grid, run for real through Snakemake; returns its results folder."""
     assert SHARED_DATA.is_dir(), f"the offline data copies are missing: {SHARED_DATA}"
     results = tmp_path_factory.mktemp("results")
-    snakemake("--cores", "2", results_dir=results)
+    snakemake("--cores", "2", results_dir=results, env={"HF_TOKEN": FAKE_TOKEN})
     return results
 
 

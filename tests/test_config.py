@@ -130,3 +130,28 @@ def test_default_dry_run_plans_the_whole_dag(tmp_path):
 
 def test_tiny_config_is_what_ci_runs():
     assert TINY_CONFIG.is_file()
+
+
+@pytest.mark.parametrize(
+    "push, named",
+    [
+        ({"enabled": True}, "push.repo_id"),  # enabled needs a repository
+        ({"what": "both"}, "push.what"),
+        ({"repo_id": "no-owner"}, "push.repo_id"),
+        ({"token": "hf_x"}, "push.token"),  # a token is never a config value
+    ],
+)
+def test_push_section_is_validated_naming_the_key(push, named):
+    config = load("tests/config/config.yaml")
+    config["push"] = push
+    with pytest.raises(ConfigError) as raised:
+        validate_config(config)
+    assert f"'{named}'" in str(raised.value)
+
+
+def test_push_defaults_are_off_and_private():
+    from config_check import push_settings
+
+    settings = push_settings(load("tests/config/config.yaml"))
+    assert settings["enabled"] is False and settings["private"] is True and settings["what"] == "merged"
+    assert push_settings(load("config/config.yaml")) == settings
