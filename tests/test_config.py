@@ -75,6 +75,13 @@ def test_cross_key_rule_auto_checkpointing_needs_a_budget():
     validate_config(_set(config, "train.memory_budget_gib", 70))
 
 
+def test_cross_key_rule_accumulation_divides_among_gpus():
+    config = _set(load("tests/config/config.yaml"), "resources.gpus_per_job", 2)
+    with pytest.raises(ConfigError, match="'train.gradient_accumulation_steps': must be a multiple of"):
+        validate_config(config)
+    validate_config(_set(config, "train.gradient_accumulation_steps", 4))
+
+
 def test_every_schema_key_is_documented():
     undocumented = []
 

@@ -235,3 +235,69 @@ def test_partial_checkpoint_is_discarded(tmp_path):
     assert not (checkpoints / "checkpoint-4").exists()
     # Checkpoints made under other settings are discarded, never resumed.
     assert train.prepare_checkpoints(checkpoints, {"cell": "y"}, logging.getLogger("test")) is None
+
+
+def test_launch_command_runs_one_process_per_gpu(tmp_path):
+    command = train.launch_command(4, tmp_path / "arguments.json")
+    assert command[:3] == [train.sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in command and "--nproc_per_node=4" in command
+    assert command[-3:] == [str(PROJECT / "scripts" / "train.py"), "--arguments-json", str(tmp_path / "arguments.json")]
+
+
+def test_accumulation_is_shared_among_processes():
+    assert train.per_process_accumulation({"gradient_accumulation_steps": 8}, 2) == 4
+    assert train.per_process_accumulation({"gradient_accumulation_steps": 3}, 1) == 3
+    try:
+        train.per_process_accumulation({"gradient_accumulation_steps": 3}, 2)
+    except ValueError as error:
+        assert "'train.gradient_accumulation_steps' (3)" in str(error) and "'resources.gpus_per_job' (2)" in str(error)
+    else:
+        raise AssertionError("an indivisible accumulation was accepted")
+
+
+def test_two_processes_train_on_the_same_examples_as_one_with_accumulation(pipeline_run, tiny_config, tmp_path):
+    """Data-parallel launch for real (torchrun, gloo on the CPU): 2 processes x 1 micro-batch
+    see, step by step, the examples of 1 process x 2 micro-batches, with the same losses."""
+    cell = {
+        "method": "qlora",
+        "lora_r": 64,
+        "lora_alpha": 16.0,
+        "lora_dropout": 0.1,
+        "target_modules": "qv",
+        "learning_rate": 1e-3,
+        "quant_type": "nf4",
+        "double_quant": False,
+        "seed": 1,
+    }
+    settings = dict(tiny_config["train"], max_steps=3, batch_size=2, gradient_accumulation_steps=2)
+    init = next((pipeline_run / "init_adapter").glob("r64*_s1"))
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        runs[processes] = train.main(
+            pipeline_run / "model" / "base",
+            pipeline_run / "data" / "train.jsonl",
+            init,
+            cell,
+            settings,
+            tiny_config["data"]["max_length"],
+            out / "adapter",
+            out / "metrics.json",
+            out / "loss.csv",
+            out / "tb",
+            out / "ckpt",
+            threads=2,
+            log_path=out / "train.log",
+            processes=processes,
+        )
+        with (out / "loss.csv").open() as handle:
+            runs[processes]["curve"] = [(int(r["step_tokens"]), float(r["loss"])) for r in csv.DictReader(handle)]
+    one, two = runs[1], runs[2]
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert (one["gradient_accumulation_steps_per_process"], two["gradient_accumulation_steps_per_process"]) == (2, 1)
+    assert len(two["per_process_memory"]) == 2
+    assert two["train_tokens_seen"] == one["train_tokens_seen"] and two["global_steps"] == 3
+    for (tokens_one, loss_one), (tokens_two, loss_two) in zip(one["curve"], two["curve"], strict=True):
+        assert tokens_one == tokens_two  # the same examples in each optimizer step
+        assert abs(loss_one - loss_two) <= 1e-3 * loss_one
+    assert "world_size" in (tmp_path / "p2" / "train.log").read_text()  # the first process wrote the log
