@@ -66,6 +66,10 @@ ROWS = {
         ("pipeline", "qlora", "qv", 2048, 4, "on", 1),
         ("pipeline", "qlora", "qv", 2048, 4, "on", 2),
     ],
+    "scaling_lora": [  # defined, not yet measured (device budget)
+        ("pipeline", "lora", "qv", 2048, 4, "on", 1),
+        ("pipeline", "lora", "qv", 2048, 4, "on", 2),
+    ],
     "small": [
         ("tutorial", "qlora", "qv", 1024, 1, "on"),
         ("pipeline", "qlora", "qv", 1024, 1, "on"),
