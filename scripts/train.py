@@ -359,8 +359,9 @@ def main(
     (one process per GPU) and return the metrics its first process wrote."""
     if processes > 1 and world_size() == 1:
         arguments = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()}
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        arguments_file = Path(checkpoint_dir) / "launch_arguments.json"
+        # Beside the checkpoints, not in them: that folder belongs to prepare_checkpoints.
+        arguments_file = Path(checkpoint_dir).with_name(Path(checkpoint_dir).name + ".launch.json")
+        arguments_file.parent.mkdir(parents=True, exist_ok=True)
         arguments_file.write_text(json.dumps(arguments, indent=2))
         launched = subprocess.run(launch_command(processes, arguments_file))
         if launched.returncode:
