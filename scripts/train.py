@@ -369,6 +369,7 @@ def main(
                 f"data-parallel training of {processes} processes failed (exit {launched.returncode}): "
                 f"see {log_path} and the job's stderr"
             )
+        arguments_file.unlink()
         return json.loads(Path(metrics_path).read_text())
 
     if processes == 1 and world_size() == 1:
