@@ -15,6 +15,37 @@ import train
 from conftest import BIN, PROJECT, read_json, snakemake
 from grid import grid_table
 
+QLORA_CELL = {
+    "method": "qlora",
+    "lora_r": 64,
+    "lora_alpha": 16.0,
+    "lora_dropout": 0.1,
+    "target_modules": "qv",
+    "learning_rate": 1e-3,
+    "quant_type": "nf4",
+    "double_quant": False,
+    "seed": 1,
+}
+
+
+def train_qlora_cell(results, max_length: int, settings: dict, out, **options) -> dict:
+    """train.main on the tiny run's model, data and seed-1 initial adapter, outside Snakemake."""
+    return train.main(
+        results / "model" / "base",
+        results / "data" / "train.jsonl",
+        next((results / "init_adapter").glob("r64*_s1")),
+        QLORA_CELL,
+        settings,
+        max_length,
+        out / "adapter",
+        out / "metrics.json",
+        out / "loss.csv",
+        out / "tb",
+        out / "ckpt",
+        threads=2,
+        **options,
+    )
+
 
 def cells(results):
     return sorted((results / "train").iterdir())
@@ -135,36 +166,11 @@ def test_killed_training_resumes_from_its_checkpoint(pipeline_run, tiny_config, 
 
 
 def test_same_cell_same_seed_gives_identical_loss_curve(pipeline_run, tiny_config, tmp_path):
-    cell = {
-        "method": "qlora",
-        "lora_r": 64,
-        "lora_alpha": 16.0,
-        "lora_dropout": 0.1,
-        "target_modules": "qv",
-        "learning_rate": 1e-3,
-        "quant_type": "nf4",
-        "double_quant": False,
-        "seed": 1,
-    }
     settings = dict(tiny_config["train"], max_steps=3)
-    init = next((pipeline_run / "init_adapter").glob("r64*_s1"))
     curves = []
     for run in ("a", "b"):
         out = tmp_path / run
-        train.main(
-            pipeline_run / "model" / "base",
-            pipeline_run / "data" / "train.jsonl",
-            init,
-            cell,
-            settings,
-            tiny_config["data"]["max_length"],
-            out / "adapter",
-            out / "metrics.json",
-            out / "loss.csv",
-            out / "tb",
-            out / "ckpt",
-            threads=2,
-        )
+        train_qlora_cell(pipeline_run, tiny_config["data"]["max_length"], settings, out)
         with (out / "loss.csv").open() as handle:  # step timings differ between runs, the curve must not
             curves.append([(r["step"], r["loss"], r["learning_rate"], r["grad_norm"]) for r in csv.DictReader(handle)])
     assert curves[0] == curves[1]
@@ -174,36 +180,11 @@ def test_same_cell_same_seed_gives_identical_loss_curve(pipeline_run, tiny_confi
 def test_layerwise_checkpointing_and_padding_free_keep_the_loss_curve(pipeline_run, tiny_config, tmp_path):
     """Checkpointing every 2nd layer and the padding-free collator change memory and speed,
     not the maths: same tokens, same losses (float32 on the CPU) within 1e-3 relative."""
-    cell = {
-        "method": "qlora",
-        "lora_r": 64,
-        "lora_alpha": 16.0,
-        "lora_dropout": 0.1,
-        "target_modules": "qv",
-        "learning_rate": 1e-3,
-        "quant_type": "nf4",
-        "double_quant": False,
-        "seed": 1,
-    }
-    init = next((pipeline_run / "init_adapter").glob("r64*_s1"))
     runs = {}
     for name, every, padding_free in (("reference", 1, False), ("optimised", 2, True)):
         settings = dict(tiny_config["train"], max_steps=3, checkpoint_every=every, padding_free=padding_free)
         out = tmp_path / name
-        runs[name] = train.main(
-            pipeline_run / "model" / "base",
-            pipeline_run / "data" / "train.jsonl",
-            init,
-            cell,
-            settings,
-            tiny_config["data"]["max_length"],
-            out / "adapter",
-            out / "metrics.json",
-            out / "loss.csv",
-            out / "tb",
-            out / "ckpt",
-            threads=2,
-        )
+        runs[name] = train_qlora_cell(pipeline_run, tiny_config["data"]["max_length"], settings, out)
         with (out / "loss.csv").open() as handle:
             runs[name]["curve"] = [
                 (int(r["step"]), float(r["loss"]), int(r["step_tokens"])) for r in csv.DictReader(handle)
@@ -258,35 +239,15 @@ def test_accumulation_is_shared_among_processes():
 def test_two_processes_train_on_the_same_examples_as_one_with_accumulation(pipeline_run, tiny_config, tmp_path):
     """Data-parallel launch for real (torchrun, gloo on the CPU): 2 processes x 1 micro-batch
     see, step by step, the examples of 1 process x 2 micro-batches, with the same losses."""
-    cell = {
-        "method": "qlora",
-        "lora_r": 64,
-        "lora_alpha": 16.0,
-        "lora_dropout": 0.1,
-        "target_modules": "qv",
-        "learning_rate": 1e-3,
-        "quant_type": "nf4",
-        "double_quant": False,
-        "seed": 1,
-    }
     settings = dict(tiny_config["train"], max_steps=3, batch_size=2, gradient_accumulation_steps=2)
-    init = next((pipeline_run / "init_adapter").glob("r64*_s1"))
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        runs[processes] = train.main(
-            pipeline_run / "model" / "base",
-            pipeline_run / "data" / "train.jsonl",
-            init,
-            cell,
-            settings,
+        runs[processes] = train_qlora_cell(
+            pipeline_run,
             tiny_config["data"]["max_length"],
-            out / "adapter",
-            out / "metrics.json",
-            out / "loss.csv",
-            out / "tb",
-            out / "ckpt",
-            threads=2,
+            settings,
+            out,
             log_path=out / "train.log",
             processes=processes,
         )
