@@ -105,7 +105,9 @@ def checkpointed_layer_count(layers: int, checkpoint_every: int) -> int:
 def layer_activation_bytes(
     shape: ModelShape, rank: int, targets: str, recipe: str, kernels: str, autocast: bool = True
 ) -> int:
-    """Bytes per token autograd keeps for one decoder layer (no checkpointing)."""
+    """Bytes per token autograd keeps for one decoder layer (no checkpointing). Assumes
+    lora_dropout > 0 (the tutorial's 0.1: each adapter keeps its own dropout output) and an
+    SDPA kernel whose memory is linear in the sequence (flash or memory-efficient)."""
     h, kv, i = shape.hidden, shape.kv_hidden, shape.intermediate
     act = 4 if recipe == "tutorial" else 2  # the residual stream's dtype
     if recipe == "tutorial" or kernels == "none":
