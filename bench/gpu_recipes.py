@@ -138,23 +138,18 @@ def tutorial_model(model_dir: Path, method: str, adapter_dir: Path):
 def run_row(row: dict) -> dict:
     """One recipe in this process: build, train `steps` steps, measure."""
     import logging
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # One GPU, as the train stage pins it (no nn.DataParallel); before transformers'
-        # import, which counts the CUDA devices.
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
-    from transformers import AutoTokenizer, set_seed
 
     import train as train_stage
+
+    # One GPU alone, or this process's GPU and the process group under torchrun, exactly as
+    # the train stage does; before transformers' import, which counts the CUDA devices.
+    processes, _ = train_stage.join_processes()
+    from transformers import AutoTokenizer, set_seed
+
     from memory_model import ModelShape, predict_peak
 
     logger = logging.getLogger("bench")
     logging.basicConfig(level=logging.INFO)
-    processes = train_stage.world_size()
-    if processes > 1:  # under torchrun: one GPU per process, as the train stage does
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group(backend="nccl")
     model_dir, config = Path(row["model_dir"]), yaml.safe_load(Path(row["config"]).read_text())
     settings = dict(config["train"], batch_size=row["batch"], max_steps=row["steps"], pad_to_multiple_of=None)
     settings.update(save_steps=10**6, logging_steps=1, group_by_length=False, padding_free=False)

@@ -310,6 +310,22 @@ def launch_command(processes: int, arguments_file: Path) -> list[str]:
     ]
 
 
+def join_processes() -> tuple[int, int]:
+    """(processes, rank) of this run; call it before anything initialises CUDA. Alone: one
+    GPU even where several are visible (transformers would wrap the model in
+    nn.DataParallel, which TRL refuses). Under torchrun: this process's GPU and the
+    process group."""
+    processes, rank = world_size(), int(os.environ.get("RANK", "0"))
+    if processes == 1:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+        return processes, rank
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return processes, rank
+
+
 def per_process_accumulation(train: dict, processes: int) -> int:
     """The step's global batch stays batch_size x gradient_accumulation_steps: N processes
     each accumulate 1/N of the micro-batches, so the step sees the examples one process
@@ -372,10 +388,7 @@ def main(
         arguments_file.unlink()
         return json.loads(Path(metrics_path).read_text())
 
-    if processes == 1 and world_size() == 1:
-        # One process, one GPU: with several visible, transformers would wrap the model in
-        # nn.DataParallel, which TRL refuses. Set before anything initialises CUDA.
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    processes, rank = join_processes()
 
     import datasets
     from accelerate import PartialState
@@ -384,12 +397,7 @@ def main(
     from transformers.integrations import TensorBoardCallback
 
     started = time.time()
-    processes, rank = world_size(), int(os.environ.get("RANK", "0"))  # torchrun's, before any library reads them
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if processes > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    state = PartialState()  # uses that process group
+    state = PartialState()  # uses join_processes' process group
     main_process = rank == 0
     # The first process writes the rule's log and every output; the others log to stderr.
     logger = setup_logging(log_path if main_process else None, f"train.rank{rank}")
