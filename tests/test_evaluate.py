@@ -5,10 +5,10 @@ import math
 import shutil
 
 import pandas as pd
+import perplexity
 import pytest
 import torch
 
-import perplexity
 import merge
 from conftest import read_json
 
