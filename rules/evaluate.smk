@@ -93,7 +93,7 @@ rule perplexity_table:
         examples=[table.removesuffix(".csv") + ".examples.csv" for table in evaluation_tables()],
     output:
         table=f"{RESULTS}/tables/perplexity.csv",
-        examples=f"{RESULTS}/tables/perplexity_examples.csv",
+        examples=f"{RESULTS}/tables/perplexity_examples.csv.gz",
         provenance=f"{RESULTS}/tables/perplexity.provenance.json",
     log:
         f"{RESULTS}/logs/perplexity_table.log",

@@ -17,6 +17,12 @@ way afterwards; data mirror and local source files are re-hashed where they exis
 first mismatch stops the audit with ``AUDIT FAILED: <artifact>: <reason>`` (exit 1). On
 success it prints a short provenance tree and the tables the figures and report were
 drawn from (``make report-from-tables`` rebuilds them from those alone).
+
+``--published`` audits a published study (``studies/<name>/``, made by
+``scripts/publish_study.py``): it holds every manifest but not the weights, so a file a
+manifest records and the folder lacks is counted as not published instead of failing;
+every file that is there must still have its recorded sha256, and the chain of recorded
+hashes from the report down to the sources must hold, as in a full audit.
 """
 
 import argparse
@@ -61,8 +67,10 @@ def _config_diff(recorded: dict, expected: dict, prefix: str = "") -> list[str]:
 
 
 class Auditor:
-    def __init__(self, results_dir: Path, expected_config: dict | None, code: str):
+    def __init__(self, results_dir: Path, expected_config: dict | None, code: str, published: bool = False):
         self.results = Path(results_dir)
+        self.published = published
+        self.unpublished: set[str] = set()
         self.hashes: dict[str, str | None] = {}
         self.bytes_hashed = 0
         self.manifests = self._load_manifests()
@@ -107,6 +115,9 @@ class Auditor:
 
     def _check_file(self, path: str, recorded: str, manifest: str) -> None:
         actual = self.actual_hash(path)
+        if actual is None and self.published and not os.path.isabs(path):
+            self.unpublished.add(path)  # weights and other large files stay out of a published study
+            return
         if actual is None:
             raise AuditError(path, f"missing (recorded by {manifest})")
         if actual != recorded:
@@ -260,20 +271,22 @@ def load_config(path: Path) -> dict:
     return config
 
 
-def main(results_dir: Path, config_path: Path | None = None, code: str = "checkout") -> dict:
+def main(results_dir: Path, config_path: Path | None = None, code: str = "checkout", published: bool = False) -> dict:
     started = time.time()
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise AuditError(str(results_dir), "no such results folder")
-    auditor = Auditor(results_dir, load_config(config_path) if config_path else None, code)
+    auditor = Auditor(results_dir, load_config(config_path) if config_path else None, code, published)
     walk = auditor.run()
     seconds = time.time() - started
-    files = len(auditor.hashes)
+    files = len(auditor.hashes) - len(auditor.unpublished)
     root = auditor.manifests[ROOT_MANIFEST]
     commit = root["code"]
     print(f"AUDIT PASSED: {results_dir}")
     print(
-        f"{len(auditor.manifests)} manifests, {files} files ({auditor.bytes_hashed / 1e9:.2f} GB) re-hashed "
+        f"{len(auditor.manifests)} manifests, {files} files ({auditor.bytes_hashed / 1e9:.2f} GB) re-hashed"
+        + (f", {len(auditor.unpublished)} recorded files not published (weights, logs)" if published else "")
+        + " "
         f"in {seconds:.1f} s; code {_short(commit['git_commit'])} (dirty: {commit['git_dirty']}) = "
         f"{auditor.code_reference}; config {_short(auditor.expected_fingerprint)}…"
         + (f" = {config_path}" if config_path else " (the report's)")
@@ -284,7 +297,14 @@ def main(results_dir: Path, config_path: Path | None = None, code: str = "checko
     print("\nfigures and report were drawn from these tables alone:")
     print("\n".join(f"  {line}" for line in drawn))
     print(f"rebuild them without a model or GPU: make report-from-tables RESULTS={results_dir}")
-    return {"seconds": seconds, "files": files, "manifests": len(auditor.manifests), "tables": drawn, **walk}
+    return {
+        "seconds": seconds,
+        "files": files,
+        "unpublished": sorted(auditor.unpublished),
+        "manifests": len(auditor.manifests),
+        "tables": drawn,
+        **walk,
+    }
 
 
 if __name__ == "__main__":
@@ -297,9 +317,12 @@ if __name__ == "__main__":
         default="checkout",
         help="checkout: every artifact was made by this checkout's code (default); report: by the report's",
     )
+    parser.add_argument(
+        "--published", action="store_true", help="a published study: recorded files it does not hold are not errors"
+    )
     a = parser.parse_args()
     try:
-        main(a.results, a.config, a.code)
+        main(a.results, a.config, a.code, a.published)
     except AuditError as err:
         print(f"AUDIT FAILED: {err}", file=sys.stderr)
         sys.exit(1)

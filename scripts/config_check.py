@@ -67,6 +67,12 @@ def _cross_key_checks(config: dict) -> None:
         )
     if train["gradient_checkpointing"] == "auto" and train["memory_budget_gib"] is None:
         raise ConfigError("config key 'train.memory_budget_gib': gradient_checkpointing auto needs a budget")
+    from grid import grid_table
+
+    try:
+        grid_table(config["grid"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     push = push_settings(config)
     if push["enabled"] and not push["repo_id"]:
         raise ConfigError("config key 'push.repo_id': push.enabled needs a Hub repository (owner/name)")

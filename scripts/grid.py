@@ -1,6 +1,7 @@
 """The training grid as a table: one row per training job.
 
-Every combination of the config's ``grid`` lists is one row. Quantisation settings mean
+Every combination of the config's ``grid`` lists is one row, except those matching an
+entry of ``grid.exclude``. Quantisation settings mean
 nothing for the 16-bit ``lora`` arm, so its rows carry ``quant_type: none`` and
 ``double_quant: False`` and duplicates are collapsed: the two arms differ only in the
 base model's precision.
@@ -32,6 +33,11 @@ def grid_table(grid: dict) -> pd.DataFrame:
         if row["method"] == "lora":
             row.update(quant_type="none", double_quant=False)
         rows.append(row)
+    for entry in grid.get("exclude") or []:
+        matching = [r for r in rows if all(r[k] == v for k, v in entry.items())]
+        if not matching:
+            raise ValueError(f"config key 'grid.exclude': {entry} matches no grid row")
+        rows = [r for r in rows if r not in matching]
     table = pd.DataFrame(rows, columns=GRID_COLUMNS).drop_duplicates(ignore_index=True)
     return table.astype(
         {

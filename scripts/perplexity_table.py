@@ -1,8 +1,9 @@
 """Combine the per-model perplexity CSVs into results/tables/perplexity.csv (one row per
 evaluated model and data set: model kind, the cell's hyperparameters, seed, data set,
 tokens, mean nll, perplexity) and their per-example companions into
-results/tables/perplexity_examples.csv (one row per model, data set and held-out example:
-tokens and summed nll; the eval-set intervals are drawn from it)."""
+results/tables/perplexity_examples.csv.gz (one row per model, data set and held-out
+example: tokens and summed nll; the eval-set intervals are drawn from it; gzip without a
+timestamp, so equal tables are equal bytes)."""
 
 import argparse
 import time
@@ -30,7 +31,7 @@ def main(
     logger.info("%d rows from %d models -> %s", len(combined), len(tables), out_path)
     if out_examples:
         examples = combine([example_table(p) for p in tables], ["model_kind", "model", "dataset", "example"])
-        examples.to_csv(out_examples, index=False)
+        examples.to_csv(out_examples, index=False, compression={"method": "gzip", "mtime": 0})
         logger.info("%d per-example rows -> %s", len(examples), out_examples)
     return combined
 

@@ -179,3 +179,23 @@ def test_tokenizer_audit_fails_when_padding_is_eos(pipeline_run, base_model_dir,
         tokenizer_audit.main(
             tmp_path / "tokenizer", pipeline_run / "data" / "train.jsonl", 64, tmp_path / "a.json", tmp_path / "p.json"
         )
+
+
+def test_a_published_study_audits_without_its_weights_and_fails_on_an_altered_table(pipeline_run, tmp_path):
+    import publish_study
+
+    study = tmp_path / "studies" / "tiny"
+    copied = publish_study.main(pipeline_run, TINY_CONFIG, study)
+    names = {p.relative_to(study).as_posix() for p in copied}
+    assert "tables/runs.csv" in names and "data/stats.json" in names and "model/tokenizer_audit.json" in names
+    assert not any(n.endswith((".safetensors", ".jsonl")) and not n.startswith("samples/") for n in names)
+    assert not (study / "data" / "train.jsonl").exists()  # no data in a published study
+    walk = audit.main(study, study / "config.yaml", code="report", published=True)
+    assert any(p.endswith("model.safetensors") for p in walk["unpublished"])
+    assert not any(p.startswith("tables/") for p in walk["unpublished"])
+    with pytest.raises(audit.AuditError, match="missing"):  # a full audit wants the weights
+        audit.main(study, study / "config.yaml", code="report")
+    runs = study / "tables" / "runs.csv"
+    runs.write_text(runs.read_text().replace("qlora", "QLoRA", 1))
+    with pytest.raises(audit.AuditError, match="tables/runs.csv: sha256 .* does not match"):
+        audit.main(study, study / "config.yaml", code="report", published=True)

@@ -7,6 +7,7 @@ import yaml
 
 from config_check import ConfigError, load_schema, validate_config
 from conftest import PROJECT, TINY_CONFIG, snakemake
+from grid import grid_table
 
 SHIPPED = ["config/config.yaml", "config/smollm2-full.yaml", "config/llama2-7b.yaml", "tests/config/config.yaml"]
 
@@ -162,3 +163,25 @@ def test_push_defaults_are_off_and_private():
     settings = push_settings(load("tests/config/config.yaml"))
     assert settings["enabled"] is False and settings["private"] is True and settings["what"] == "merged"
     assert push_settings(load("config/config.yaml")) == settings
+
+
+def test_grid_exclude_leaves_out_matching_rows_and_rejects_a_typo():
+    grid = {
+        "method": ["lora", "qlora"],
+        "lora_r": [64],
+        "lora_alpha": [16],
+        "lora_dropout": [0.1],
+        "target_modules": ["qv"],
+        "learning_rate": [2e-4],
+        "quant_type": ["nf4", "fp4"],
+        "double_quant": [False, True],
+        "seed": [1],
+        "exclude": [{"quant_type": "fp4", "double_quant": True}],
+    }
+    table = grid_table(grid)
+    qlora = table[table.method == "qlora"]
+    assert sorted(zip(qlora.quant_type, qlora.double_quant)) == [("fp4", False), ("nf4", False), ("nf4", True)]
+    assert len(table) == 4  # one lora row
+    grid["exclude"] = [{"quant_type": "fp8"}]
+    with pytest.raises(ValueError, match=r"config key 'grid.exclude': \{'quant_type': 'fp8'\} matches no grid row"):
+        grid_table(grid)

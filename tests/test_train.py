@@ -62,7 +62,8 @@ def test_tiny_grid_trains_both_arms(pipeline_run, tiny_config):
         # CPU memory: the training phase's own peak, below the process peak that loading set.
         assert 0 < metrics["rss_at_train_start_bytes"] <= metrics["train_peak_rss_bytes"]
         assert metrics["train_peak_rss_bytes"] <= metrics["process_peak_rss_bytes"]
-        assert metrics["optimizer_state_bytes"] == 2 * 4 * metrics["trainable_parameters"]  # AdamW: 2 fp32 moments
+        # AdamW: two fp32 moments per trainable weight (plus a step counter per tensor).
+        assert metrics["optimizer_state_bytes"] == pytest.approx(2 * 4 * metrics["trainable_parameters"], rel=1e-3)
         assert metrics["final_loss_steps"] >= 1 and math.isfinite(metrics["final_train_loss"])
         assert metrics["optimizer"] == "adamw_torch" and metrics["optimizer_requested"] == "paged_adamw_32bit"
         # TRL casts a quantised model's adapters to bf16; the stage keeps both arms in fp32.
