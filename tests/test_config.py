@@ -180,7 +180,11 @@ def test_grid_exclude_leaves_out_matching_rows_and_rejects_a_typo():
     }
     table = grid_table(grid)
     qlora = table[table.method == "qlora"]
-    assert sorted(zip(qlora.quant_type, qlora.double_quant)) == [("fp4", False), ("nf4", False), ("nf4", True)]
+    assert sorted(zip(qlora.quant_type, qlora.double_quant, strict=True)) == [
+        ("fp4", False),
+        ("nf4", False),
+        ("nf4", True),
+    ]
     assert len(table) == 4  # one lora row
     grid["exclude"] = [{"quant_type": "fp8"}]
     with pytest.raises(ValueError, match=r"config key 'grid.exclude': \{'quant_type': 'fp8'\} matches no grid row"):

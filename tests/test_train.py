@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 import yaml
 from snakemake.utils import Paramspace
