@@ -187,8 +187,8 @@ def broken_fold(defect: str):
 )
 def test_planted_merge_defects_fail_and_are_named(pipeline_run, tiny_config, tmp_path, monkeypatch, defect, message):
     monkeypatch.setattr(merge, "fold_adapter", broken_fold(defect))
-    with pytest.raises(merge.MergeCheckError, match=message):
-        run_merge(pipeline_run, dict(tiny_config["merge"], dtype="bfloat16"), tmp_path)
+    with pytest.raises(merge.MergeCheckError, match=message):  # the fold is judged in float32 whatever the dtype
+        run_merge(pipeline_run, tiny_config["merge"], tmp_path)
     check = read_json(tmp_path / "check.json")
     assert not check["passed"] and not (tmp_path / "merged").exists()
 
