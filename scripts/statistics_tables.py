@@ -120,6 +120,10 @@ def _ppl(perplexity: pd.DataFrame, model: str, model_kind: str, dataset: str) ->
     return float(rows.perplexity.iloc[0]) if len(rows) else math.nan
 
 
+def _with_seeds(frame: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
+    return frame[frame.seed.isin(seeds)].sort_values("seed")
+
+
 def _paired(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame, pd.DataFrame]]:
     """Per pair setting: (setting, lora rows, qlora rows), both sorted by seed, seeds matched."""
     settings = []
@@ -131,8 +135,7 @@ def _paired(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame, pd.DataFrame]]
             same = same[same[column] == setting[column]]
         seeds = sorted(set(same.seed) & set(qlora.seed))
         if seeds:
-            pick = lambda frame: frame[frame.seed.isin(seeds)].sort_values("seed")  # noqa: E731
-            settings.append((setting, pick(same), pick(qlora)))
+            settings.append((setting, _with_seeds(same, seeds), _with_seeds(qlora, seeds)))
     return settings
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from grid import GRID_COLUMNS
-from statistics_tables import PAIR_KEYS, gaps_table, quantisation_table
 from runtime import log_arguments, setup_logging, write_manifest
+from statistics_tables import PAIR_KEYS, gaps_table, quantisation_table
 
 GIB = 1024**3
 METRIC_COLUMNS = {

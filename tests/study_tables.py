@@ -33,7 +33,13 @@ def grid(gpu: bool) -> list[dict]:
             for seed in seeds:
                 arms = [("lora", "none", False)] + [("qlora", q, d) for q, d in quants]
                 for method, quant_type, double_quant in arms:
-                    cell = dict(zip(GRID_COLUMNS, [method, 8, 16.0, 0.05, target, lr, quant_type, double_quant, seed]))
+                    cell = dict(
+                        zip(
+                            GRID_COLUMNS,
+                            [method, 8, 16.0, 0.05, target, lr, quant_type, double_quant, seed],
+                            strict=True,
+                        )
+                    )
                     cell["cell"] = f"{method}-{target}-lr{lr:g}-{quant_type}-dq{int(double_quant)}-s{seed}"
                     cells.append(cell)
     return cells
