@@ -295,3 +295,25 @@ def _interval_columns(gap, seed_ci, example_ci, n_seeds, n_examples, n_resamples
         "n_resamples": n_resamples,
         "bootstrap_seed": bootstrap_seed,
     }
+
+
+def arm_labels(frame: pd.DataFrame) -> pd.Series:
+    """One arm per base: 'lora (16-bit)' or 'qlora nf4', 'qlora nf4+dq', 'qlora fp4', ..."""
+
+    def label(row) -> str:
+        if row.method == "lora":
+            return "lora (16-bit)"
+        return f"qlora {row.quant_type}" + ("+dq" if str(row.double_quant).lower() == "true" else "")
+
+    return frame.apply(label, axis=1)
+
+
+def setting_labels(frame: pd.DataFrame, keys: list[str] = SETTING_KEYS) -> pd.Series:
+    """What a setting varies in (seed and arm aside): e.g. 'target_modules=qv, learning_rate=0.0002'."""
+    varying = [k for k in keys if frame[k].nunique() > 1]
+    if not varying:
+        return pd.Series("all cells", index=frame.index)
+    return frame.apply(
+        lambda row: ", ".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in varying),
+        axis=1,
+    )
