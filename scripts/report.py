@@ -54,7 +54,9 @@ def headline(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
         "memory_measure": ", ".join(sorted(runs.memory_measure.unique())),
         "settings": [],
     }
-    keys = [c for c in SETTING_KEYS + ["quant_type", "double_quant"] if c in pairs.columns]
+    if pairs.empty:
+        pairs = pd.DataFrame(columns=SETTING_KEYS + ["quant_type", "double_quant"])
+    keys = SETTING_KEYS + ["quant_type", "double_quant"]
     labels = arm_labels(pairs.assign(method="qlora")) + " vs lora, " + setting_labels(pairs)
     for _, group in pairs.groupby(keys, sort=True):
         row = {"setting": labels[group.index[0]], "seeds": len(group)}

@@ -42,6 +42,9 @@ T_975 += [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 
 
 INTERVAL_COLUMNS = ["gap", "seed_ci_low", "seed_ci_high", "example_ci_low", "example_ci_high", "n_seeds", "n_examples"]
 INTERVAL_COLUMNS += ["n_resamples", "bootstrap_seed"]
+GAPS_COLUMNS = [*SETTING_KEYS, "quant_type", "double_quant", "model_kind", "dataset", *INTERVAL_COLUMNS]
+GAPS_COLUMNS += ["lora_mean_ppl", "qlora_mean_ppl", "lora_base", "qlora_base", "lora_base_ppl", "qlora_base_ppl"]
+GAPS_COLUMNS += ["base_gap", "lora_adapter_moved_rel", "qlora_adapter_moved_rel", "adapters_moved"]
 QUANTISATION_COLUMNS = ["comparison", "within", "stage", "setting", "dataset", *INTERVAL_COLUMNS]
 QUANTISATION_COLUMNS += ["b_mean_ppl", "gap_rel", "a_base", "b_base", "verdict"]
 
@@ -192,7 +195,7 @@ def gaps_table(
                         "adapters_moved": bool(max(moved.values()) > MOVED_REL_TOLERANCE),
                     }
                 )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).reindex(columns=GAPS_COLUMNS)
 
 
 def _verdict_lower(intervals: list[tuple[float, float]]) -> str:
@@ -305,12 +308,14 @@ def arm_labels(frame: pd.DataFrame) -> pd.Series:
             return "lora (16-bit)"
         return f"qlora {row.quant_type}" + ("+dq" if str(row.double_quant).lower() == "true" else "")
 
-    return frame.apply(label, axis=1)
+    return frame.apply(label, axis=1) if len(frame) else pd.Series(dtype=str)
 
 
 def setting_labels(frame: pd.DataFrame, keys: list[str] = SETTING_KEYS) -> pd.Series:
     """What a setting varies in (seed and arm aside): e.g. 'target_modules=qv, learning_rate=0.0002'."""
     varying = [k for k in keys if frame[k].nunique() > 1]
+    if frame.empty:
+        return pd.Series(dtype=str)
     if not varying:
         return pd.Series("all cells", index=frame.index)
     return frame.apply(

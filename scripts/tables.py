@@ -126,7 +126,7 @@ def pairs_table(runs: pd.DataFrame) -> pd.DataFrame:
             pair[f"lora_{column}"], pair[f"qlora_{column}"] = base[column], getattr(row, column)
             pair[f"diff_{column}"] = getattr(row, column) - base[column]
         pairs.append(pair)
-    return pd.DataFrame(pairs)
+    return pd.DataFrame(pairs) if pairs else pd.DataFrame(columns=[*PAIR_KEYS, "quant_type", "double_quant"])
 
 
 def loss_curves_table(metrics_paths: list[Path]) -> pd.DataFrame:

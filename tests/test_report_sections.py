@@ -107,3 +107,26 @@ def test_report_reads_the_config_it_is_given(gpu_report, tmp_path):
     assert element((tmp_path / "report.html").read_text(), "double-quantised-note") == (
         "Base weights from model.source hub."
     )
+
+
+def test_a_study_without_pairs_still_reports(cpu_report, tmp_path):
+    """A grid of one arm (e.g. QLoRA only) has no gaps: the report says so instead of failing."""
+    import shutil
+
+    import report
+    import tables as tables_script
+    from statistics_tables import GAPS_COLUMNS, gaps_table, quantisation_table
+
+    root, _ = cpu_report
+    tables = shutil.copytree(root / "tables", tmp_path / "tables")
+    runs = pd.read_csv(tables / "runs.csv")
+    qlora = runs[runs.method == "qlora"]
+    perplexity, examples = pd.read_csv(tables / "perplexity.csv"), pd.read_csv(tables / "perplexity_examples.csv")
+    gaps = gaps_table(qlora, perplexity, examples)
+    assert gaps.empty and list(gaps.columns) == GAPS_COLUMNS
+    qlora.to_csv(tables / "runs.csv", index=False)
+    gaps.to_csv(tables / "gaps.csv", index=False)
+    tables_script.pairs_table(qlora).to_csv(tables / "pairs.csv", index=False)
+    quantisation_table(qlora, perplexity, examples).to_csv(tables / "quantisation.csv", index=False)
+    report.main(tables, {}, yaml.safe_load(CONFIG.read_text()), tmp_path / "report.html")
+    assert "no LoRA/QLoRA pairs" in (tmp_path / "report.html").read_text()
