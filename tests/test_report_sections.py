@@ -37,9 +37,13 @@ def element(page: str, element_id: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def cpu_report(tmp_path_factory):
+    """Report only (no figures: the GPU study draws them), to keep the test cheap."""
+    import report
+
     root = tmp_path_factory.mktemp("cpu-report")
     build_tables(root)
-    return root, regenerate(root)
+    report.main(root / "tables", {}, yaml.safe_load(CONFIG.read_text()), root / "report" / "report.html")
+    return root, (root / "report" / "report.html").read_text()
 
 
 @pytest.fixture(scope="module")
