@@ -121,7 +121,9 @@ def perplexity(runs: pd.DataFrame, curves: pd.DataFrame, perplexity_table: pd.Da
             level = bases[(bases.model == base) & (bases.dataset == dataset)].perplexity
             if len(level):
                 axis.axhline(float(level.iloc[0]), color=colours.get(arm, "grey"), linestyle=style, linewidth=1)
-                axis.annotate(base, (1.0, float(level.iloc[0])), xycoords=("axes fraction", "data"), fontsize=6)
+                axis.annotate(
+                    base, (0.01, float(level.iloc[0])), xycoords=("axes fraction", "data"), fontsize=6, va="bottom"
+                )
         axis.set_title(f"{model} | {DATASET_LABELS.get(dataset, dataset)}")
         axis.tick_params(axis="x", labelrotation=20, labelsize=7)
     grid.figure.suptitle(
