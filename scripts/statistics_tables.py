@@ -166,7 +166,12 @@ def gaps_table(
                 gap, seed_low, seed_high = seed_interval(per_seed)
                 a = example_arrays(examples, list(qlora.cell), model_kind, dataset)
                 b = example_arrays(examples, list(lora.cell), model_kind, dataset)
-                _, example_low, example_high = bootstrap_gap(a, b, n_resamples, bootstrap_seed)
+                full_gap, example_low, example_high = bootstrap_gap(a, b, n_resamples, bootstrap_seed)
+                if not math.isclose(full_gap, gap, rel_tol=1e-6, abs_tol=1e-9):
+                    raise StatisticsError(
+                        f"perplexity_examples.csv does not add up to perplexity.csv for {model_kind} on {dataset} "
+                        f"of {', '.join(qlora.cell)} vs {', '.join(lora.cell)}: gap {full_gap:.6g} vs {gap:.6g}"
+                    )
                 lora_base = _ppl(perplexity, bases["lora"], "base", dataset)
                 qlora_base = _ppl(perplexity, bases["qlora"], "base", dataset)
                 rows.append(

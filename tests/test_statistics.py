@@ -118,6 +118,10 @@ def test_missing_examples_are_named(cpu_study):
     with pytest.raises(StatisticsError, match="base-4bit-nf4-dq0 on eval_chat has other examples than base-16bit"):
         example_arrays(one_short, ["base-16bit", "base-4bit-nf4-dq0"], "base", "eval_chat")
     assert quantisation_table(runs, pd.read_csv(cpu_study / "perplexity.csv"), examples).empty
+    altered = examples.copy()
+    altered.loc[(altered.model_kind == "adapter") & (altered.example == 0), "nll"] *= 1.5
+    with pytest.raises(StatisticsError, match="perplexity_examples.csv does not add up to perplexity.csv for adapter"):
+        gaps_table(runs, pd.read_csv(cpu_study / "perplexity.csv"), altered)
 
 
 def test_memory_measures_and_gpu_hours(cpu_study, gpu_study):
