@@ -82,6 +82,23 @@ def memory(runs: pd.DataFrame, curves: pd.DataFrame, perplexity_table: pd.DataFr
     return grid.figure
 
 
+def base_levels(axis, frame: pd.DataFrame, perplexity_table: pd.DataFrame, dataset: str, colours: dict) -> None:
+    """Each base model's perplexity on this data set as a line: the 16-bit base in the lora
+    colour, each 4-bit base in its qlora arm's colour."""
+    bases = perplexity_table[(perplexity_table.model_kind == "base") & (perplexity_table.dataset == dataset)]
+    base_arms = {training_base("lora", "none", False): "lora (16-bit)"}
+    for (quant_type, double_quant), _ in frame[frame.method == "qlora"].groupby(["quant_type", "double_quant"]):
+        row = pd.DataFrame([{"method": "qlora", "quant_type": quant_type, "double_quant": double_quant}])
+        base_arms[training_base("qlora", quant_type, double_quant)] = arm_labels(row).iloc[0]
+    for style, (base, arm) in zip(BASE_LINE_STYLES * 4, base_arms.items(), strict=False):
+        level = bases[bases.model == base].perplexity
+        if len(level):
+            axis.axhline(float(level.iloc[0]), color=colours.get(arm, "grey"), linestyle=style, linewidth=1)
+            axis.annotate(
+                base, (0.01, float(level.iloc[0])), xycoords=("axes fraction", "data"), fontsize=6, va="bottom"
+            )
+
+
 def perplexity(runs: pd.DataFrame, curves: pd.DataFrame, perplexity_table: pd.DataFrame) -> plt.Figure:
     frame = arms(runs)
     columns = [c for c in runs.columns if c.startswith("ppl_")]
@@ -109,21 +126,8 @@ def perplexity(runs: pd.DataFrame, curves: pd.DataFrame, perplexity_table: pd.Da
         height=3.2,
         aspect=1.3,
     )
-    # Each base model's level on every panel: the 16-bit base in the lora colour, each 4-bit
-    # base in its qlora arm's colour.
-    bases = perplexity_table[perplexity_table.model_kind == "base"]
-    base_arms = {training_base("lora", "none", False): "lora (16-bit)"}
-    for (quant_type, double_quant), _ in frame[frame.method == "qlora"].groupby(["quant_type", "double_quant"]):
-        row = pd.DataFrame([{"method": "qlora", "quant_type": quant_type, "double_quant": double_quant}])
-        base_arms[training_base("qlora", quant_type, double_quant)] = arm_labels(row).iloc[0]
     for (model, dataset), axis in grid.axes_dict.items():
-        for style, (base, arm) in zip(BASE_LINE_STYLES * 4, base_arms.items(), strict=False):
-            level = bases[(bases.model == base) & (bases.dataset == dataset)].perplexity
-            if len(level):
-                axis.axhline(float(level.iloc[0]), color=colours.get(arm, "grey"), linestyle=style, linewidth=1)
-                axis.annotate(
-                    base, (0.01, float(level.iloc[0])), xycoords=("axes fraction", "data"), fontsize=6, va="bottom"
-                )
+        base_levels(axis, frame, perplexity_table, dataset, colours)
         axis.set_title(f"{model} | {DATASET_LABELS.get(dataset, dataset)}")
         axis.tick_params(axis="x", labelrotation=20, labelsize=7)
     grid.figure.suptitle(
@@ -192,7 +196,8 @@ def quality_vs_memory(runs: pd.DataFrame, curves: pd.DataFrame, perplexity_table
         ax=axis,
     )
     axis.set_xlabel(memory_label(runs))
-    axis.set_ylabel("perplexity, held-out answers (adapter)")
+    base_levels(axis, frame, perplexity_table, "eval_chat_assistant", palette(frame))
+    axis.set_ylabel("perplexity, held-out answers (adapter; lines: bases)")
     axis.set_title("Quality vs memory")
     return figure
 
