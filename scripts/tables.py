@@ -66,6 +66,11 @@ MERGE_COLUMNS = {
     "adapter_on_4bit_ppl": "merge_check_adapter_on_4bit_ppl",
     "merged_ppl": "merge_check_merged_ppl",
     "merge_gap_rel_ppl": "merge_gap_rel_ppl",
+    "dtype": "merge_dtype",
+    "adapter_effect_mean_abs_logit_diff": "merge_adapter_effect_mean_abs_logit_diff",
+    "fold_error_share": "merge_fold_error_share",
+    "precision_floor_max_abs_logit_diff": "merge_precision_floor_max_abs_logit_diff",
+    "precision_floor_mean_abs_logit_diff": "merge_precision_floor_mean_abs_logit_diff",
 }
 
 
