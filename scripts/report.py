@@ -75,6 +75,10 @@ def headline(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
                 row[f"{kind}_{dataset}"] = mean_interval(list(group[f"diff_ppl_{kind}_{dataset}"]))
         numbers["settings"].append(row)
     numbers["merge_max_abs_logit_diff"] = float(runs.merge_max_abs_logit_diff.max())
+    floor = runs.get("merge_precision_floor_max_abs_logit_diff", pd.Series(dtype=float)).dropna()
+    numbers["merge_floor_max_abs_logit_diff"] = float(floor.max()) if len(floor) else None
+    share = runs.get("merge_fold_error_share", pd.Series(dtype=float)).dropna()
+    numbers["merge_fold_error_share_max"] = float(share.max()) if len(share) else None
     gap = runs.loc[runs.method == "qlora", "merge_gap_rel_ppl"].dropna()
     numbers["merge_gap_pct"] = float(gap.mean() * 100) if len(gap) else None
     return numbers
@@ -149,7 +153,10 @@ def render(
         "<tr><th>Quality cost (held-out answers, adapter; QLoRA − LoRA perplexity, mean over seeds)</th>"
         f"<td>{quality_headline(gaps)}</td></tr>",
         f"<tr><th>Merge faithfulness (max |logit diff|, merged vs base+adapter)</th>"
-        f"<td><span id='merge-max-diff'>{n['merge_max_abs_logit_diff']:.3g}</span>; QLoRA merge gap (4-bit+adapter → merged 16-bit"
+        f"<td><span id='merge-max-diff'>{n['merge_max_abs_logit_diff']:.3g}</span> (precision floor, the unmerged "
+        f"model in the merge dtype vs float32: <span id='merge-floor'>{fmt(n['merge_floor_max_abs_logit_diff'], 3)}</span>;"
+        f" fold error at most <span id='merge-fold-share'>{fmt(n['merge_fold_error_share_max'], 4)}</span> of the "
+        f"adapter's own effect); QLoRA merge gap (4-bit+adapter → merged 16-bit"
         f" perplexity): <span id='merge-gap-pct'>{fmt(n['merge_gap_pct'], 2)}</span> %</td></tr></table>",
         "<h3>Memory and speed per pair setting</h3>",
         settings_table(n),
