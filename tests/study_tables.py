@@ -148,7 +148,9 @@ def write_run(root: Path, cell: dict, gpu: bool, rng: np.random.Generator) -> No
     curve.to_csv(run / "loss_curve.csv", index=False)
     merged = root / "merged" / cell["cell"]
     merged.mkdir(parents=True, exist_ok=True)
-    check = {"max_abs_logit_diff": 0.01, "mean_abs_logit_diff": 0.001, "rel_ppl_diff": 1e-4}
+    check = {"max_abs_logit_diff": 0.01, "mean_abs_logit_diff": 0.001, "rel_ppl_diff": 1e-4, "dtype": "bfloat16"}
+    check |= {"adapter_effect_mean_abs_logit_diff": 0.4, "fold_error_share": 1e-4}
+    check |= {"precision_floor_max_abs_logit_diff": 0.02, "precision_floor_mean_abs_logit_diff": 0.002}
     if qlora:
         check |= {"adapter_on_4bit_ppl": 10.0, "merged_ppl": 10.1, "merge_gap_rel_ppl": 0.01}
     (merged / "merge_check.json").write_text(json.dumps(check))

@@ -87,6 +87,7 @@ def test_gpu_report_per_setting_memory_quantisation_and_gpu_hours(gpu_report):
         )
     assert i == 5  # two targets × three quant settings, never pooled
     assert element(page, "gpu-hours-total") == f"{24 * 1800 / 3600:.3f}"
+    assert (element(page, "merge-floor"), element(page, "merge-fold-share")) == ("0.020", "0.0001")
     assert "state lives outside torch" in page and "(optimizer state)" in page
     quantisation = pd.read_csv(root / "tables" / "quantisation.csv")
     answers = quantisation[quantisation.dataset == "eval_chat_assistant"].reset_index(drop=True)
