@@ -8,10 +8,13 @@ rule tables:
         metrics=expand(f"{RESULTS}/train/{{cell}}/metrics.json", cell=GRID.instance_patterns),
         checks=expand(f"{RESULTS}/merged/{{cell}}/merge_check.json", cell=GRID.instance_patterns),
         perplexity=f"{RESULTS}/tables/perplexity.csv",
+        perplexity_examples=f"{RESULTS}/tables/perplexity_examples.csv",
         samples=sample_files(),
     output:
         runs=report(f"{RESULTS}/tables/runs.csv", category="Tables", caption="../report/runs.rst"),
         pairs=f"{RESULTS}/tables/pairs.csv",
+        gaps=f"{RESULTS}/tables/gaps.csv",
+        quantisation=f"{RESULTS}/tables/quantisation.csv",
         loss_curves=f"{RESULTS}/tables/loss_curves.csv",
         samples=f"{RESULTS}/tables/samples.csv",
         environment=f"{RESULTS}/tables/environment.json",
@@ -31,6 +34,7 @@ rule figure:
     input:
         runs=f"{RESULTS}/tables/runs.csv",
         loss_curves=f"{RESULTS}/tables/loss_curves.csv",
+        perplexity=f"{RESULTS}/tables/perplexity.csv",
     output:
         png=report(
             f"{RESULTS}/figures/{{figure}}.png",
@@ -55,6 +59,8 @@ rule report:
     input:
         runs=f"{RESULTS}/tables/runs.csv",
         pairs=f"{RESULTS}/tables/pairs.csv",
+        gaps=f"{RESULTS}/tables/gaps.csv",
+        quantisation=f"{RESULTS}/tables/quantisation.csv",
         perplexity=f"{RESULTS}/tables/perplexity.csv",
         samples=f"{RESULTS}/tables/samples.csv",
         environment=f"{RESULTS}/tables/environment.json",

@@ -1,122 +1,114 @@
 """The study's report: one self-contained HTML file (figures embedded) built from the tidy
 tables and figures alone, answering how much memory QLoRA saves, what it costs in quality
-and speed, and how faithful merging is.
+(with a seed interval and an eval-set interval, named as such) and speed, what the 4-bit
+data types cost, and how faithful merging is. Sections: ``report_sections.py``.
 
     python scripts/report.py --tables results/tables --figures results/figures \\
         --config config/config.yaml --out results/report/report.html
 
-Headline numbers carry element ids (``memory-saved-gib``, ...) so tests can check them.
+Headline numbers carry element ids (``memory-saved-gib``, ``quality-cost-0``, ...) so tests can
+check them; ``memory-saved-*`` exist on a GPU study only (a CPU's RSS is no such measure).
 """
 
 import argparse
 import base64
 import html
 import json
-import math
-import statistics
 import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from grid import GRID_COLUMNS
+from report_sections import (
+    fmt,
+    gaps_section,
+    memory_measure_text,
+    memory_speed_section,
+    quality_headline,
+    quantisation_section,
+    table_html,
+)
 from runtime import log_arguments, setup_logging, write_manifest
+from statistics_tables import SETTING_KEYS, arm_labels, mean_interval, setting_labels
 
-# Two-sided 95 % Student t quantiles by degrees of freedom (beyond 30: the normal 1.96).
-T_975 = [
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-]
 FIGURE_CAPTIONS = {
-    "memory": "Peak memory by method: after loading the weights and during training.",
-    "perplexity": "Perplexity of adapters (on their training base) and merged models, 95 % interval across cells.",
-    "loss_curves": "Training loss per step, one line per cell.",
-    "throughput": "Training tokens per second: whole run and median step.",
-    "quality_vs_memory": "Held-out answer perplexity against training peak memory.",
+    "memory": "Memory per arm: weights after loading, training peak (the memory measure) and optimizer state.",
+    "perplexity": "Perplexity of adapters (on their training base) and merged models per setting and arm, 95 % "
+    "interval across the seeds of one setting (fixed eval set); dashed lines: each base model's level.",
+    "loss_curves": "Training loss per step, one line per cell, one panel per setting.",
+    "throughput": "Training tokens per second per arm and setting: whole train() call, and total tokens over "
+    "total time after the warm-up steps.",
+    "quality_vs_memory": "Held-out answer perplexity against the training memory measure, per arm and setting.",
 }
 DATASETS = ["eval_chat_assistant", "eval_chat", "wikitext"]
 
 
-def mean_interval(values: list[float]) -> tuple[float, float | None]:
-    """Mean and the half-width of its 95 % t-interval (None with fewer than two values)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    t = T_975[len(values) - 2] if len(values) - 1 <= len(T_975) else 1.96
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def headline(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
-    """The numbers the report opens with, all from paired LoRA/QLoRA runs."""
+    """The numbers the report opens with, per pair setting (never pooled across settings)."""
+    gpu = bool((runs.memory_measure == "gpu_train_peak").all())
     numbers = {
         "pairs": len(pairs),
         "seeds": int(runs.seed.nunique()),
+        "gpu": gpu,
         "memory_measure": ", ".join(sorted(runs.memory_measure.unique())),
+        "settings": [],
     }
-    saved = pairs.lora_train_peak_gib - pairs.qlora_train_peak_gib
-    numbers["memory_saved_gib"] = float(saved.mean())
-    numbers["memory_saved_pct"] = float((saved / pairs.lora_train_peak_gib).mean() * 100)
-    weights_saved = pairs.lora_weights_gib - pairs.qlora_weights_gib
-    numbers["weights_saved_gib"] = float(weights_saved.mean())
-    numbers["weights_saved_pct"] = float((weights_saved / pairs.lora_weights_gib).mean() * 100)
-    numbers["speed_ratio"] = float((pairs.qlora_tokens_per_second / pairs.lora_tokens_per_second).mean())
-    # Quality: per setting (everything but the seed), the mean paired difference across seeds.
-    settings = [c for c in pairs.columns if c in GRID_COLUMNS and c != "seed"]
-    numbers["quality"] = []
-    for values, group in pairs.groupby(settings, sort=True):
-        label = ", ".join(f"{k}={v}" for k, v in zip(settings, values, strict=True) if pairs[k].nunique() > 1)
-        row = {"setting": label or "all cells", "seeds": len(group)}
+    if pairs.empty:
+        pairs = pd.DataFrame(columns=SETTING_KEYS + ["quant_type", "double_quant"])
+    keys = SETTING_KEYS + ["quant_type", "double_quant"]
+    labels = arm_labels(pairs.assign(method="qlora")) + " vs lora, " + setting_labels(pairs)
+    for _, group in pairs.groupby(keys, sort=True):
+        row = {"setting": labels[group.index[0]], "seeds": len(group)}
+        if gpu:  # a CPU's RSS says nothing of what a GPU would need: no savings headline there
+            saved = group.lora_train_peak_gib - group.qlora_train_peak_gib
+            row["memory_saved_gib"] = float(saved.mean())
+            row["memory_saved_pct"] = float((saved / group.lora_train_peak_gib).mean() * 100)
+        weights_saved = group.lora_weights_gib - group.qlora_weights_gib
+        row["weights_saved_gib"] = float(weights_saved.mean())
+        row["weights_saved_pct"] = float((weights_saved / group.lora_weights_gib).mean() * 100)
+        row["speed_ratio"] = float((group.qlora_tokens_per_second / group.lora_tokens_per_second).mean())
+        steady = group.qlora_steady_tokens_per_second / group.lora_steady_tokens_per_second
+        row["steady_speed_ratio"] = float(steady.mean())
         for kind in ("adapter", "merged"):
             for dataset in DATASETS:
                 row[f"{kind}_{dataset}"] = mean_interval(list(group[f"diff_ppl_{kind}_{dataset}"]))
-        numbers["quality"].append(row)
+        numbers["settings"].append(row)
     numbers["merge_max_abs_logit_diff"] = float(runs.merge_max_abs_logit_diff.max())
+    floor = runs.get("merge_precision_floor_max_abs_logit_diff", pd.Series(dtype=float)).dropna()
+    numbers["merge_floor_max_abs_logit_diff"] = float(floor.max()) if len(floor) else None
+    share = runs.get("merge_fold_error_share", pd.Series(dtype=float)).dropna()
+    numbers["merge_fold_error_share_max"] = float(share.max()) if len(share) else None
     gap = runs.loc[runs.method == "qlora", "merge_gap_rel_ppl"].dropna()
     numbers["merge_gap_pct"] = float(gap.mean() * 100) if len(gap) else None
     return numbers
 
 
-def fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
 def interval_text(mean: float, half: float | None) -> str:
-    return f"{mean:+.3f}" + (f" (95 % CI ± {half:.3f})" if half is not None else " (one seed: no interval)")
+    return f"{mean:+.3f}" + (f" (seed 95 % CI ± {half:.3f})" if half is not None else " (one seed: no interval)")
 
 
-def table_html(frame: pd.DataFrame, table_id: str) -> str:
-    return frame.to_html(
-        index=False, table_id=table_id, classes="data", float_format=lambda v: f"{v:.4g}", na_rep="", escape=True
-    )
+def settings_table(n: dict) -> str:
+    """Memory, weights and speed per pair setting, with ids for the tests."""
+    header = "<tr><th>setting</th><th>seeds</th>"
+    header += "<th>training peak QLoRA saves</th>" if n["gpu"] else ""
+    header += "<th>weights QLoRA saves</th><th>QLoRA / LoRA tokens/s (whole run; after warm-up)</th></tr>"
+    rows = []
+    for i, row in enumerate(n["settings"]):
+        cells = f"<td>{html.escape(row['setting'])}</td><td>{row['seeds']}</td>"
+        if n["gpu"]:
+            cells += (
+                f"<td><span id='memory-saved-gib-{i}'>{fmt(row['memory_saved_gib'])}</span> GiB "
+                f"(<span id='memory-saved-pct-{i}'>{fmt(row['memory_saved_pct'], 1)}</span> %)</td>"
+            )
+        cells += (
+            f"<td><span id='weights-saved-gib-{i}'>{fmt(row['weights_saved_gib'])}</span> GiB "
+            f"(<span id='weights-saved-pct-{i}'>{fmt(row['weights_saved_pct'], 1)}</span> %)</td>"
+            f"<td><span id='speed-ratio-{i}'>{fmt(row['speed_ratio'])}</span>×; "
+            f"<span id='steady-speed-ratio-{i}'>{fmt(row['steady_speed_ratio'])}</span>×</td>"
+        )
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table class='data' id='settings'>{header}{''.join(rows)}</table>"
 
 
 def figure_html(name: str, png: Path) -> str:
@@ -127,7 +119,9 @@ def figure_html(name: str, png: Path) -> str:
     )
 
 
-def render(runs, pairs, perplexity, samples, environment, figures: dict[str, Path], config_text: str) -> str:
+def render(
+    runs, pairs, gaps, quantisation, perplexity, samples, environment, figures: dict[str, Path], config: dict
+) -> str:
     n = headline(runs, pairs)
     quality_header = "".join(f"<th>{kind}: {dataset}</th>" for kind in ("adapter", "merged") for dataset in DATASETS)
     quality_rows = "".join(
@@ -138,26 +132,12 @@ def render(runs, pairs, perplexity, samples, environment, figures: dict[str, Pat
             for dataset in DATASETS
         )
         + "</tr>"
-        for i, row in enumerate(n["quality"])
+        for i, row in enumerate(n["settings"])
     )
-    headline_quality = "<br>".join(
-        f"{html.escape(row['setting'])}: <span id='quality-cost-{i}'>{interval_text(*row['adapter_eval_chat_assistant'])}</span>"
-        for i, row in enumerate(n["quality"])
-    )
-    summary = runs[
-        [
-            "method",
-            "learning_rate",
-            "seed",
-            "train_peak_gib",
-            "weights_gib",
-            "tokens_per_second",
-            "final_train_loss",
-            "ppl_adapter_eval_chat_assistant",
-            "ppl_merged_eval_chat_assistant",
-            "merge_max_abs_logit_diff",
-        ]
-    ]
+    summary_columns = ["method", "target_modules", "learning_rate", "quant_type", "double_quant", "seed"]
+    summary_columns += ["train_peak_gib", "optimizer_state_gib", "weights_gib", "tokens_per_second"]
+    summary_columns += ["steady_tokens_per_second", "gpu_hours", "final_train_loss", "final_loss_steps"]
+    summary_columns += ["ppl_adapter_eval_chat_assistant", "ppl_merged_eval_chat_assistant", "merge_max_abs_logit_diff"]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>LoRA vs QLoRA report</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
@@ -166,24 +146,30 @@ def render(runs, pairs, perplexity, samples, environment, figures: dict[str, Pat
         ".headline td{padding:4px 10px}</style></head><body>",
         "<h1>LoRA vs QLoRA: what does the 4-bit base cost?</h1>",
         f"<p>{len(runs)} training runs ({n['pairs']} LoRA/QLoRA pairs, {n['seeds']} seed(s)) on "
-        f"{html.escape(', '.join(environment['devices']))}. Memory measure: {html.escape(n['memory_measure'])}.</p>",
+        f"{html.escape(', '.join(environment['devices']))}. Memory measure "
+        f"(<span id='memory-measure'>{html.escape(n['memory_measure'])}</span>): "
+        f"{html.escape(memory_measure_text(runs))}.</p>",
         "<h2>Answers</h2><table class='headline'>",
-        f"<tr><th>Memory QLoRA saves (training peak)</th><td><span id='memory-saved-gib'>{fmt(n['memory_saved_gib'])}</span> GiB"
-        f" (<span id='memory-saved-pct'>{fmt(n['memory_saved_pct'], 1)}</span> %)</td></tr>",
-        f"<tr><th>Memory QLoRA saves (weights)</th><td><span id='weights-saved-gib'>{fmt(n['weights_saved_gib'])}</span> GiB"
-        f" (<span id='weights-saved-pct'>{fmt(n['weights_saved_pct'], 1)}</span> %)</td></tr>",
-        f"<tr><th>Quality cost (held-out answers, adapter; QLoRA − LoRA perplexity, paired by seed)</th>"
-        f"<td>{headline_quality}</td></tr>",
-        f"<tr><th>Speed (QLoRA / LoRA tokens/s)</th><td><span id='speed-ratio'>{fmt(n['speed_ratio'])}</span>×</td></tr>",
+        "<tr><th>Quality cost (held-out answers, adapter; QLoRA − LoRA perplexity, mean over seeds)</th>"
+        f"<td>{quality_headline(gaps)}</td></tr>",
         f"<tr><th>Merge faithfulness (max |logit diff|, merged vs base+adapter)</th>"
-        f"<td><span id='merge-max-diff'>{n['merge_max_abs_logit_diff']:.3g}</span>; QLoRA merge gap (4-bit+adapter → merged 16-bit"
+        f"<td><span id='merge-max-diff'>{n['merge_max_abs_logit_diff']:.3g}</span> (precision floor, the unmerged "
+        f"model in the merge dtype vs float32: <span id='merge-floor'>{fmt(n['merge_floor_max_abs_logit_diff'], 3)}</span>;"
+        f" fold error at most <span id='merge-fold-share'>{fmt(n['merge_fold_error_share_max'], 4)}</span> of the "
+        f"adapter's own effect); QLoRA merge gap (4-bit+adapter → merged 16-bit"
         f" perplexity): <span id='merge-gap-pct'>{fmt(n['merge_gap_pct'], 2)}</span> %</td></tr></table>",
-        "<h3>Perplexity difference QLoRA − LoRA (mean over seeds, 95 % t-interval across seeds)</h3>"
+        "<h3>Memory and speed per pair setting</h3>",
+        settings_table(n),
+        gaps_section(gaps),
+        "<h3>All data sets, seed intervals only (95 % t-interval across seeds on the fixed eval sets; "
+        "the eval-set intervals are in the table above)</h3>"
         f"<table class='data' id='quality'><tr><th>setting</th><th>seeds</th>{quality_header}</tr>{quality_rows}</table>",
+        quantisation_section(quantisation, runs, perplexity, config),
+        memory_speed_section(runs),
         "<h2>Figures</h2>",
         *(figure_html(name, path) for name, path in figures.items()),
         "<h2>Runs</h2>",
-        table_html(summary, "runs-summary"),
+        table_html(runs[summary_columns], "runs-summary"),
         "<details><summary>All columns of runs.csv</summary>",
         table_html(runs, "runs"),
         "</details>",
@@ -192,7 +178,7 @@ def render(runs, pairs, perplexity, samples, environment, figures: dict[str, Pat
         "<h2>Generation samples</h2>",
         table_html(samples, "samples"),
         "<h2>Configuration</h2><pre id='config'>",
-        html.escape(config_text),
+        html.escape(yaml.safe_dump(config, sort_keys=False)),
         "</pre>",
         "<h2>Software and hardware</h2><pre id='environment'>",
         html.escape(json.dumps(environment, indent=2)),
@@ -212,21 +198,18 @@ def main(
     page = render(
         runs,
         pairs,
+        pd.read_csv(tables_dir / "gaps.csv"),
+        pd.read_csv(tables_dir / "quantisation.csv"),
         pd.read_csv(tables_dir / "perplexity.csv"),
         pd.read_csv(tables_dir / "samples.csv"),
         json.loads((tables_dir / "environment.json").read_text()),
         figures,
-        yaml.safe_dump(config, sort_keys=False),
+        config,
     )
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(page)
     numbers = headline(runs, pairs)
-    logger.info(
-        "report -> %s (memory saved %.3f GiB, speed ratio %.3f)",
-        out_path,
-        numbers["memory_saved_gib"],
-        numbers["speed_ratio"],
-    )
+    logger.info("report -> %s (%d pair settings)", out_path, len(numbers["settings"]))
     return numbers
 
 

@@ -32,6 +32,11 @@ def test_runs_table_has_one_row_per_cell(pipeline_run):
     documented = (PROJECT / "report" / "columns.md").read_text()
     undocumented = [c for c in runs.columns if f"`{c}`" not in documented and not c.startswith("ppl_")]
     assert not undocumented
+    assert "last_batch_loss" not in runs.columns and (runs.memory_measure == "cpu_train_phase_peak_rss").all()
+    gaps = pd.read_csv(pipeline_run / "tables" / "gaps.csv")
+    assert len(gaps) == 2 * 2 * 2  # two learning rates × adapter/merged × two eval sets
+    assert gaps.example_ci_low.notna().all() and (gaps.example_ci_low <= gaps.example_ci_high).all()
+    assert not [c for c in gaps.columns if f"`{c}`" not in documented]
 
 
 def test_figures_and_report_exist(pipeline_run):
@@ -74,20 +79,23 @@ def test_tables_alone_rebuild_figures_and_report_by_command(pipeline_run, tmp_pa
 
 
 def expected_headline(runs: pd.DataFrame) -> dict[str, str]:
-    """Recomputed here from runs.csv, independently of scripts/report.py."""
+    """Recomputed here from runs.csv, independently of scripts/report.py: one line per pair
+    setting (this grid: two learning rates, one quant setting, never pooled)."""
     lora = runs[runs.method == "lora"].set_index(PAIR_KEYS)
     qlora = runs[runs.method == "qlora"].set_index(PAIR_KEYS)
-    joined = lora.join(qlora, lsuffix="_l", rsuffix="_q", how="inner")
-    saved = joined.train_peak_gib_l - joined.train_peak_gib_q
-    weights = joined.weights_gib_l - joined.weights_gib_q
-    return {
-        "memory-saved-gib": f"{saved.mean():.3f}",
-        "memory-saved-pct": f"{(saved / joined.train_peak_gib_l).mean() * 100:.1f}",
-        "weights-saved-gib": f"{weights.mean():.3f}",
-        "weights-saved-pct": f"{(weights / joined.weights_gib_l).mean() * 100:.1f}",
-        "speed-ratio": f"{(joined.tokens_per_second_q / joined.tokens_per_second_l).mean():.3f}",
-        "merge-max-diff": f"{runs.merge_max_abs_logit_diff.max():.3g}",
-    }
+    joined = lora.join(qlora, lsuffix="_l", rsuffix="_q", how="inner").reset_index()
+    expected = {"merge-max-diff": f"{runs.merge_max_abs_logit_diff.max():.3g}"}
+    assert joined.learning_rate.nunique() == 2
+    for i, (_, group) in enumerate(joined.groupby("learning_rate", sort=True)):
+        weights = group.weights_gib_l - group.weights_gib_q
+        steady = group.steady_tokens_per_second_q / group.steady_tokens_per_second_l
+        expected |= {
+            f"weights-saved-gib-{i}": f"{weights.mean():.3f}",
+            f"weights-saved-pct-{i}": f"{(weights / group.weights_gib_l).mean() * 100:.1f}",
+            f"speed-ratio-{i}": f"{(group.tokens_per_second_q / group.tokens_per_second_l).mean():.3f}",
+            f"steady-speed-ratio-{i}": f"{steady.mean():.3f}",
+        }
+    return expected
 
 
 @pytest.fixture(scope="module")
@@ -128,4 +136,8 @@ def test_report_renders_in_a_real_browser(pipeline_run, browser):
     runs = pd.read_csv(pipeline_run / "tables" / "runs.csv")
     for element_id, value in expected_headline(runs).items():
         assert browser.find_element("id", element_id).text == value, element_id
-    assert "one seed: no interval" in browser.find_element("id", "quality-cost-0").text
+    quality = browser.find_element("id", "quality-cost-0").text
+    assert "one seed: no interval" in quality and "eval-set 95 % interval" in quality
+    # A CPU study: the memory measure is named and no savings headline is drawn from RSS.
+    assert browser.find_element("id", "memory-measure").text == "cpu_train_phase_peak_rss"
+    assert not browser.find_elements("id", "memory-saved-gib-0")
