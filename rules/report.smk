@@ -8,7 +8,7 @@ rule tables:
         metrics=expand(f"{RESULTS}/train/{{cell}}/metrics.json", cell=GRID.instance_patterns),
         checks=expand(f"{RESULTS}/merged/{{cell}}/merge_check.json", cell=GRID.instance_patterns),
         perplexity=f"{RESULTS}/tables/perplexity.csv",
-        perplexity_examples=f"{RESULTS}/tables/perplexity_examples.csv",
+        perplexity_examples=f"{RESULTS}/tables/perplexity_examples.csv.gz",
         samples=sample_files(),
     output:
         runs=report(f"{RESULTS}/tables/runs.csv", category="Tables", caption="../report/runs.rst"),

@@ -84,11 +84,13 @@ def example_arrays(examples: pd.DataFrame, models: list[str], model_kind: str, d
     for model in models:
         frame = rows[rows.model == model].sort_values("example")
         if frame.empty:
-            raise StatisticsError(f"perplexity_examples.csv has no {model_kind} rows of {model} on {dataset}")
+            raise StatisticsError(f"perplexity_examples.csv.gz has no {model_kind} rows of {model} on {dataset}")
         if index is None:
             index = frame.example.to_numpy()
         elif not np.array_equal(index, frame.example.to_numpy()):
-            raise StatisticsError(f"perplexity_examples.csv: {model} on {dataset} has other examples than {models[0]}")
+            raise StatisticsError(
+                f"perplexity_examples.csv.gz: {model} on {dataset} has other examples than {models[0]}"
+            )
         nll.append(frame.nll.to_numpy(float))
         tokens.append(frame.tokens.to_numpy(float))
     return np.array(nll), np.array(tokens)
@@ -171,7 +173,7 @@ def gaps_table(
                 level = float(qlora[f"ppl_{model_kind}_{dataset}"].mean())
                 if not math.isclose(full_gap, gap, abs_tol=1e-4 * level):
                     raise StatisticsError(
-                        f"perplexity_examples.csv does not add up to perplexity.csv for {model_kind} on {dataset} "
+                        f"perplexity_examples.csv.gz does not add up to perplexity.csv for {model_kind} on {dataset} "
                         f"of {', '.join(qlora.cell)} vs {', '.join(lora.cell)}: gap {full_gap:.6g} vs {gap:.6g}"
                     )
                 lora_base = _ppl(perplexity, bases["lora"], "base", dataset)

@@ -220,4 +220,4 @@ elif __name__ == "__main__":
     metrics = sorted((a.results / "train").glob("*/metrics.json"))
     checks = [a.results / "merged" / m.parent.name / "merge_check.json" for m in metrics]
     samples = sorted((a.results / "samples").glob("*/*.jsonl"))
-    main(metrics, checks, tables / "perplexity.csv", tables / "perplexity_examples.csv", samples, tables)
+    main(metrics, checks, tables / "perplexity.csv", tables / "perplexity_examples.csv.gz", samples, tables)

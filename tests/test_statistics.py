@@ -120,7 +120,9 @@ def test_missing_examples_are_named(cpu_study):
     assert quantisation_table(runs, pd.read_csv(cpu_study / "perplexity.csv"), examples).empty
     altered = examples.copy()
     altered.loc[(altered.model_kind == "adapter") & (altered.example == 0), "nll"] *= 1.5
-    with pytest.raises(StatisticsError, match="perplexity_examples.csv does not add up to perplexity.csv for adapter"):
+    with pytest.raises(
+        StatisticsError, match=r"perplexity_examples.csv.gz does not add up to perplexity.csv for adapter"
+    ):
         gaps_table(runs, pd.read_csv(cpu_study / "perplexity.csv"), altered)
 
 
