@@ -229,4 +229,7 @@ elif __name__ == "__main__":
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     a = parser.parse_args()
-    main(a.tables, {p.stem: p for p in sorted(a.figures.glob("*.png"))}, yaml.safe_load(a.config.read_text()), a.out)
+    from figures import FIGURES  # the report rule's order (rules/common.smk), so the page is the same bytes
+
+    pngs = {name: a.figures / f"{name}.png" for name in FIGURES if (a.figures / f"{name}.png").is_file()}
+    main(a.tables, pngs, yaml.safe_load(a.config.read_text()), a.out)
