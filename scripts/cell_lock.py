@@ -11,11 +11,13 @@ A duplicate is refused with one sentence: by the train job (train.py) and, befor
 is submitted, by the workflow (rules/common.smk: ``live_owners``).
 """
 
+import argparse
 import fcntl
 import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -169,3 +171,20 @@ def live_owners(checkpoints_root: Path) -> list[tuple[str, dict]]:
         if record and owner_alive(record):
             owners.append((path.name.removesuffix(".lock"), record))
     return owners
+
+
+def main(checkpoint_dir: Path) -> int:
+    """Take and release the cell's lock: 0 when no live job owns it, 1 (and why) when one does."""
+    try:
+        CellLock(checkpoint_dir).acquire().release()
+    except CellBusy as busy:
+        print(busy, file=sys.stderr)
+        return 1
+    print(f"{checkpoint_dir}: no live job owns it")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint_dir", type=Path, help="results_dir/checkpoints/<cell>")
+    sys.exit(main(parser.parse_args().checkpoint_dir))
