@@ -469,6 +469,7 @@ def main(
         )
     train_started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
+    preemption.exit_if_stopped()  # Slurm's time-limit warning: checkpoint saved, no outputs
     train_seconds = time.time() - train_started
     load_keys = ("load_peak_allocated_bytes", "load_peak_reserved_bytes")
     per_process = gather_memory({**{k: details[k] for k in load_keys}, **memory_stats("train")})
@@ -543,6 +544,7 @@ def _from_snakemake(smk) -> None:
     from runtime import write_manifest  # here, not at the top: train.py's imports are shared work
 
     started = time.time()
+    preemption.listen(preemption.warning_seconds(smk.resources.runtime))
     try:  # a live job owns the cell's checkpoints: a duplicate stops before touching them
         lock = CellLock(Path(smk.params.checkpoint_dir)).acquire()
     except CellBusy as busy:  # not in the rule's log: that file is the owner's

@@ -62,8 +62,15 @@ def test_the_warning_signal_saves_at_the_next_step():
     callback = preemption.save_on_warning(logging.getLogger("test"))
     state, control = TrainerState(global_step=5), TrainerControl()
     assert not callback.on_step_end(None, state, control).should_save
+    preemption.exit_if_stopped()  # not warned: returns
     os.kill(os.getpid(), preemption.WARNING_SIGNAL)
-    assert callback.on_step_end(None, state, control).should_save
+    control = callback.on_step_end(None, state, control)
+    assert control.should_save and control.should_training_stop
+    try:
+        with pytest.raises(SystemExit, match="stopped at step 5 by Slurm's time-limit warning after saving"):
+            preemption.exit_if_stopped()
+    finally:
+        preemption._stopped_at.clear()  # this process trains more cells in other tests
     control = TrainerControl()  # once per warning
     assert not callback.on_step_end(None, state, control).should_save
     assert signal.getsignal(signal.SIGURG) is not signal.SIG_DFL
