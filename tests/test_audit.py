@@ -179,3 +179,21 @@ def test_tokenizer_audit_fails_when_padding_is_eos(pipeline_run, base_model_dir,
         tokenizer_audit.main(
             tmp_path / "tokenizer", pipeline_run / "data" / "train.jsonl", 64, tmp_path / "a.json", tmp_path / "p.json"
         )
+
+
+def test_merged_weights_may_be_dropped_once_evaluated(pipeline_run, tmp_path):
+    """Deleting merged weights after evaluate_merged read them (disk on a cluster) keeps the
+    audit: the sha256 merge recorded and the one evaluate_merged read still have to agree."""
+    results = linked_copy(pipeline_run, tmp_path / "results")
+    weights = sorted(results.glob("merged/*/model/*.safetensors"))
+    assert len(weights) == 4
+    for path in weights:
+        path.unlink()
+    outcome = audit.main(results, TINY_CONFIG)
+    assert outcome["dropped"] == [path.relative_to(results).as_posix() for path in weights]
+    # Any other missing file still fails, naming it.
+    adapter = next(results.glob("train/*/adapter/adapter_model.safetensors"))
+    adapter.unlink()
+    with pytest.raises(audit.AuditError) as raised:
+        audit.main(results, TINY_CONFIG)
+    assert raised.value.artifact == adapter.relative_to(results).as_posix()

@@ -248,8 +248,8 @@ def test_requeued_then_time_limited_training_resumes_and_duplicates_are_refused(
         before_requeue = max(complete_checkpoints(checkpoints))
         print(f"\nfirst checkpoint after {time.monotonic() - started:.0f} s")
         subprocess.run(["scontrol", "requeue", job_id], check=True)
-        # Its next run gets one minute, less than the warning's lead time (a site's short --time).
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"], check=True)
+        # Its next run gets two minutes, less than the warning's lead time (a site's short --time).
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=2"], check=True)
 
         # While Slurm holds the requeued job, a duplicate job on the cell is refused by its lock
         # (the record names a job Slurm still has) ...
@@ -287,7 +287,8 @@ def test_requeued_then_time_limited_training_resumes_and_duplicates_are_refused(
     (retry_id,) = set(jobs) - {job_id}
     assert jobs[retry_id]["State"] == "COMPLETED"
     retry_runs = job_runs(retry_id)
-    assert [run["Timelimit"] for run in first_runs + retry_runs] == ["00:05:00", "00:01:00", "00:10:00"]
+    # sacct shows a job's current limit for all its runs; the submit lines below show the asked one.
+    assert [run["Timelimit"] for run in first_runs + retry_runs] == ["00:02:00", "00:02:00", "00:10:00"]
     for run in first_runs + retry_runs:  # two GPUs, one CPU thread per process, one node
         assert "cpu=2," in run["AllocTRES"] and "gres/gpu=2" in run["AllocTRES"] and "node=1" in run["AllocTRES"]
     for job, minutes, memory in ((job_id, RESUME_RUNTIME_MIN, 4000), (retry_id, 2 * RESUME_RUNTIME_MIN, 8000)):
