@@ -14,7 +14,15 @@ from grid import base_model_description, base_model_names, grid_table  # noqa: E
 from memory_model import plan_for_cell  # noqa: E402
 from job_resources import LIGHT_MEM_MB, LIGHT_RUNTIME_MIN, train_runtime_min  # noqa: E402
 from preemption import sbatch_options  # noqa: E402
-from site_check import conda_env, disk_note, kernels_problem, polling_problem, stray_jobs_problem  # noqa: E402
+from site_check import (  # noqa: E402
+    conda_env,
+    disk_note,
+    kernels_problem,
+    polling_problem,
+    preemption_note,
+    slurm_setting,
+    stray_jobs_problem,
+)
 
 try:
     validate_config(config)
@@ -163,6 +171,8 @@ if workflow.is_main_process:
         problems.append(
             polling_problem(settings.status_command, settings.init_seconds_before_status_checks, get_min_job_age())
         )
+        if note := preemption_note(slurm_setting("PreemptMode")):
+            print(note, file=sys.stderr)
     for problem in filter(None, problems):
         raise WorkflowError(f"Cannot start: {problem}.")
     # Printed: Snakemake's logger shows nothing this early. Merged weights: 2 bytes a parameter

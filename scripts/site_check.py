@@ -5,12 +5,15 @@ Each returns one sentence naming the problem, or None:
   or the conda env `--use-conda` builds for the rules);
 - polling_problem: the SLURM executor polling with squeue on a site whose MinJobAge drops
   finished jobs before the next poll (the job would look like it runs forever);
+- preemption_note (a note, not a refusal): Slurm cancels preempted jobs, which the plugin
+  then waits for forever;
 - stray_jobs_problem: a live job (e.g. left by a controller that died) already trains a cell
   of this results folder (scripts/cell_lock.py);
 and disk_note says what the grid's models will take on disk.
 """
 
 import importlib.util
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -72,6 +75,29 @@ def polling_problem(status_command: str | None, init_seconds: int, min_job_age: 
         f"{PLUGIN_MAX_POLL_SECONDS} s the executor may wait between two status polls, so a job that "
         "ends in between would look like it runs forever: set `slurm-status-command: sacct` in your "
         "profile (a job you scancel then goes unnoticed: stop snakemake and rerun)"
+    )
+
+
+def slurm_setting(name: str) -> str | None:
+    """One value of `scontrol show config` (None without Slurm)."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    for line in shown.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def preemption_note(preempt_mode: str | None) -> str | None:
+    if not preempt_mode or "CANCEL" not in preempt_mode.upper():
+        return None
+    return (
+        f"Note: this Slurm cancels preempted jobs (PreemptMode={preempt_mode}) and the executor "
+        "plugin then waits for them forever: if sacct shows a job PREEMPTED, stop snakemake and "
+        "rerun it (a train job resumes from its last checkpoint)"
     )
 
 

@@ -98,6 +98,11 @@ def test_squeue_polling_is_refused_where_finished_jobs_vanish_before_the_next_po
     assert site_check.polling_problem("sacct", 5, 120) is None
 
 
+def test_cancelling_preemption_is_pointed_out():
+    assert "PreemptMode=CANCEL" in site_check.preemption_note("CANCEL")
+    assert site_check.preemption_note("REQUEUE") is None and site_check.preemption_note("OFF") is None
+
+
 def test_disk_note_counts_the_merged_models(tmp_path):
     shape = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32}
     shape |= {"num_attention_heads": 32, "vocab_size": 32000}
