@@ -31,8 +31,16 @@ except ConfigError as err:
 
 RESULTS = config["results_dir"].rstrip("/")
 RES = config["resources"]
-# A training job's GPUs (one data-parallel process each) and CPU threads to match.
-TRAIN_GPUS = RES["gpus_per_job"] if RES["gpu"] else 0
+# Local runs may let evaluation/merge jobs share a card (resources.jobs_per_gpu slots, run
+# with --resources gpu=<cards x slots>); a training job takes every slot of its cards.
+JOBS_PER_GPU = RES.get("jobs_per_gpu", 1)
+if JOBS_PER_GPU > 1 and not workflow.local_exec:
+    raise WorkflowError(
+        "Invalid configuration: config key 'resources.jobs_per_gpu' shares cards between local jobs only; "
+        "set it to 1 for a cluster executor, which assigns the GPUs itself"
+    )
+# A training job's GPU resource (one data-parallel process per card) and CPU threads to match.
+TRAIN_GPUS = RES["gpus_per_job"] * JOBS_PER_GPU if RES["gpu"] else 0
 TRAIN_THREADS = RES["threads"] * RES["gpus_per_job"]
 ENV = f"../{conda_env(config)}"  # with the GPU extras when the recipe needs them
 DATASETS = ["train", "eval_chat", "wikitext"]

@@ -9,6 +9,7 @@ rule evaluate_base:
         wikitext=f"{RESULTS}/data/wikitext.txt",
     output:
         table=f"{RESULTS}/eval/base/{{base}}.csv",
+        examples=f"{RESULTS}/eval/base/{{base}}.examples.csv",
         samples=f"{RESULTS}/samples/base/{{base}}.jsonl",
         provenance=f"{RESULTS}/eval/base/{{base}}.provenance.json",
     log:
@@ -26,7 +27,7 @@ rule evaluate_base:
         text_format=config["data"]["format"],
         compute_dtype=config["train"]["compute_dtype"],
     script:
-        "../scripts/evaluate.py"
+        "../scripts/perplexity.py"
 
 
 rule evaluate_adapter:
@@ -37,6 +38,7 @@ rule evaluate_adapter:
         wikitext=f"{RESULTS}/data/wikitext.txt",
     output:
         table=f"{RESULTS}/eval/adapter/{{cell}}.csv",
+        examples=f"{RESULTS}/eval/adapter/{{cell}}.examples.csv",
         samples=f"{RESULTS}/samples/adapter/{{cell}}.jsonl",
         provenance=f"{RESULTS}/eval/adapter/{{cell}}.provenance.json",
     log:
@@ -54,7 +56,7 @@ rule evaluate_adapter:
         text_format=config["data"]["format"],
         compute_dtype=config["train"]["compute_dtype"],
     script:
-        "../scripts/evaluate.py"
+        "../scripts/perplexity.py"
 
 
 rule evaluate_merged:
@@ -64,6 +66,7 @@ rule evaluate_merged:
         wikitext=f"{RESULTS}/data/wikitext.txt",
     output:
         table=f"{RESULTS}/eval/merged/{{cell}}.csv",
+        examples=f"{RESULTS}/eval/merged/{{cell}}.examples.csv",
         samples=f"{RESULTS}/samples/merged/{{cell}}.jsonl",
         provenance=f"{RESULTS}/eval/merged/{{cell}}.provenance.json",
     log:
@@ -81,14 +84,16 @@ rule evaluate_merged:
         text_format=config["data"]["format"],
         compute_dtype=config["merge"]["dtype"],
     script:
-        "../scripts/evaluate.py"
+        "../scripts/perplexity.py"
 
 
 rule perplexity_table:
     input:
         tables=evaluation_tables(),
+        examples=[table.removesuffix(".csv") + ".examples.csv" for table in evaluation_tables()],
     output:
         table=f"{RESULTS}/tables/perplexity.csv",
+        examples=f"{RESULTS}/tables/perplexity_examples.csv",
         provenance=f"{RESULTS}/tables/perplexity.provenance.json",
     log:
         f"{RESULTS}/logs/perplexity_table.log",

@@ -60,6 +60,8 @@ def read_local_rows(path: Path, text_field: str) -> list:
         raise DataSourceError(f"{path}: unsupported file type {suffix!r} (use .parquet, .jsonl, .json, .csv, .txt)")
     if suffix == ".jsonl" or suffix == ".json":
         _check_utf8_lines(path)
+    if suffix == ".jsonl":
+        _check_json_lines(path)
     import datasets
 
     try:
@@ -80,6 +82,22 @@ def _check_utf8_lines(path: Path) -> None:
             bad.append(number)
     if bad:
         raise DataSourceError(f"{path}: undecodable (non UTF-8) text in rows {bad[:20]} (0-based)")
+
+
+def _check_json_lines(path: Path) -> None:
+    """Every non-empty line of a JSON Lines file is a JSON object (else: which line, and why)."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataSourceError(
+                    f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataSourceError(f"{path}: line {number} is not a JSON object (found {type(record).__name__})")
 
 
 def read_hub_rows(source: dict, commit: str) -> list:

@@ -24,6 +24,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy
+
 from runtime import log_arguments, setup_logging, write_manifest, write_provenance
 
 LLAMA2_TURN = re.compile(r"\s*<s>\s*\[INST\](?P<user>.*?)\[/INST\](?P<assistant>.*?)</s>", re.S)
@@ -144,7 +146,8 @@ def length_stats(lengths: list[int], max_length: int | None) -> dict:
         "tokens": sum(lengths),
         "mean": round(statistics.fmean(lengths), 1) if lengths else 0,
         "median": statistics.median(lengths) if lengths else 0,
-        "p95": ordered[int(0.95 * (len(ordered) - 1))] if lengths else 0,
+        # Linear interpolation between closest ranks (numpy's default, R type 7).
+        "p95": round(float(numpy.percentile(ordered, 95)), 1) if lengths else 0,
         "max": max(lengths, default=0),
     }
     if max_length:

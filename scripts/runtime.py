@@ -140,6 +140,8 @@ def hardware() -> dict[str, Any]:
         "gpu_count": 0,
         "gpu_driver": None,
         "cuda_version": None,
+        # The card(s) this job ran on (scripts/gpu_assign.py claims them per job).
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     try:
         import torch

@@ -5,8 +5,9 @@ examples in the same order and use the same hyperparameters; only the base preci
 differs (modeling.load_base_model).
 
 Outputs: the adapter (vanilla PEFT loads it), ``metrics.json`` (peak GPU memory after
-loading and during training, footprint, peak RSS, tokens/s, samples/s, wall time, final
-and mean loss, device, dtypes, versions), ``loss_curve.csv`` and TensorBoard events.
+loading and during training, optimizer state, footprint, RSS, tokens/s, samples/s, wall
+time, losses, device and card, dtypes, versions; how each is measured:
+``train_metrics.py``), ``loss_curve.csv`` and TensorBoard events.
 
 Checkpoints go to a folder outside the rule's outputs: a job killed by SIGTERM/SIGKILL
 (a SLURM time limit, preemption) resumes from its last checkpoint on the next run and
@@ -21,13 +22,23 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from gpu_assign import assign_gpus
+from train_metrics import (
+    final_loss,
+    loss_curve,
+    memory_stats,
+    optimizer_state_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+    steady_tokens_per_second,
+    step_timer,
+)
 
 import preemption
 from cell_lock import CellBusy, CellLock
@@ -49,6 +60,7 @@ PATH_ARGUMENTS = {
     "log_path",
 }
 SIGNATURE_FILE = "run_signature.json"
+STEADY_FROM_STEP = 4  # steps 1-3 set up kernels for their shapes: steady speed counts from step 4
 GIB = 1024**3
 
 
@@ -143,63 +155,6 @@ def prepare_checkpoints(checkpoint_dir: Path, signature: dict, logger) -> str | 
     if last:
         logger.info("resuming from %s", last)
     return last
-
-
-def memory_stats(prefix: str) -> dict:
-    if not torch.cuda.is_available():
-        return {f"{prefix}_peak_allocated_bytes": None, f"{prefix}_peak_reserved_bytes": None}
-    return {
-        f"{prefix}_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-        f"{prefix}_peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-    }
-
-
-def step_timer():
-    """A Trainer callback timing every optimizer step (wall seconds, non-padding tokens).
-
-    The whole-run tokens/s includes one-off costs (first-shape kernel setup, checkpoint
-    saves); the median step shows the steady state. Both are reported."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.steps: dict[int, dict] = {}
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._started, self._tokens = time.perf_counter(), state.num_input_tokens_seen
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.steps[state.global_step] = {
-                "step_seconds": time.perf_counter() - self._started,
-                "step_tokens": state.num_input_tokens_seen - self._tokens,
-            }
-
-    return StepTimer()
-
-
-def steady_tokens_per_second(steps: dict[int, dict], warmup: int = 3) -> float | None:
-    """Median per-step throughput after the first warm-up steps."""
-    rates = [
-        s["step_tokens"] / s["step_seconds"] for step, s in sorted(steps.items())[warmup:] if s["step_seconds"] > 0
-    ]
-    return round(statistics.median(rates), 2) if rates else None
-
-
-def loss_curve(log_history: list[dict], steps: dict[int, dict]) -> list[dict]:
-    return [
-        {
-            "step": entry["step"],
-            "epoch": entry.get("epoch"),
-            "loss": entry["loss"],
-            "learning_rate": entry.get("learning_rate"),
-            "grad_norm": entry.get("grad_norm"),
-            **steps.get(entry["step"], {"step_seconds": None, "step_tokens": None}),
-        }
-        for entry in log_history
-        if "loss" in entry
-    ]
 
 
 def enable_checkpointing(model, every: int) -> int:
@@ -375,10 +330,16 @@ def main(
     provenance_path: Path | None = None,
     log_path: Path | None = None,
     processes: int = 1,
+    gpus: int = 0,
+    jobs_per_gpu: int = 1,
 ) -> dict:
     """Train one cell; with processes > 1, relaunch this script data-parallel under torchrun
-    (one process per GPU) and return the metrics its first process wrote."""
+    (one process per GPU) and return the metrics its first process wrote. ``gpus``: cards
+    the job's Snakemake GPU resource (0: CPU, no card claimed; else one card per process,
+    every slot of it: gpu_assign.py)."""
     preemption.listen()  # Slurm's time-limit warning may come while the model loads
+    # Every slot of its cards (exclusive), before anything initialises CUDA; torchrun's processes inherit it.
+    assign_gpus(processes if gpus else 0, jobs_per_gpu=jobs_per_gpu, exclusive=True)
     if processes > 1 and world_size() == 1:
         arguments = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()}
         # Beside the checkpoints, not in them: that folder belongs to prepare_checkpoints.
@@ -462,6 +423,7 @@ def main(
     trainer = make_trainer(model, tokenizer, dataset, args, train, callbacks)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    rss_at_train_start = reset_peak_rss()  # the CPU's training-phase peak starts here
     tokens_before = 0
     if resume_from:
         tokens_before = json.loads((Path(resume_from) / "trainer_state.json").read_text()).get(
@@ -471,6 +433,8 @@ def main(
     output = trainer.train(resume_from_checkpoint=resume_from)
     preemption.exit_if_stopped()  # Slurm's time-limit warning: checkpoint saved, no outputs
     train_seconds = time.time() - train_started
+    train_peak_rss = peak_rss_bytes() if rss_at_train_start is not None else None
+    optimizer_bytes, optimizer_paged = optimizer_state_bytes(trainer.optimizer)
     load_keys = ("load_peak_allocated_bytes", "load_peak_reserved_bytes")
     per_process = gather_memory({**{k: details[k] for k in load_keys}, **memory_stats("train")})
     if not main_process:
@@ -485,11 +449,22 @@ def main(
     curve = loss_curve(trainer.state.log_history, timer.steps)
     with Path(loss_curve_path).open("w", newline="") as handle:
         writer = csv.DictWriter(
-            handle, fieldnames=["step", "epoch", "loss", "learning_rate", "grad_norm", "step_seconds", "step_tokens"]
+            handle,
+            fieldnames=[
+                "step",
+                "epoch",
+                "loss",
+                "learning_rate",
+                "grad_norm",
+                "step_seconds",
+                "step_tokens",
+                "interval_tokens",
+            ],
         )
         writer.writeheader()
         writer.writerows(curve)
 
+    final_train_loss, final_loss_steps = final_loss(curve, trainer.state.global_step)
     tokens_this_run = trainer.state.num_input_tokens_seen - tokens_before
     steps_this_run = trainer.state.global_step - (int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
     samples_this_run = steps_this_run * train["batch_size"] * train["gradient_accumulation_steps"] * processes
@@ -504,7 +479,12 @@ def main(
         **train_memory,
         "adapter_dtypes": adapter_dtypes(trainer.model),
         "padding_free": train["padding_free"],
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "optimizer_state_bytes": optimizer_bytes,
+        "optimizer_paged": optimizer_paged,
+        "rss_at_train_start_bytes": rss_at_train_start,
+        "train_peak_rss_bytes": train_peak_rss,
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES") if torch.cuda.is_available() else None,
         "init_adapter": str(init_adapter_dir),
         "init_adapter_sha256": sha256_file(Path(init_adapter_dir) / "adapter_model.safetensors"),
         "trainable_parameters": trainable,
@@ -515,9 +495,12 @@ def main(
         "train_seconds_this_run": round(train_seconds, 3),
         "tokens_per_second": round(tokens_this_run / train_seconds, 2) if train_seconds else None,
         "samples_per_second": round(samples_this_run / train_seconds, 4) if train_seconds else None,
-        "steady_tokens_per_second": steady_tokens_per_second(timer.steps),
+        "steady_tokens_per_second": steady_tokens_per_second(timer.steps, STEADY_FROM_STEP - 1),
+        "steady_from_step": STEADY_FROM_STEP,
         "wall_seconds": round(time.time() - started, 3),
-        "final_train_loss": curve[-1]["loss"] if curve else None,
+        "final_train_loss": final_train_loss,
+        "final_loss_steps": final_loss_steps,
+        "last_batch_loss": curve[-1]["loss"] if curve else None,
         "mean_train_loss": round(sum(p["loss"] for p in curve) / len(curve), 6) if curve else None,
         "trainer_reported_loss": output.training_loss,
         "threads": threads,
@@ -565,6 +548,8 @@ def _from_snakemake(smk) -> None:
         provenance_path=Path(smk.output.provenance),
         log_path=Path(smk.log[0]),
         processes=smk.params.processes,
+        gpus=getattr(smk.resources, "gpu", 0),
+        jobs_per_gpu=smk.config["resources"].get("jobs_per_gpu", 1),
     )
     lock.release()
     write_manifest(smk, "train", started)

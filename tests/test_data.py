@@ -158,3 +158,22 @@ def test_chat_template_format_ends_with_eos(base_model_dir):
     assert "<|im_start|>user\nhi<|im_end|>" in text and text.endswith(tokenizer.eos_token)
     llama2 = prepare_data.render([("hi", "hello"), ("more", "sure")], "llama2", tokenizer)
     assert llama2.count("[INST]") == 2 and llama2.endswith(" " + tokenizer.eos_token)
+
+
+def test_an_unparseable_json_line_is_named_in_one_sentence(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "fine"}\n{"text": "broken\n')
+    with pytest.raises(fetch_data.DataSourceError, match=r"data.jsonl: line 3 is not valid JSON \(") as raised:
+        fetch(tmp_path, path)
+    assert "\n" not in str(raised.value)
+    path.write_text('{"text": "ok"}\n["a list"]\n')
+    with pytest.raises(fetch_data.DataSourceError, match="line 2 is not a JSON object"):
+        fetch(tmp_path, path)
+
+
+def test_p95_is_a_standard_percentile():
+    # Two rows of 24 and 38 tokens: floor nearest rank gave 24, below the median.
+    stats = prepare_data.length_stats([24, 38], None)
+    assert stats["median"] == 31
+    assert stats["p95"] == pytest.approx(37.3)
+    assert prepare_data.length_stats(list(range(1, 101)), None)["p95"] == pytest.approx(95.05)

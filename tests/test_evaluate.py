@@ -5,10 +5,10 @@ import math
 import shutil
 
 import pandas as pd
+import perplexity
 import pytest
 import torch
 
-import evaluate
 import merge
 from conftest import read_json
 
@@ -37,11 +37,11 @@ def test_sliding_window_agrees_with_a_plain_token_loop(base):
     model, tokenizer = base
     ids = tokenizer(SHORT_TEXT, add_special_tokens=False).input_ids
     reference, count = plain_loop_nll(model, ids)
-    total, scored = evaluate.sliding_window_nll(model, ids, context=len(ids), stride=7)
+    total, scored = perplexity.sliding_window_nll(model, ids, context=len(ids), stride=7)
     assert scored == count == len(ids) - 1
     assert math.exp(total / scored) == pytest.approx(math.exp(reference / count), rel=1e-4)
     # A shorter window scores every token exactly once, with less context.
-    _, scored_short = evaluate.sliding_window_nll(model, ids, context=8, stride=4)
+    _, scored_short = perplexity.sliding_window_nll(model, ids, context=8, stride=4)
     assert scored_short == len(ids) - 1
 
 
@@ -51,7 +51,7 @@ def test_batched_chat_perplexity_masks_padding(base):
     from prepare_data import render
 
     examples = [{"text": render(t, "llama2", tokenizer), "turns": t} for t in turns]
-    results = evaluate.chat_perplexity(model, tokenizer, examples, max_length=128, batch_size=2)
+    results = perplexity.chat_perplexity(model, tokenizer, examples, max_length=128, batch_size=2)
     reference = [plain_loop_nll(model, tokenizer(e["text"]).input_ids) for e in examples]
     total, count = sum(r[0] for r in reference), sum(r[1] for r in reference)
     assert results["eval_chat"][1] == count
@@ -64,7 +64,7 @@ def test_batched_chat_perplexity_masks_padding(base):
 
 def test_assistant_spans_include_the_eos():
     text = "<s>[INST] q [/INST] answer one </s><s>[INST] q2 [/INST] answer two </s>"
-    spans = evaluate.assistant_spans(text, [("q", "answer one"), ("q2", "answer two")], "</s>")
+    spans = perplexity.assistant_spans(text, [("q", "answer one"), ("q2", "answer two")], "</s>")
     assert [text[s:e] for s, e in spans] == ["answer one </s>", "answer two </s>"]
 
 
@@ -74,7 +74,10 @@ def test_merge_checks_pass_and_merged_models_load(pipeline_run, tiny_config):
     checks = [read_json(p) for p in sorted((pipeline_run / "merged").glob("*/merge_check.json"))]
     assert len(checks) == 4
     for check in checks:
-        assert check["passed"] and check["max_abs_logit_diff"] <= tiny_config["merge"]["max_abs_logit_diff"]
+        assert check["passed"] and not check["failures"]
+        assert check["max_abs_logit_diff"] <= check["tolerance"]["max_abs_logit_diff"]
+        assert check["fold_error_share"] <= tiny_config["merge"]["max_fold_error_share"]
+        assert check["adapter_effect_mean_abs_logit_diff"] > 0.01  # the adapters moved the model
         assert check["lora_tensors_verified"] > 0
         if check["method"] == "qlora":
             assert math.isfinite(check["adapter_on_4bit_ppl"]) and "merge_gap_rel_ppl" in check
@@ -98,7 +101,7 @@ def _corrupt(adapter_src, tmp_path, how):
     return adapter
 
 
-@pytest.mark.parametrize("how, message", [("nan", "merge check failed"), ("renamed", "not loaded")])
+@pytest.mark.parametrize("how, message", [("nan", "non-finite values"), ("renamed", "not loaded")])
 def test_merge_fails_clearly_on_a_corrupted_adapter(pipeline_run, tiny_config, tmp_path, how, message):
     cell_dir = next(p for p in (pipeline_run / "train").iterdir() if "method~lora" in p.name)
     adapter = _corrupt(cell_dir / "adapter", tmp_path, how)
@@ -115,6 +118,79 @@ def test_merge_fails_clearly_on_a_corrupted_adapter(pipeline_run, tiny_config, t
             tmp_path / "check.json",
         )
     assert not (tmp_path / "merged").exists()
+
+
+def lora_cell_dir(results):
+    return next(p for p in sorted((results / "train").iterdir()) if "method~lora" in p.name and "0.001" in p.name)
+
+
+def run_merge(results, merge_config, out, adapter=None):
+    cell = {"method": "lora", "quant_type": "none", "double_quant": False}
+    return merge.main(
+        results / "model" / "base",
+        adapter or lora_cell_dir(results) / "adapter",
+        results / "data" / "eval_chat.jsonl",
+        cell,
+        merge_config,
+        64,
+        out / "merged",
+        out / "check.json",
+    )
+
+
+def test_a_bf16_merge_passes_on_the_cpu_against_its_precision_floor(pipeline_run, tiny_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    check = run_merge(pipeline_run, dict(tiny_config["merge"], dtype="bfloat16"), tmp_path)
+    assert check["passed"] and check["dtype"] == "bfloat16"
+    floor = check["precision_floor_max_abs_logit_diff"]
+    assert floor > 1e-3  # bf16 really rounds: the check is not comparing float32 with itself
+    assert check["max_abs_logit_diff"] <= tiny_config["merge"]["precision_floor_factor"] * floor
+    assert check["fold_mean_abs_logit_diff"] < 1e-4  # the fold itself is float32
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert {p.dtype for p in saved.parameters()} == {torch.bfloat16}
+
+
+def broken_fold(defect: str):
+    """A merge with one planted defect, on the LoRA layer that moves the weights most."""
+    from peft.tuners.lora import LoraLayer
+
+    def fold(peft_model):
+        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        layer = max(layers, key=lambda m: float(m.get_delta_weight("default").norm()))
+        name = next(n for n, m in peft_model.named_modules() if m is layer)
+        delta = layer.get_delta_weight("default").detach().clone()
+        if defect == "no-op":
+            return peft_model.unload()
+        merged = peft_model.merge_and_unload()
+        weight = merged.get_submodule(name.removeprefix("base_model.model.")).weight
+        with torch.no_grad():
+            if defect == "doubled":
+                weight += delta  # that layer's LoRA product counted twice
+            elif defect == "missing":
+                weight -= delta  # that layer left out of the merge
+            elif defect == "nan":
+                weight[0, 0] = float("nan")
+        return merged
+
+    return fold
+
+
+@pytest.mark.parametrize(
+    "defect, message",
+    [
+        ("no-op", "adapter's own effect"),
+        ("doubled", "part of the adapter is missing, doubled or not merged"),
+        ("missing", "part of the adapter is missing, doubled or not merged"),
+        ("nan", "non-finite values"),
+    ],
+)
+def test_planted_merge_defects_fail_and_are_named(pipeline_run, tiny_config, tmp_path, monkeypatch, defect, message):
+    monkeypatch.setattr(merge, "fold_adapter", broken_fold(defect))
+    with pytest.raises(merge.MergeCheckError, match=message):
+        run_merge(pipeline_run, dict(tiny_config["merge"], dtype="bfloat16"), tmp_path)
+    check = read_json(tmp_path / "check.json")
+    assert not check["passed"] and not (tmp_path / "merged").exists()
 
 
 def test_perplexity_table_covers_every_model(pipeline_run):
@@ -137,3 +213,48 @@ def test_samples_for_base_and_merged(pipeline_run, tiny_config):
         samples = [json.loads(line) for line in path.read_text().splitlines()]
         assert [s["prompt"] for s in samples] == tiny_config["evaluate"]["sample_prompts"]
         assert all(isinstance(s["completion"], str) for s in samples)
+
+
+def whitespace_tokenizer(words: list[str]):
+    """A tokenizer whose tokens carry no leading space (offsets start at the word)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["[UNK]", *sorted(set(words))])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("leading_space", [True, False])
+def test_the_first_answer_token_is_an_answer_token(base, leading_space):
+    text = "[INST] Name a colour. [/INST] Blue sky </s>"
+    spans = perplexity.assistant_spans(text, [("Name a colour.", "Blue sky")], "</s>")
+    tokenizer = base[1] if leading_space else whitespace_tokenizer(text.split())
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    offsets = [tuple(o) for o in encoded["offset_mapping"]]
+    tokens = [text[s:e] for s, e in offsets]
+    answer = [t for t, keep in zip(tokens, perplexity.answer_token_mask(offsets, spans), strict=True) if keep]
+    first = " Blue" if leading_space else "Blue"
+    assert first in tokens  # the two tokenizers really differ in where a word's token starts
+    assert answer[0] == first and "".join(answer).strip().startswith("Blue sky")
+    assert not any("INST" in t for t in answer)
+
+
+def test_per_example_nll_adds_up_and_windows_batch(base):
+    model, tokenizer = base
+    from prepare_data import render
+
+    turns = [[["Hi there", "Hello! How can I help?"]], [["Name a colour.", "Blue."], ["Another?", "Red."]]]
+    examples = [{"text": render(t, "llama2", tokenizer), "turns": t} for t in turns]
+    records: list = []
+    totals = perplexity.chat_perplexity(model, tokenizer, examples, max_length=128, batch_size=1, records=records)
+    for dataset, (total, count) in totals.items():
+        mine = [r for r in records if r[0] == dataset]
+        assert [r[1] for r in mine] == [0, 1]
+        assert sum(r[2] for r in mine) == count and sum(r[3] for r in mine) == pytest.approx(total, rel=1e-6)
+    ids = tokenizer(SHORT_TEXT * 3, add_special_tokens=False).input_ids
+    one = perplexity.sliding_window_nll(model, ids, context=16, stride=8, batch_size=1)
+    batched = perplexity.sliding_window_nll(model, ids, context=16, stride=8, batch_size=4)
+    assert batched[1] == one[1] == len(ids) - 1
+    assert batched[0] == pytest.approx(one[0], rel=1e-5)

@@ -1,6 +1,7 @@
 """Training stage: the tiny grid on CPU, fair arms, vanilla-PEFT adapters, resume, determinism."""
 
 import csv
+import math
 import os
 import shutil
 import signal
@@ -57,7 +58,12 @@ def test_tiny_grid_trains_both_arms(pipeline_run, tiny_config):
     assert len(trained) == len(expected) == 4
     for metrics in trained:
         assert metrics["global_steps"] == tiny_config["train"]["max_steps"]
-        assert metrics["tokens_per_second"] > 0 and metrics["peak_rss_bytes"] > 0
+        assert metrics["tokens_per_second"] > 0 and metrics["steady_tokens_per_second"] > 0
+        # CPU memory: the training phase's own peak, below the process peak that loading set.
+        assert 0 < metrics["rss_at_train_start_bytes"] <= metrics["train_peak_rss_bytes"]
+        assert metrics["train_peak_rss_bytes"] <= metrics["process_peak_rss_bytes"]
+        assert metrics["optimizer_state_bytes"] == 2 * 4 * metrics["trainable_parameters"]  # AdamW: 2 fp32 moments
+        assert metrics["final_loss_steps"] >= 1 and math.isfinite(metrics["final_train_loss"])
         assert metrics["optimizer"] == "adamw_torch" and metrics["optimizer_requested"] == "paged_adamw_32bit"
         # TRL casts a quantised model's adapters to bf16; the stage keeps both arms in fp32.
         assert metrics["adapter_dtypes"] == ["float32"]

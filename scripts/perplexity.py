@@ -7,11 +7,17 @@ in fixed batches in eval mode, so it is deterministic:
 - ``eval_chat``: the held-out chat split over whole sequences, and ``eval_chat_assistant``
   over the assistant tokens only (each answer and its EOS);
 - ``wikitext``: WikiText-2 test with a sliding window (``evaluate.wikitext_context``
-  tokens, moved by ``evaluate.wikitext_stride``; each token is scored once, with up to
-  context - stride tokens of left context).
+  tokens, moved by ``evaluate.wikitext_stride``; each token is scored once, with at least
+  context - stride tokens of left context, all preceding tokens in the first window),
+  windows of equal length scored ``evaluate.batch_size`` at a time.
+
+An answer token is one whose characters overlap the answer's span (so a token that carries
+the answer's leading space counts, as the tokenizer of SmolLM2 and Llama make them).
 
 Outputs: a tidy CSV (one row per data set: tokens, mean nll, perplexity, plus the model's
-description) and greedy generations for ``evaluate.sample_prompts`` in the chat format.
+description), the same per held-out example (``*.examples.csv``: tokens and summed nll of
+each conversation, for intervals over the eval set), and greedy generations for
+``evaluate.sample_prompts`` in the chat format.
 """
 
 import argparse
@@ -22,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_assign import assign_gpus
 
 from grid import GRID_COLUMNS
 from modeling import load_base_model, resolve_compute_dtype
@@ -29,6 +36,8 @@ from prepare_data import adds_bos
 from runtime import log_arguments, setup_logging, write_manifest, write_provenance
 
 CSV_COLUMNS = ["model_kind", "model", "precision", *GRID_COLUMNS, "dataset", "tokens", "nll", "perplexity"]
+# Per held-out example: nll is the sum over the example's scored tokens (nats).
+EXAMPLE_COLUMNS = ["model_kind", "model", "precision", *GRID_COLUMNS, "dataset", "example", "tokens", "nll"]
 
 
 def assistant_spans(text: str, turns: list, eos: str) -> list[tuple[int, int]]:
@@ -63,9 +72,20 @@ def token_nll_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torc
     return nll.view(batch, length - 1)
 
 
+def answer_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Which tokens belong to an answer: those whose characters overlap an answer span.
+
+    A token that starts before the span (its leading space) but reaches into it is the
+    answer's first token; a token that ends where the span starts is not."""
+    return [end > start and any(start < e and end > s for s, e in spans) for start, end in offsets]
+
+
 @torch.no_grad()
-def chat_perplexity(model, tokenizer, examples: list[dict], max_length: int, batch_size: int) -> dict:
-    """Token-weighted NLL over whole sequences and over assistant tokens only."""
+def chat_perplexity(
+    model, tokenizer, examples: list[dict], max_length: int, batch_size: int, records: list | None = None
+) -> dict:
+    """Token-weighted NLL over whole sequences and over assistant tokens only; with
+    ``records``, also one (dataset, example, tokens, nll) tuple per example and data set."""
     totals = {"eval_chat": [0.0, 0], "eval_chat_assistant": [0.0, 0]}
     tokenizer.padding_side = "right"
     for first in range(0, len(examples), batch_size):
@@ -83,30 +103,49 @@ def chat_perplexity(model, tokenizer, examples: list[dict], max_length: int, bat
         assistant = torch.zeros_like(full)
         for row, example in enumerate(chunk):
             spans = assistant_spans(example["text"], example["turns"], tokenizer.eos_token)
-            for position, (start, end) in enumerate(encoded["offset_mapping"][row].tolist()[1:], start=0):
-                if end > start and any(s <= start < e for s, e in spans):
-                    assistant[row, position] = True
+            # Position j scores token j + 1: the mask of the targets, offsets[1:].
+            assistant[row] = torch.tensor(answer_token_mask(encoded["offset_mapping"][row].tolist()[1:], spans))
         assistant &= full
         for name, mask in (("eval_chat", full), ("eval_chat_assistant", assistant)):
             totals[name][0] += float(nll[mask].sum())
             totals[name][1] += int(mask.sum())
+            if records is not None:
+                for row in range(len(chunk)):
+                    records.append((name, first + row, int(mask[row].sum()), float(nll[row][mask[row]].sum())))
     return {name: (total, count) for name, (total, count) in totals.items()}
 
 
-@torch.no_grad()
-def sliding_window_nll(model, ids: list[int], context: int, stride: int) -> tuple[float, int]:
-    """Total NLL and token count over a long text, each token scored once."""
-    total, count, scored_until = 0.0, 0, 1  # the first token has no prefix: never scored
-    for begin in range(0, len(ids), stride):
-        end = min(begin + context, len(ids))
-        window = torch.tensor([ids[begin:end]])
-        nll = token_nll(model, window, torch.ones_like(window))[0]  # nll[j] scores token begin + j + 1
-        first_new = max(scored_until, begin + 1) - (begin + 1)
-        total += float(nll[first_new:].sum())
-        count += len(nll) - first_new
+def sliding_windows(length: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_new) of each window over a text of ``length`` tokens: the window
+    holds tokens [begin, end) and scores its targets from position first_new on, so that
+    every token but the first is scored exactly once."""
+    windows, scored_until = [], 1  # the first token has no prefix: never scored
+    for begin in range(0, length, stride):
+        end = min(begin + context, length)
+        windows.append((begin, end, max(scored_until, begin + 1) - (begin + 1)))
         scored_until = end
-        if end == len(ids):
+        if end == length:
             break
+    return windows
+
+
+@torch.no_grad()
+def sliding_window_nll(model, ids: list[int], context: int, stride: int, batch_size: int = 1) -> tuple[float, int]:
+    """Total NLL and token count over a long text, each token scored once; windows of the
+    same length go through the model ``batch_size`` at a time."""
+    total, count = 0.0, 0
+    windows = sliding_windows(len(ids), context, stride)
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first : first + batch_size]
+        groups: dict[int, list] = {}
+        for window in chunk:  # only the last window can be shorter
+            groups.setdefault(window[1] - window[0], []).append(window)
+        for group in groups.values():
+            batch = torch.tensor([ids[begin:end] for begin, end, _ in group])
+            nll = token_nll(model, batch, torch.ones_like(batch))  # nll[r, j] scores token begin + j + 1
+            for row, (_, _, first_new) in enumerate(group):
+                total += float(nll[row, first_new:].sum())
+                count += nll.shape[1] - first_new
     return total, count
 
 
@@ -123,15 +162,18 @@ def prompt_text(prompt: str, text_format: str, tokenizer) -> str:
 
 @torch.no_grad()
 def greedy_samples(model, tokenizer, prompts: list[str], text_format: str, max_new_tokens: int) -> list[dict]:
-    samples = []
-    for prompt in prompts:
-        encoded = tokenizer(prompt_text(prompt, text_format, tokenizer), return_tensors="pt").to(model.device)
-        output = model.generate(
-            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        completion = tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-        samples.append({"prompt": prompt, "completion": completion.strip()})
-    return samples
+    """Greedy answers to every prompt, generated together (left-padded batch)."""
+    if not prompts:
+        return []
+    tokenizer.padding_side = "left"
+    texts = [prompt_text(prompt, text_format, tokenizer) for prompt in prompts]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
+    output = model.generate(
+        **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    tokenizer.padding_side = "right"
+    completions = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [{"prompt": p, "completion": c.strip()} for p, c in zip(prompts, completions, strict=True)]
 
 
 def load_model(
@@ -162,10 +204,13 @@ def main(
     out_csv: Path,
     out_samples: Path,
     adapter_dir: Path | None = None,
+    out_examples: Path | None = None,
     compute_dtype: str = "auto",
     threads: int = 2,
     provenance_path: Path | None = None,
     log_path: Path | None = None,
+    gpus: int = 0,
+    jobs_per_gpu: int = 1,
 ) -> list[dict]:
     from transformers import AutoTokenizer
 
@@ -182,7 +227,9 @@ def main(
         text_format=text_format,
         compute_dtype=compute_dtype,
         threads=threads,
+        gpus=gpus,
     )
+    assign_gpus(gpus, logger, jobs_per_gpu=jobs_per_gpu)  # before anything initialises CUDA
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dtype = resolve_compute_dtype(compute_dtype)
@@ -197,10 +244,11 @@ def main(
     )
 
     examples = [json.loads(line) for line in Path(eval_chat_file).read_text().splitlines()]
-    results = chat_perplexity(model, tokenizer, examples, evaluate["max_length"], evaluate["batch_size"])
+    records: list = []
+    results = chat_perplexity(model, tokenizer, examples, evaluate["max_length"], evaluate["batch_size"], records)
     wikitext_ids = tokenizer(Path(wikitext_file).read_text(), add_special_tokens=False).input_ids
     results["wikitext"] = sliding_window_nll(
-        model, wikitext_ids, evaluate["wikitext_context"], evaluate["wikitext_stride"]
+        model, wikitext_ids, evaluate["wikitext_context"], evaluate["wikitext_stride"], evaluate["batch_size"]
     )
     rows = []
     for dataset, (total, count) in results.items():
@@ -213,6 +261,13 @@ def main(
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    if out_examples:
+        with Path(out_examples).open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=EXAMPLE_COLUMNS)
+            writer.writeheader()
+            for dataset, example, tokens, nll in sorted(records):
+                row = {column: description.get(column) for column in EXAMPLE_COLUMNS}
+                writer.writerow(dict(row, dataset=dataset, example=example, tokens=tokens, nll=nll))
     samples = greedy_samples(model, tokenizer, evaluate["sample_prompts"], text_format, evaluate["max_new_tokens"])
     Path(out_samples).parent.mkdir(parents=True, exist_ok=True)
     Path(out_samples).write_text("".join(json.dumps({**description, **s}, ensure_ascii=False) + "\n" for s in samples))
@@ -233,10 +288,13 @@ def _from_snakemake(smk) -> None:
         out_csv=Path(smk.output.table),
         out_samples=Path(smk.output.samples),
         adapter_dir=Path(smk.input.adapter_dir) if "adapter_dir" in smk.input.keys() else None,
+        out_examples=Path(smk.output.examples),
         compute_dtype=smk.params.compute_dtype,
         threads=smk.threads,
         provenance_path=Path(smk.output.provenance),
         log_path=Path(smk.log[0]),
+        gpus=getattr(smk.resources, "gpu", 0),
+        jobs_per_gpu=smk.config["resources"].get("jobs_per_gpu", 1),
     )
     write_manifest(smk, "evaluate", started)
 
