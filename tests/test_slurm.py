@@ -210,7 +210,7 @@ def submit_line(job_id: str) -> str:
 
 
 # A two-GPU training job (two gloo processes on the fake GPUs).
-RESUME_STEPS, RESUME_SAVE_STEPS, RESUME_RUNTIME_MIN = 10, 2, 5
+RESUME_STEPS, RESUME_SAVE_STEPS, RESUME_RUNTIME_MIN = 6, 2, 5
 
 
 def test_requeued_then_time_limited_training_resumes_and_duplicates_are_refused(
