@@ -24,6 +24,19 @@ include: "rules/report.smk"
 include: "rules/push.smk"
 
 
+# Run by the Snakemake process itself, never queued on a cluster: the downloads need the
+# internet that compute nodes may lack, the rest takes seconds.
+localrules:
+    fetch_model,
+    fetch_data,
+    push_to_hub,
+    tokenizer_audit,
+    perplexity_table,
+    tables,
+    figure,
+    report,
+
+
 rule all:
     default_target: True
     input:

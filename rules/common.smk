@@ -12,6 +12,17 @@ sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from config_check import ConfigError, push_settings, validate_config  # noqa: E402
 from grid import base_model_description, base_model_names, grid_table  # noqa: E402
 from memory_model import plan_for_cell  # noqa: E402
+from job_resources import LIGHT_MEM_MB, LIGHT_RUNTIME_MIN, train_runtime_min  # noqa: E402
+from preemption import sbatch_options  # noqa: E402
+from site_check import (  # noqa: E402
+    conda_env,
+    disk_note,
+    kernels_problem,
+    polling_problem,
+    preemption_note,
+    slurm_setting,
+    stray_jobs_problem,
+)
 
 try:
     validate_config(config)
@@ -31,7 +42,7 @@ if JOBS_PER_GPU > 1 and not workflow.local_exec:
 # A training job's GPU resource (one data-parallel process per card) and CPU threads to match.
 TRAIN_GPUS = RES["gpus_per_job"] * JOBS_PER_GPU if RES["gpu"] else 0
 TRAIN_THREADS = RES["threads"] * RES["gpus_per_job"]
-ENV = "../envs/pipeline.yaml"
+ENV = f"../{conda_env(config)}"  # with the GPU extras when the recipe needs them
 DATASETS = ["train", "eval_chat", "wikitext"]
 
 # The initial adapter of one rank/alpha/dropout/targets/seed (shared by both arms).
@@ -133,3 +144,55 @@ def final_targets():
         f"{RESULTS}/tables/perplexity.csv",
         f"{RESULTS}/report/report.html",
     ] + ([f"{RESULTS}/hub/upload.json"] if PUSH["enabled"] else [])
+
+
+# What each job asks of the scheduler (scripts/job_resources.py): sized per rule, doubled on a retry.
+def per_attempt(amount):
+    """A resource that doubles on each retry (after OUT_OF_MEMORY or TIMEOUT)."""
+    return lambda wildcards, attempt: amount * attempt
+
+
+# merge and evaluate load the model on one GPU: they never ask for more.
+MODEL_GPUS = min(RES["gpu"], 1)
+
+
+def train_runtime(wildcards, input, attempt):
+    """The train job's time limit: from its tokens and the measured throughput when given."""
+    return train_runtime_min(config, Path(input.stats), attempt)
+
+
+def train_sbatch_options(wildcards, input, attempt):
+    """Slurm's warning signal before that limit (a checkpoint is saved on it), requeueable."""
+    return sbatch_options(train_runtime(wildcards, input, attempt))
+
+
+# Site checks before any job is submitted (scripts/site_check.py), in the controller only.
+if workflow.is_main_process:
+    from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+    USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    problems = [kernels_problem(config, USE_CONDA, sys.executable)]
+    if workflow.executor_plugin is not None and workflow.executor_plugin.name.endswith("slurm"):
+        from snakemake_executor_plugin_slurm.job_status_query import get_min_job_age
+
+        settings = workflow.executor_settings
+        problems.append(
+            polling_problem(settings.status_command, settings.init_seconds_before_status_checks, get_min_job_age())
+        )
+        if note := preemption_note(slurm_setting("PreemptMode")):
+            print(note, file=sys.stderr)
+    for problem in filter(None, problems):
+        raise WorkflowError(f"Cannot start: {problem}.")
+    # Printed: Snakemake's logger shows nothing this early. Merged weights: 2 bytes a parameter
+    # on a GPU (bf16/fp16), 4 on the CPU (float32).
+    print(
+        disk_note(Path(RESULTS) / "model/base/config.json", len(GRID.dataframe), 2 if RES["gpu"] else 4),
+        file=sys.stderr,
+    )
+
+
+# Before the first job of a real run (not a dry run): no live job, e.g. one left by a
+# Snakemake that died, already trains a cell of this results folder.
+onstart:
+    if workflow.is_main_process and (stray := stray_jobs_problem(Path(RESULTS) / "checkpoints")):
+        raise WorkflowError(f"Cannot start: {stray}.")

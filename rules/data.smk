@@ -11,8 +11,8 @@ rule fetch_data:
     conda:
         ENV
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
+        mem_mb=per_attempt(LIGHT_MEM_MB),
+        runtime=per_attempt(LIGHT_RUNTIME_MIN),
     params:
         data=config["data"],
     script:
@@ -36,8 +36,8 @@ rule prepare_data:
     conda:
         ENV
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
+        mem_mb=per_attempt(LIGHT_MEM_MB),
+        runtime=per_attempt(LIGHT_RUNTIME_MIN),
     params:
         data=config["data"],
     script:

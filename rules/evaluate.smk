@@ -18,9 +18,9 @@ rule evaluate_base:
         ENV
     threads: RES["threads"]
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
-        gpu=RES["gpu"],
+        mem_mb=per_attempt(RES["mem_mb"]),
+        runtime=per_attempt(RES["runtime_min"]),
+        gpu=MODEL_GPUS,
     params:
         description=base_description,
         evaluate=config["evaluate"],
@@ -47,9 +47,9 @@ rule evaluate_adapter:
         ENV
     threads: RES["threads"]
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
-        gpu=RES["gpu"],
+        mem_mb=per_attempt(RES["mem_mb"]),
+        runtime=per_attempt(RES["runtime_min"]),
+        gpu=MODEL_GPUS,
     params:
         description=adapter_description,
         evaluate=config["evaluate"],
@@ -75,9 +75,9 @@ rule evaluate_merged:
         ENV
     threads: RES["threads"]
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
-        gpu=RES["gpu"],
+        mem_mb=per_attempt(RES["mem_mb"]),
+        runtime=per_attempt(RES["runtime_min"]),
+        gpu=MODEL_GPUS,
     params:
         description=merged_description,
         evaluate=config["evaluate"],
@@ -100,7 +100,7 @@ rule perplexity_table:
     conda:
         ENV
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
+        mem_mb=per_attempt(LIGHT_MEM_MB),
+        runtime=per_attempt(LIGHT_RUNTIME_MIN),
     script:
         "../scripts/perplexity_table.py"

@@ -16,9 +16,9 @@ rule merge:
         ENV
     threads: RES["threads"]
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
-        gpu=RES["gpu"],
+        mem_mb=per_attempt(RES["mem_mb"]),
+        runtime=per_attempt(RES["runtime_min"]),
+        gpu=MODEL_GPUS,
     params:
         cell=cell_params,
         merge=config["merge"],

@@ -12,8 +12,8 @@ rule fetch_model:
         ENV
     threads: RES["threads"]
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
+        mem_mb=per_attempt(RES["mem_mb"]),
+        runtime=per_attempt(RES["runtime_min"]),
     params:
         model=config["model"],
     script:
@@ -34,8 +34,8 @@ rule tokenizer_audit:
     conda:
         ENV
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
+        mem_mb=per_attempt(LIGHT_MEM_MB),
+        runtime=per_attempt(LIGHT_RUNTIME_MIN),
     params:
         max_length=config["data"]["max_length"],
     script:

@@ -20,8 +20,8 @@ rule push_to_hub:
     conda:
         ENV
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
+        mem_mb=per_attempt(LIGHT_MEM_MB),
+        runtime=per_attempt(LIGHT_RUNTIME_MIN),
     params:
         push=PUSH,
         config=config,

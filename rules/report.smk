@@ -24,8 +24,8 @@ rule tables:
     conda:
         ENV
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
+        mem_mb=per_attempt(LIGHT_MEM_MB),
+        runtime=per_attempt(LIGHT_RUNTIME_MIN),
     script:
         "../scripts/tables.py"
 
@@ -49,8 +49,8 @@ rule figure:
     conda:
         ENV
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
+        mem_mb=per_attempt(LIGHT_MEM_MB),
+        runtime=per_attempt(LIGHT_RUNTIME_MIN),
     script:
         "../scripts/figures.py"
 
@@ -73,8 +73,8 @@ rule report:
     conda:
         ENV
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
+        mem_mb=per_attempt(LIGHT_MEM_MB),
+        runtime=per_attempt(LIGHT_RUNTIME_MIN),
     params:
         config=config,
     script:

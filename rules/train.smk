@@ -13,8 +13,8 @@ rule init_adapter:
         ENV
     threads: RES["threads"]
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime_min"],
+        mem_mb=per_attempt(RES["mem_mb"]),
+        runtime=per_attempt(RES["runtime_min"]),
     script:
         "../scripts/init_adapter.py"
 
@@ -26,6 +26,7 @@ rule train:
         init_adapter=init_adapter_dir,
         # No training starts on a tokenizer that would mask EOS (rules/model.smk).
         tokenizer_audit=f"{RESULTS}/model/tokenizer_audit.json",
+        stats=f"{RESULTS}/data/stats.json",  # the cell's tokens size its time limit
     output:
         adapter_dir=directory(f"{RESULTS}/train/{{cell}}/adapter"),
         metrics=f"{RESULTS}/train/{{cell}}/metrics.json",
@@ -38,8 +39,9 @@ rule train:
         ENV
     threads: TRAIN_THREADS
     resources:
-        mem_mb=RES["train_mem_mb"],
-        runtime=RES["train_runtime_min"],
+        mem_mb=per_attempt(RES["train_mem_mb"]),
+        runtime=train_runtime,
+        slurm_extra=train_sbatch_options,
         gpu=TRAIN_GPUS,
         gpu_mem_mb=train_gpu_mem_mb,
         nodes=1,  # data-parallel processes share one node

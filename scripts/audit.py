@@ -28,6 +28,7 @@ hashes from the report down to the sources must hold, as in a full audit.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -39,6 +40,10 @@ from config_check import ConfigError, validate_config
 from runtime import MANIFEST_SUFFIX, MANIFEST_VERSION, code_version, config_sha256, sha256_file, study_config
 
 ROOT_MANIFEST = f"report/report{MANIFEST_SUFFIX}"
+# Merged weights may be deleted once evaluate_merged has read them (README, SLURM: disk): the
+# sha256 that merge recorded and the one evaluate_merged read must still agree; the file
+# itself is then not re-hashed.
+DROPPABLE_WEIGHTS = re.compile(r"merged/[^/]+/model/[^/]+\.safetensors")
 CODE_KEYS = ("git_commit", "git_dirty", "git_diff_sha256")
 
 
@@ -75,6 +80,13 @@ class Auditor:
         self.bytes_hashed = 0
         self.manifests = self._load_manifests()
         self.producers = self._producers()
+        self.evaluated = {
+            path
+            for record in self.manifests.values()
+            if _rule(record) == "evaluate_merged"
+            for path in record["inputs"]
+        }
+        self.dropped: set[str] = set()
         if ROOT_MANIFEST not in self.manifests:
             raise AuditError("report/report.html", f"no manifest {ROOT_MANIFEST}: run the pipeline to the report first")
         root = self.manifests[ROOT_MANIFEST]
@@ -117,6 +129,9 @@ class Auditor:
         actual = self.actual_hash(path)
         if actual is None and self.published and not os.path.isabs(path):
             self.unpublished.add(path)  # weights and other large files stay out of a published study
+            return
+        if actual is None and DROPPABLE_WEIGHTS.fullmatch(path) and path in self.evaluated:
+            self.dropped.add(path)
             return
         if actual is None:
             raise AuditError(path, f"missing (recorded by {manifest})")
@@ -291,6 +306,11 @@ def main(results_dir: Path, config_path: Path | None = None, code: str = "checko
         f"{auditor.code_reference}; config {_short(auditor.expected_fingerprint)}…"
         + (f" = {config_path}" if config_path else " (the report's)")
     )
+    if auditor.dropped:
+        print(
+            f"{len(auditor.dropped)} merged weight files dropped after evaluation: their sha256 "
+            "recorded by merge and read by evaluate_merged agree"
+        )
     print("\nprovenance (report -> sources):")
     print("\n".join(provenance_tree(auditor, walk)))
     drawn = drawn_from_tables(auditor)
@@ -301,6 +321,7 @@ def main(results_dir: Path, config_path: Path | None = None, code: str = "checko
         "seconds": seconds,
         "files": files,
         "unpublished": sorted(auditor.unpublished),
+        "dropped": sorted(auditor.dropped),
         "manifests": len(auditor.manifests),
         "tables": drawn,
         **walk,

@@ -40,6 +40,8 @@ from train_metrics import (
     step_timer,
 )
 
+import preemption
+from cell_lock import CellBusy, CellLock
 from memory_model import plan_for_cell
 from modeling import apply_kernels, device, load_base_model, resolve_compute_dtype
 from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
@@ -250,15 +252,18 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def launch_command(processes: int, arguments_file: Path) -> list[str]:
+def launch_command(processes: int, arguments_file: Path, log_dir: Path | None = None) -> list[str]:
     """torchrun: this script once per GPU on one node, each process reading the same
-    arguments; each QLoRA process holds its own 4-bit base on its own GPU."""
+    arguments; each QLoRA process holds its own 4-bit base on its own GPU. With log_dir,
+    every process's output is also kept there (<run>/attempt_<n>/<rank>/stdout.log, stderr.log)."""
+    logs = ["--log-dir", str(log_dir), "--tee", "3"] if log_dir else []
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={processes}",
+        *logs,
         str(Path(__file__).resolve()),
         "--arguments-json",
         str(arguments_file),
@@ -332,6 +337,7 @@ def main(
     (one process per GPU) and return the metrics its first process wrote. ``gpus``: cards
     the job's Snakemake GPU resource (0: CPU, no card claimed; else one card per process,
     every slot of it: gpu_assign.py)."""
+    preemption.listen()  # Slurm's time-limit warning may come while the model loads
     # Every slot of its cards (exclusive), before anything initialises CUDA; torchrun's processes inherit it.
     assign_gpus(processes if gpus else 0, jobs_per_gpu=jobs_per_gpu, exclusive=True)
     if processes > 1 and world_size() == 1:
@@ -340,7 +346,8 @@ def main(
         arguments_file = Path(checkpoint_dir).with_name(Path(checkpoint_dir).name + ".launch.json")
         arguments_file.parent.mkdir(parents=True, exist_ok=True)
         arguments_file.write_text(json.dumps(arguments, indent=2))
-        launched = subprocess.run(launch_command(processes, arguments_file))
+        log_dir = Path(log_path).with_suffix(".torchrun") if log_path else None
+        launched = subprocess.run(launch_command(processes, arguments_file, log_dir))
         if launched.returncode:
             raise RuntimeError(
                 f"data-parallel training of {processes} processes failed (exit {launched.returncode}): "
@@ -409,7 +416,7 @@ def main(
         resume_from = prepare_checkpoints(Path(checkpoint_dir), signature, logger)
 
     timer = step_timer()
-    callbacks = [timer]
+    callbacks = [timer, preemption.save_on_warning(logger)]
     if main_process:
         Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(tensorboard_dir))))
@@ -424,6 +431,7 @@ def main(
         )
     train_started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
+    preemption.exit_if_stopped()  # Slurm's time-limit warning: checkpoint saved, no outputs
     train_seconds = time.time() - train_started
     train_peak_rss = peak_rss_bytes() if rss_at_train_start is not None else None
     optimizer_bytes, optimizer_paged = optimizer_state_bytes(trainer.optimizer)
@@ -519,6 +527,11 @@ def _from_snakemake(smk) -> None:
     from runtime import write_manifest  # here, not at the top: train.py's imports are shared work
 
     started = time.time()
+    preemption.listen(preemption.warning_seconds(smk.resources.runtime))
+    try:  # a live job owns the cell's checkpoints: a duplicate stops before touching them
+        lock = CellLock(Path(smk.params.checkpoint_dir)).acquire()
+    except CellBusy as busy:  # not in the rule's log: that file is the owner's
+        raise SystemExit(f"train {smk.wildcards.cell}: {busy}") from None
     main(
         model_dir=Path(smk.input.model_dir),
         train_file=Path(smk.input.train),
@@ -538,6 +551,7 @@ def _from_snakemake(smk) -> None:
         gpus=getattr(smk.resources, "gpu", 0),
         jobs_per_gpu=smk.config["resources"].get("jobs_per_gpu", 1),
     )
+    lock.release()
     write_manifest(smk, "train", started)
 
 

@@ -199,3 +199,21 @@ def test_a_published_study_audits_without_its_weights_and_fails_on_an_altered_ta
     runs.write_text(runs.read_text().replace("qlora", "QLoRA", 1))
     with pytest.raises(audit.AuditError, match="tables/runs.csv: sha256 .* does not match"):
         audit.main(study, study / "config.yaml", code="report", published=True)
+
+
+def test_merged_weights_may_be_dropped_once_evaluated(pipeline_run, tmp_path):
+    """Deleting merged weights after evaluate_merged read them (disk on a cluster) keeps the
+    audit: the sha256 merge recorded and the one evaluate_merged read still have to agree."""
+    results = linked_copy(pipeline_run, tmp_path / "results")
+    weights = sorted(results.glob("merged/*/model/*.safetensors"))
+    assert len(weights) == 4
+    for path in weights:
+        path.unlink()
+    outcome = audit.main(results, TINY_CONFIG)
+    assert outcome["dropped"] == [path.relative_to(results).as_posix() for path in weights]
+    # Any other missing file still fails, naming it.
+    adapter = next(results.glob("train/*/adapter/adapter_model.safetensors"))
+    adapter.unlink()
+    with pytest.raises(audit.AuditError) as raised:
+        audit.main(results, TINY_CONFIG)
+    assert raised.value.artifact == adapter.relative_to(results).as_posix()

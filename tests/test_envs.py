@@ -54,3 +54,17 @@ def test_every_rule_uses_the_pinned_env():
         text = smk.read_text()
         rules = text.count("\nrule ")
         assert text.count("conda:\n        ENV") == rules, smk.name
+
+
+def test_gpu_conda_env_adds_the_gpu_extras():
+    """envs/pipeline-gpu.yaml (picked when the recipe needs Liger) = requirements.txt + requirements-gpu.txt."""
+    gpu_env = yaml.safe_load((PROJECT / "envs" / "pipeline-gpu.yaml").read_text())
+    pip_section = next(item["pip"] for item in gpu_env["dependencies"] if isinstance(item, dict))
+    pins = dict(spec.lower().replace("_", "-").split("==") for spec in pip_section)
+    extras = {}
+    for line in (PROJECT / "requirements-gpu.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            extras[name.lower().replace("_", "-")] = version
+    assert pins == {**requirement_pins(), **extras}
