@@ -38,10 +38,10 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_assign import assign_gpus
-from perplexity import token_nll_from_logits
 
+from gpu_assign import assign_gpus
 from modeling import load_base_model, resolve_compute_dtype
+from perplexity import token_nll_from_logits
 from runtime import log_arguments, setup_logging, write_manifest, write_provenance
 
 # Mean |logit diff| of a correct float32 fold, measured on SmolLM2-135M: 7e-6 (max 8e-5).

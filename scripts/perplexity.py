@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_assign import assign_gpus
 
+from gpu_assign import assign_gpus
 from grid import GRID_COLUMNS
 from modeling import load_base_model, resolve_compute_dtype
 from prepare_data import adds_bos

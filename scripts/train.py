@@ -28,7 +28,13 @@ import time
 from pathlib import Path
 
 import torch
+
+import preemption
+from cell_lock import CellBusy, CellLock
 from gpu_assign import assign_gpus
+from memory_model import plan_for_cell
+from modeling import apply_kernels, device, load_base_model, resolve_compute_dtype
+from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
 from train_metrics import (
     final_loss,
     loss_curve,
@@ -39,12 +45,6 @@ from train_metrics import (
     steady_tokens_per_second,
     step_timer,
 )
-
-import preemption
-from cell_lock import CellBusy, CellLock
-from memory_model import plan_for_cell
-from modeling import apply_kernels, device, load_base_model, resolve_compute_dtype
-from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
 
 CUDA_ONLY_OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit"}
 PATH_ARGUMENTS = {

@@ -5,11 +5,11 @@ import math
 import shutil
 
 import pandas as pd
-import perplexity
 import pytest
 import torch
 
 import merge
+import perplexity
 from conftest import read_json
 
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog. It was a sunny day in the small town of Elm."

@@ -8,9 +8,9 @@ import subprocess
 import sys
 import time
 
-import gpu_assign
 import pytest
 
+import gpu_assign
 from conftest import PROJECT
 
 JOB = """
