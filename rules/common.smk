@@ -125,3 +125,31 @@ def final_targets():
         f"{RESULTS}/tables/perplexity.csv",
         f"{RESULTS}/report/report.html",
     ] + ([f"{RESULTS}/hub/upload.json"] if PUSH["enabled"] else [])
+
+
+# ---- Downstream tasks (evaluate.lm_eval, rules/downstream.smk); nothing when disabled.
+from lm_eval_tasks import PIPELINE_DATA, TASKS_DIR, pipeline_inputs, settings as lm_eval_settings  # noqa: E402
+
+LM_EVAL = lm_eval_settings(config)
+LM_EVAL_DATA = pipeline_inputs(config, RESULTS) if LM_EVAL["enabled"] else {}
+LM_EVAL_TASK_FILES = sorted(str(p) for p in TASKS_DIR.glob("*.yaml"))
+
+
+def downstream_tables():
+    """Every per-model downstream CSV: the bases, each adapter, each merged model."""
+    return (
+        expand(f"{RESULTS}/downstream/base/{{base}}.csv", base=BASE_MODELS)
+        + expand(f"{RESULTS}/downstream/adapter/{{cell}}.csv", cell=GRID.instance_patterns)
+        + expand(f"{RESULTS}/downstream/merged/{{cell}}.csv", cell=GRID.instance_patterns)
+    )
+
+
+def downstream_report_inputs():
+    """What the report adds when evaluate.lm_eval is enabled: the tables and their figure."""
+    if not LM_EVAL["enabled"]:
+        return []
+    return [
+        f"{RESULTS}/tables/downstream.csv",
+        f"{RESULTS}/tables/downstream_diff.csv",
+        f"{RESULTS}/figures/downstream.png",
+    ]
