@@ -21,6 +21,7 @@ include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/evaluate.smk"
 include: "rules/downstream.smk"
+include: "rules/track.smk"
 include: "rules/report.smk"
 include: "rules/push.smk"
 

@@ -124,7 +124,7 @@ def final_targets():
         expand(f"{RESULTS}/train/{{cell}}/metrics.json", cell=GRID.instance_patterns),
         f"{RESULTS}/tables/perplexity.csv",
         f"{RESULTS}/report/report.html",
-    ] + ([f"{RESULTS}/hub/upload.json"] if PUSH["enabled"] else [])
+    ] + ([f"{RESULTS}/hub/upload.json"] if PUSH["enabled"] else []) + tracker_records()
 
 
 # ---- Downstream tasks (evaluate.lm_eval, rules/downstream.smk); nothing when disabled.
@@ -153,3 +153,21 @@ def downstream_report_inputs():
         f"{RESULTS}/tables/downstream_diff.csv",
         f"{RESULTS}/figures/downstream.png",
     ]
+
+
+# ---- Experiment trackers (train.report_to, rules/track.smk); nothing for TensorBoard alone.
+from trackers import trainer_report_to  # noqa: E402
+
+TRACKED = trainer_report_to(config["train"]) != "none"
+
+
+def tracker_records():
+    """One record per cell of the numbers rule track_evaluation added to its tracker runs."""
+    return expand(f"{RESULTS}/trackers/{{cell}}.json", cell=GRID.instance_patterns) if TRACKED else []
+
+
+def cell_downstream_tables(wildcards):
+    """The cell's downstream CSVs (adapter, merged) when evaluate.lm_eval is enabled."""
+    if not LM_EVAL["enabled"]:
+        return []
+    return [f"{RESULTS}/downstream/{kind}/{wildcards.cell}.csv" for kind in ("adapter", "merged")]

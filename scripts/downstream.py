@@ -16,6 +16,7 @@ plus the model's description) and lm-eval's own results JSON (configs, versions,
 
 import argparse
 import csv
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -54,17 +55,51 @@ def pipeline_evaluator():
     return module
 
 
+def pipeline_nll_on_lm_eval_windows(model, ids: list[int], max_length: int, prefix_token_id: int) -> tuple[float, int]:
+    """Total NLL and token count of ``ids`` by the pipeline's own evaluator
+    (evaluate.sliding_window_nll) on exactly the windows of lm-eval's rolling log-likelihood.
+
+    lm-eval (``loglikelihood_rolling``, context_len 1) cuts a text of N tokens into windows
+    of L = max_length predictions: the first predicts tokens 0..L-1 from the prefix token
+    (BOS, else EOS) and the tokens before each; every further window predicts the next L
+    tokens and sees only the last token of the window before (no overlap); the last, shorter
+    window of p = N mod L tokens is shifted left to a full L-token input, so it sees up to L
+    earlier tokens. The pipeline's sliding window (context C, stride S, each token scored
+    once) over [prefix] + ids with C = L + 1 and S = L scores the same tokens from the same
+    inputs for every full window. The last partial window is the pipeline's NLL of the last
+    L tokens (input: the last L + 1 tokens) minus that of their first L - p: a causal model
+    scores a prefix the same whether more tokens follow or not. (The pipeline's own WikiText
+    windows, evaluate.wikitext_context/stride, overlap and give every token more context:
+    a different, lower number; this function is for the like-for-like comparison only.)
+    """
+    sliding_window_nll = pipeline_evaluator().sliding_window_nll
+    length, count = max_length, len(ids)
+    if count <= length:
+        return sliding_window_nll(model, [prefix_token_id, *ids], length + 1, length)
+    partial = count % length
+    total, scored = sliding_window_nll(model, [prefix_token_id, *ids[: count - partial]], length + 1, length)
+    if partial:
+        last = ids[count - length - 1 :]
+        with_all, n_all = sliding_window_nll(model, last, length + 1, length + 1)
+        without, n_without = sliding_window_nll(model, last[: length + 1 - partial], length + 1, length + 1)
+        total, scored = total + with_all - without, scored + n_all - n_without
+    return total, scored
+
+
 def load_tasks(lm_eval: dict, data: dict, pipeline_files: dict[str, str], logger) -> list[tuple[dict, dict]]:
     """(configured task, lm-eval's loaded tasks) per configured task; data read now, no model yet."""
+    specs = task_specs(lm_eval, data, pipeline_files)  # missing data: one sentence, nothing loaded yet
     manager = task_manager(include_defaults=needs_builtin_tasks(lm_eval))
     loaded = []
-    for task, spec in task_specs(lm_eval, data, pipeline_files):
+    for task, spec in specs:
         try:
             loaded.append((task, manager.load([spec])))
         except Exception as err:  # datasets raises many classes (connection, missing file, config)
             dataset = spec.get("dataset_path") if isinstance(spec, dict) else "its lm-eval data set(s)"
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TaskDataError(f"lm-eval task {task['name']!r}: data set {dataset} could not be loaded ({reason})") from err
+            raise TaskDataError(
+                f"lm-eval task {task['name']!r}: data set {dataset} could not be loaded ({reason})"
+            ) from err
         logger.info("task %s: %s", task["name"], ", ".join(sorted(loaded[-1][1]["tasks"])))
     return loaded
 
@@ -76,7 +111,8 @@ def tidy_rows(results: dict, task: dict, description: dict, fewshot_seed: int) -
     for name, metrics in results["results"].items():
         for key, value in metrics.items():
             metric, _, filter_name = key.partition(",")
-            if key == "alias" or "_stderr" in metric or not isinstance(value, (int, float)):
+            # "metric,filter" keys only (alias, name and sample_len are not scores)
+            if not filter_name or "_stderr" in metric or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{filter_name}")
             row = {column: description.get(column) for column in CSV_COLUMNS}
@@ -180,7 +216,7 @@ def main(
             started,
             description=description,
             lm_eval=lm_eval,
-            lm_eval_version=harness.__version__ if hasattr(harness, "__version__") else None,
+            lm_eval_version=importlib.metadata.version("lm_eval"),
             max_length=lm.max_length,
             prefix_token_id=lm.prefix_token_id,
         )
@@ -214,6 +250,24 @@ def _run_from_snakemake(smk) -> None:
         raise SystemExit(str(err)) from None
 
 
+def cli_main(config: dict, model_dir: Path, data_dir: Path, out_dir: Path, adapter_dir=None, precision="16bit"):
+    """main() for the command line: settings from a pipeline config, one sentence on bad data."""
+    try:
+        return main(
+            model_dir,
+            {"model_kind": "cli", "model": str(model_dir), "precision": precision},
+            settings(config),
+            config["data"],
+            {"wikitext": str(Path(data_dir) / "wikitext.txt")},
+            Path(out_dir) / "downstream.csv",
+            Path(out_dir) / "downstream.json",
+            adapter_dir,
+            config["train"]["compute_dtype"],
+        )
+    except TaskDataError as err:
+        raise SystemExit(str(err)) from None
+
+
 if "snakemake" in globals():  # run by Snakemake's script directive
     _run_from_snakemake(snakemake)  # noqa: F821
 elif __name__ == "__main__":
@@ -227,18 +281,4 @@ elif __name__ == "__main__":
     parser.add_argument("--data-dir", type=Path, required=True, help="prepare_data's output folder")
     parser.add_argument("--out-dir", type=Path, required=True)
     a = parser.parse_args()
-    cfg = yaml.safe_load(a.config.read_text())
-    try:
-        main(
-            a.model_dir,
-            {"model_kind": "cli", "model": str(a.model_dir), "precision": a.precision},
-            settings(cfg),
-            cfg["data"],
-            {"wikitext": str(a.data_dir / "wikitext.txt")},
-            a.out_dir / "downstream.csv",
-            a.out_dir / "downstream.json",
-            a.adapter_dir,
-            cfg["train"]["compute_dtype"],
-        )
-    except TaskDataError as err:
-        raise SystemExit(str(err)) from None
+    cli_main(yaml.safe_load(a.config.read_text()), a.model_dir, a.data_dir, a.out_dir, a.adapter_dir, a.precision)

@@ -120,7 +120,11 @@ def add_to_report(page: str, tables_dir: Path, figures_dir: Path | None = None) 
     if not section:
         return page
     anchor = "<h2>Software and hardware</h2>"
-    return page.replace(anchor, section + "\n" + anchor, 1) if anchor in page else page.replace("</body>", section + "</body>")
+    return (
+        page.replace(anchor, section + "\n" + anchor, 1)
+        if anchor in page
+        else page.replace("</body>", section + "</body>")
+    )
 
 
 def write_tables(table_paths: list[Path], out_table: Path, out_diff: Path) -> pd.DataFrame:

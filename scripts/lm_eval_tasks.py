@@ -17,6 +17,7 @@ Where a task's data comes from:
 """
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -28,7 +29,14 @@ TASKS_DIR = PROJECT_ROOT / "tasks"
 # The pipeline's prepared data sets a task may read, by name: file under results/data/.
 PIPELINE_DATA = {"wikitext": "wikitext.txt"}
 # Builders of datasets.load_dataset for a single local file, by suffix.
-FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text", ".raw": "text"}
+FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".txt": "text",
+    ".raw": "text",
+}
 DEFAULTS = {
     "enabled": False,
     "tasks": [{"name": "wikitext_pipeline", "num_fewshot": 0, "limit": None}],
@@ -93,7 +101,9 @@ def data_problem(name: str, task_config: dict, data: dict) -> str | None:
     wanted = pipeline_data(task_config)
     if wanted is not None:
         if wanted not in PIPELINE_DATA:
-            return f"lm-eval task {name!r}: pipeline_data {wanted!r} is not a prepared data set ({sorted(PIPELINE_DATA)})"
+            return (
+                f"lm-eval task {name!r}: pipeline_data {wanted!r} is not a prepared data set ({sorted(PIPELINE_DATA)})"
+            )
         return None
     dataset_path = str(task_config.get("dataset_path") or "")
     files = (task_config.get("dataset_kwargs") or {}).get("data_files")
@@ -169,15 +179,47 @@ def task_specs(lm_eval: dict, data: dict, pipeline_files: dict[str, str]) -> lis
     return specs
 
 
-def _builtin_config(name: str) -> dict | None:
-    """The full config of one of lm-eval's own leaf tasks (includes resolved), else None."""
-    manager = task_manager(include_defaults=True)
-    entry = manager.task_index.get(name)
-    if entry is None or entry.yaml_path is None or name in manager.all_groups or name in manager.all_tags:
+_TASK_OR_GROUP = re.compile(r"^['\"]?(task|group)['\"]?:[ \t]*['\"]?([^\s'\"#]+)['\"]?[ \t]*(?:#.*)?$", re.M)
+_TAG_LINE = re.compile(r"^['\"]?tag['\"]?:[ \t]*['\"]?([^\s'\"#\[]+)['\"]?[ \t]*$", re.M)
+_TAG_LIST = re.compile(r"^['\"]?tag['\"]?:[ \t]*\n((?:[ \t]+-[ \t]*\S+[ \t]*\n?)+)", re.M)
+_BUILTIN: dict[str, tuple[str, Path]] = {}
+
+
+def builtin_names() -> dict[str, tuple[str, Path]]:
+    """{name: (task | group | tag, YAML file)} of lm-eval's own task YAMLs, by a text scan
+    (~1 s; lm-eval's TaskManager parses all ~14k files, ~20 s): for the checks only."""
+    if not _BUILTIN:
+        import lm_eval
+
+        for path in sorted((Path(lm_eval.__file__).parent / "tasks").rglob("*.yaml")):
+            text = path.read_text(errors="replace")
+            for kind, name in _TASK_OR_GROUP.findall(text):
+                _BUILTIN.setdefault(name, (kind, path))
+            tags = _TAG_LINE.findall(text) + [
+                item.strip().lstrip("-").strip().strip("'\"")
+                for block in _TAG_LIST.findall(text)
+                for item in block.splitlines()
+            ]
+            for name in filter(None, tags):
+                _BUILTIN.setdefault(name, ("tag", path))
+    return _BUILTIN
+
+
+def _builtin_config(name: str, resolve_functions: bool = True) -> dict | None:
+    """The full config (includes merged) of one of lm-eval's own leaf tasks, else None."""
+    kind, path = builtin_names().get(name, (None, None))
+    if kind != "task":
         return None
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    return load_yaml(entry.yaml_path, resolve_func=True)
+    return load_yaml(path, resolve_func=resolve_functions)
+
+
+def known_task(name: str) -> bool:
+    """A task, group or tag of tasks/ or of lm-eval (its full index decides what the scan misses)."""
+    if name in repo_tasks() or name in builtin_names():
+        return True
+    return name in task_manager(include_defaults=True).all_tasks
 
 
 _MANAGERS: dict[bool, object] = {}
@@ -204,14 +246,13 @@ def check_config(config: dict) -> None:
     if not lm_eval["enabled"]:
         return
     ours = repo_tasks()
-    manager = task_manager(include_defaults=True) if needs_builtin_tasks(lm_eval) else None
     for index, task in enumerate(lm_eval["tasks"]):
         name, key = task["name"], f"evaluate.lm_eval.tasks[{index}].name"
-        if name not in ours and (manager is None or name not in manager.all_tasks):
+        if not known_task(name):
             raise ConfigError(
                 f"config key '{key}': lm-eval has no task {name!r} (neither in tasks/ nor among lm-eval's own tasks)"
             )
-        config_of_task = ours.get(name) or _builtin_config(name)
+        config_of_task = ours.get(name) or _builtin_config(name, resolve_functions=False)
         problem = data_problem(name, config_of_task, config["data"]) if config_of_task else None
         if problem:
             raise ConfigError(f"config key '{key}': {problem}")

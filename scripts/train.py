@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+import trackers
 from memory_model import plan_for_cell
 from modeling import apply_kernels, device, load_base_model, resolve_compute_dtype
 from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
@@ -66,6 +67,7 @@ def sft_config(
     max_length: int,
     logger,
     autocast: bool = True,
+    run_name: str | None = None,
 ):
     """SFTConfig from the config's train section; options this transformers lacks are logged, not lost silently.
 
@@ -101,7 +103,8 @@ def sft_config(
         packing=False,
         pad_to_multiple_of=train["pad_to_multiple_of"],
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=trackers.trainer_report_to(train),  # train.report_to (scripts/trackers.py)
+        run_name=run_name,
         disable_tqdm=True,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step
@@ -370,6 +373,7 @@ def main(
     provenance_path: Path | None = None,
     log_path: Path | None = None,
     processes: int = 1,
+    tracking: dict | None = None,
 ) -> dict:
     """Train one cell; with processes > 1, relaunch this script data-parallel under torchrun
     (one process per GPU) and return the metrics its first process wrote."""
@@ -436,7 +440,17 @@ def main(
 
     with state.main_process_first():  # one process fills the datasets cache and tidies checkpoints
         dataset = datasets.load_dataset("json", data_files=str(train_file), split="train").select_columns(["text"])
-        args, dropped_options = sft_config(train, cell, checkpoint_dir, compute_dtype, optimizer, max_length, logger)
+        trackers.prepare(tracking, train, cell)
+        args, dropped_options = sft_config(
+            train,
+            cell,
+            checkpoint_dir,
+            compute_dtype,
+            optimizer,
+            max_length,
+            logger,
+            run_name=(tracking or {}).get("run_name"),
+        )
         signature = {
             "cell": cell,
             "train": train,
@@ -523,6 +537,7 @@ def main(
     if provenance_path:
         write_provenance(provenance_path, "train", started, cell=cell, train=train, resumed_from=resume_from)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # done: the adapter is the result
+    trackers.log_metrics(tracking, train, trackers.final_train_metrics(metrics))
     logger.info(
         "done: %d steps, final loss %.4f, %.1f tokens/s",
         trainer.state.global_step,
@@ -552,6 +567,7 @@ def _from_snakemake(smk) -> None:
         provenance_path=Path(smk.output.provenance),
         log_path=Path(smk.log[0]),
         processes=smk.params.processes,
+        tracking=trackers.identity(smk.wildcards.cell, smk.config),
     )
     write_manifest(smk, "train", started)
 
