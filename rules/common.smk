@@ -124,7 +124,7 @@ def final_targets():
         expand(f"{RESULTS}/train/{{cell}}/metrics.json", cell=GRID.instance_patterns),
         f"{RESULTS}/tables/perplexity.csv",
         f"{RESULTS}/report/report.html",
-    ] + ([f"{RESULTS}/hub/upload.json"] if PUSH["enabled"] else []) + tracker_records()
+    ] + ([f"{RESULTS}/hub/upload.json"] if PUSH["enabled"] else [])
 
 
 # ---- Downstream tasks (evaluate.lm_eval, rules/downstream.smk); nothing when disabled.
