@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from grid import GRID_COLUMNS
-from lm_eval_tasks import TaskDataError, needs_builtin_tasks, settings, task_manager, task_specs
+from lm_eval_tasks import TaskDataError, dataset_of, needs_builtin_tasks, settings, task_manager, task_specs
 from runtime import log_arguments, setup_logging, write_manifest, write_provenance
 
 CSV_COLUMNS = [
@@ -95,7 +95,7 @@ def load_tasks(lm_eval: dict, data: dict, pipeline_files: dict[str, str], logger
         try:
             loaded.append((task, manager.load([spec])))
         except Exception as err:  # datasets raises many classes (connection, missing file, config)
-            dataset = spec.get("dataset_path") if isinstance(spec, dict) else "its lm-eval data set(s)"
+            dataset = dataset_of(task["name"], spec)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise TaskDataError(
                 f"lm-eval task {task['name']!r}: data set {dataset} could not be loaded ({reason})"

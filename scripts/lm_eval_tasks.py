@@ -17,6 +17,7 @@ Where a task's data comes from:
 """
 
 import copy
+import hashlib
 import re
 from pathlib import Path
 
@@ -126,18 +127,32 @@ def data_problem(name: str, task_config: dict, data: dict) -> str | None:
     return None
 
 
+def folder_sha256(folder: Path) -> str:
+    """sha256 of a folder copy: of its sorted lines "<relative path> <file sha256>"."""
+    lines = "".join(
+        f"{p.relative_to(folder).as_posix()} {sha256_file(p)}\n" for p in sorted(Path(folder).rglob("*")) if p.is_file()
+    )
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def dataset_of(name: str, spec) -> str:
+    """The data set a task spec reads, for messages."""
+    config = spec if isinstance(spec, dict) else _builtin_config(name, resolve_functions=False) or {}
+    return str(config.get("dataset_path") or "its lm-eval data set(s)")
+
+
 def _with_mirror(task_config: dict, entry: dict) -> dict:
     """The task reading the mirror's local copy of its Hub data set."""
     path = resolve_path(entry["path"])
     patched = copy.deepcopy(task_config)
+    if not path.is_dir() and path.suffix.lower() not in FILE_BUILDERS:
+        raise TaskDataError(f"data.mirror file {path}: unsupported type (use {', '.join(FILE_BUILDERS)} or a folder)")
+    digest = folder_sha256(path) if path.is_dir() else sha256_file(path)
+    if digest != entry["sha256"]:
+        raise TaskDataError(f"data.mirror copy {path}: sha256 {digest} != expected {entry['sha256']}")
     if path.is_dir():  # a local snapshot of the Hub repository: same configs and splits
         patched["dataset_path"] = str(path)
         return patched
-    if path.suffix.lower() not in FILE_BUILDERS:
-        raise TaskDataError(f"data.mirror file {path}: unsupported type (use {', '.join(FILE_BUILDERS)})")
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        raise TaskDataError(f"data.mirror file {path}: sha256 {digest} != expected {entry['sha256']}")
     split = patched.get("test_split") or patched.get("validation_split") or "test"
     patched["dataset_path"] = FILE_BUILDERS[path.suffix.lower()]
     patched.pop("dataset_name", None)
