@@ -197,7 +197,9 @@ def task_specs(lm_eval: dict, data: dict, pipeline_files: dict[str, str]) -> lis
 _TASK_OR_GROUP = re.compile(r"^['\"]?(task|group)['\"]?:[ \t]*['\"]?([^\s'\"#]+)['\"]?[ \t]*(?:#.*)?$", re.M)
 _TAG_LINE = re.compile(r"^['\"]?tag['\"]?:[ \t]*['\"]?([^\s'\"#\[]+)['\"]?[ \t]*$", re.M)
 _TAG_LIST = re.compile(r"^['\"]?tag['\"]?:[ \t]*\n((?:[ \t]+-[ \t]*\S+[ \t]*\n?)+)", re.M)
+_WORD = re.compile(r"[\w\-.]+")
 _BUILTIN: dict[str, tuple[str, Path]] = {}
+_WORDS: set[str] = set()  # every word of lm-eval's task YAMLs: a registered name is among them
 
 
 def builtin_names() -> dict[str, tuple[str, Path]]:
@@ -206,9 +208,11 @@ def builtin_names() -> dict[str, tuple[str, Path]]:
     if not _BUILTIN:
         import lm_eval
 
-        for path in sorted((Path(lm_eval.__file__).parent / "tasks").rglob("*.yaml")):
+        # *_yaml files are templates others include: their tags count, their task names do not.
+        for path in sorted((Path(lm_eval.__file__).parent / "tasks").rglob("*yaml")):
             text = path.read_text(errors="replace")
-            for kind, name in _TASK_OR_GROUP.findall(text):
+            _WORDS.update(_WORD.findall(text))
+            for kind, name in _TASK_OR_GROUP.findall(text) if path.suffix == ".yaml" else []:
                 _BUILTIN.setdefault(name, (kind, path))
             tags = _TAG_LINE.findall(text) + [
                 item.strip().lstrip("-").strip().strip("'\"")
@@ -231,10 +235,12 @@ def _builtin_config(name: str, resolve_functions: bool = True) -> dict | None:
 
 
 def known_task(name: str) -> bool:
-    """A task, group or tag of tasks/ or of lm-eval (its full index decides what the scan misses)."""
+    """A task, group or tag of tasks/ or of lm-eval. Every name lm-eval registers is written
+    in one of its task YAMLs: a name in none is unknown at once; for a word the scan does not
+    recognise as a name (some tags), lm-eval's full index decides."""
     if name in repo_tasks() or name in builtin_names():
         return True
-    return name in task_manager(include_defaults=True).all_tasks
+    return name in _WORDS and name in task_manager(include_defaults=True).all_tasks
 
 
 _MANAGERS: dict[bool, object] = {}
