@@ -113,8 +113,11 @@ def html_section(tables_dir: Path, figure_png: Path | None) -> str:
     return "\n".join(parts)
 
 
-def add_to_report(page: str, tables_dir: Path, figures_dir: Path | None = None) -> str:
-    """The report page with the downstream section before its software section (if any)."""
+def add_to_report(page: str, tables_dir: Path, config: dict, figures_dir: Path | None = None) -> str:
+    """The report page with the downstream section before its software section, when the
+    config enables evaluate.lm_eval (tables of an earlier run never sneak in)."""
+    if not ((config.get("evaluate") or {}).get("lm_eval") or {}).get("enabled"):
+        return page
     figures_dir = Path(figures_dir) if figures_dir else Path(tables_dir).parent / "figures"
     section = html_section(tables_dir, figures_dir / "downstream.png")
     if not section:

@@ -219,7 +219,7 @@ def main(
         figures,
         yaml.safe_dump(config, sort_keys=False),
     )
-    page = downstream_report.add_to_report(page, tables_dir)  # evaluate.lm_eval: nothing when off
+    page = downstream_report.add_to_report(page, tables_dir, config)  # evaluate.lm_eval; nothing when off
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(page)
     numbers = headline(runs, pairs)
