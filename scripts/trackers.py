@@ -47,6 +47,7 @@ def identity(cell_name: str, config: dict) -> dict:
     return {
         "run_name": cell_name,
         "run_id": hashlib.sha256(f"{cell_name}:{fingerprint}".encode()).hexdigest()[:24],  # wandb's id
+        "wandb_dir": str(Path(config["results_dir"]) / "trackers"),  # offline runs: not the project folder
         "tags": {
             "cell": cell_name,
             "config_sha256": fingerprint,
@@ -66,6 +67,8 @@ def prepare(tracking: dict | None, train: dict, cell: dict) -> None:
         os.environ["MLFLOW_TAGS"] = json.dumps({**tracking["tags"], **{f"grid.{k}": str(v) for k, v in cell.items()}})
         os.environ.setdefault("MLFLOW_FLATTEN_PARAMS", "TRUE")
     if "wandb" in trackers:
+        os.environ.setdefault("WANDB_DIR", tracking["wandb_dir"])
+        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_PROJECT", PROJECT_NAME)
         os.environ["WANDB_RUN_ID"] = tracking["run_id"]
         os.environ["WANDB_RESUME"] = "allow"
@@ -126,12 +129,16 @@ def log_metrics(tracking: dict | None, train: dict, metrics: dict[str, float]) -
     if "wandb" in chosen(train):
         import wandb
 
-        run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", PROJECT_NAME),
-            id=tracking["run_id"],
-            resume="allow",
-            name=tracking["run_name"],
-        )
+        run = wandb.run  # still open after the Trainer's callback, in the training job
+        if run is None or run.id != tracking["run_id"]:
+            os.environ.setdefault("WANDB_DIR", tracking["wandb_dir"])
+            Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+            run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", PROJECT_NAME),
+                id=tracking["run_id"],
+                resume="allow",
+                name=tracking["run_name"],
+            )
         run.summary.update(metrics)
         run.finish()
         logged["wandb"] = tracking["run_id"]

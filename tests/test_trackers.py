@@ -1,4 +1,5 @@
-"""train.report_to: one MLflow run per cell, for real, in MLflow's local file store (offline)."""
+"""train.report_to: one MLflow run per cell, for real, in MLflow's local file store, and one
+wandb run in offline mode; no network."""
 
 import copy
 
@@ -23,10 +24,15 @@ def test_mlflow_run_per_cell_with_tags_params_and_final_numbers(pipeline_run, ti
 
     store = tmp_path / "mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
-    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS", "MLFLOW_FLATTEN_PARAMS"):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS", "MLFLOW_FLATTEN_PARAMS", "WANDB_DIR", "WANDB_RUN_ID"):
         monkeypatch.delenv(name, raising=False)  # restored after the test
+    for name in ("WANDB_RESUME", "WANDB_TAGS", "WANDB_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
     config = copy.deepcopy(tiny_config)
-    config["train"].update(max_steps=2, report_to=["tensorboard", "mlflow"])
+    config["results_dir"] = str(tmp_path / "results")  # where wandb keeps its offline runs
+    config["train"].update(max_steps=2, report_to=["tensorboard", "mlflow", "wandb"])
     assert (pipeline_run / "train" / CELL).is_dir()
     tracking = trackers.identity(CELL, config)
 
@@ -49,3 +55,16 @@ def test_mlflow_run_per_cell_with_tags_params_and_final_numbers(pipeline_run, ti
     perplexity = pd.read_csv(evaluation[0]).set_index("dataset").perplexity
     assert run.data.metrics["final/ppl_adapter_wikitext"] == pytest.approx(perplexity["wikitext"])
     assert "downstream/merged/wikitext_pipeline/word_perplexity" in run.data.metrics
+
+    # wandb 0.31 has no reader for offline runs: their files hold the strings it logged.
+    runs = sorted((tmp_path / "results" / "trackers" / "wandb").glob(f"offline-run-*-{tracking['run_id']}"))
+    assert len(runs) == 2  # the training job's, then track_evaluation's resumption of the same id
+    training, evaluation = (next(run.glob("run-*.wandb")).read_bytes() for run in runs)
+    for expected in (
+        CELL,
+        f"config_sha256={tracking['tags']['config_sha256']}",
+        "train/loss",
+        "final/final_train_loss",
+    ):
+        assert expected.encode() in training, expected
+    assert b"final/ppl_adapter_wikitext" in evaluation and b"downstream/merged/wikitext_pipeline" in evaluation
