@@ -72,7 +72,8 @@ def prepare(tracking: dict | None, train: dict, cell: dict) -> None:
         os.environ.setdefault("WANDB_PROJECT", PROJECT_NAME)
         os.environ["WANDB_RUN_ID"] = tracking["run_id"]
         os.environ["WANDB_RESUME"] = "allow"
-        os.environ["WANDB_TAGS"] = ",".join(f"{k}={v}"[:64] for k, v in tracking["tags"].items())
+        # wandb tags hold 64 characters: short forms here, full values in the run's config at the end
+        os.environ["WANDB_TAGS"] = ",".join(f"{k}={v[:16]}" for k, v in tracking["tags"].items() if k != "cell")
 
 
 def check_config(config: dict) -> None:
@@ -139,6 +140,7 @@ def log_metrics(tracking: dict | None, train: dict, metrics: dict[str, float]) -
                 resume="allow",
                 name=tracking["run_name"],
             )
+        run.config.update(tracking["tags"], allow_val_change=True)
         run.summary.update(metrics)
         run.finish()
         logged["wandb"] = tracking["run_id"]
