@@ -68,25 +68,35 @@ def diff_table(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def setting_label(diff: pd.DataFrame) -> pd.Series:
-    """The grid settings that vary across rows, as one label (the task and metric otherwise)."""
-    varying = [c for c in PAIR_KEYS + ["quant_type", "double_quant"] if c in diff and diff[c].nunique() > 1]
-    parts = [diff.task + " " + diff.metric]
-    parts += [c + "=" + diff[c].astype(str) for c in varying if c != "seed"]
-    return pd.concat(parts, axis=1).agg(", ".join, axis=1)
+    """The grid settings that vary across rows, as one label ("all cells" when none do)."""
+    varying = [c for c in PAIR_KEYS + ["quant_type", "double_quant"] if c in diff and c != "seed"]
+    varying = [c for c in varying if diff[c].nunique() > 1]
+    if not varying:
+        return pd.Series("all cells", index=diff.index)
+    return diff[varying].astype(str).radd([f"{c}=" for c in varying]).agg(", ".join, axis=1)
 
 
 def figure(diff: pd.DataFrame) -> plt.Figure:
-    """LoRA − QLoRA per task and metric with 95 % intervals across seeds; adapter and merged."""
-    diff = diff.assign(label=setting_label(diff))
-    kinds = sorted(diff.model_kind.unique()) or ["adapter"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 1.2 + 0.45 * max(1, diff.label.nunique())))
-    axes = [axes] if len(kinds) == 1 else list(axes)
-    for ax, kind in zip(axes, kinds, strict=True):
-        part = diff[diff.model_kind == kind]
-        sns.pointplot(data=part, x="diff_mean", y="label", linestyle="none", ax=ax, color="#4C72B0")
-        ax.errorbar(part.diff_mean, range(len(part)), xerr=part.diff_ci95.fillna(0), fmt="none", ecolor="#4C72B0")
-        ax.axvline(0, color="grey", linewidth=0.8)
-        ax.set(title=f"{kind}: LoRA − QLoRA", xlabel="difference (95 % CI across seeds)", ylabel="")
+    """LoRA − QLoRA with 95 % intervals across seeds: one panel per task metric (its own
+    scale) and model kind (adapter, merged), one point per setting."""
+    diff = diff.assign(label=setting_label(diff), panel=diff.task + ": " + diff.metric)
+    panels, kinds = sorted(diff.panel.unique()), sorted(diff.model_kind.unique())
+    height = 0.9 + 0.35 * diff.label.nunique()
+    fig, axes = plt.subplots(
+        max(1, len(panels)),
+        max(1, len(kinds)),
+        figsize=(5 * max(1, len(kinds)), height * max(1, len(panels))),
+        squeeze=False,
+    )
+    for row, panel in enumerate(panels):
+        for column, kind in enumerate(kinds):
+            ax, part = axes[row][column], diff[(diff.panel == panel) & (diff.model_kind == kind)]
+            positions = range(len(part))
+            ax.errorbar(part.diff_mean, positions, xerr=part.diff_ci95.fillna(0), fmt="o", color=sns.color_palette()[0])
+            ax.set_yticks(list(positions), list(part.label))
+            ax.axvline(0, color="grey", linewidth=0.8)
+            ax.set_title(f"{kind}: {panel}", fontsize=9)
+            ax.set_xlabel("LoRA − QLoRA (95 % CI across seeds)" if row == len(panels) - 1 else "")
     fig.tight_layout()
     return fig
 
