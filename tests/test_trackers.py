@@ -27,6 +27,7 @@ def test_mlflow_run_per_cell_with_tags_params_and_final_numbers(pipeline_run, ti
 
     store = tmp_path / "mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this with a file store
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS", "MLFLOW_FLATTEN_PARAMS", "WANDB_DIR", "WANDB_RUN_ID"):
@@ -49,7 +50,7 @@ def test_mlflow_run_per_cell_with_tags_params_and_final_numbers(pipeline_run, ti
     client = MlflowClient()
     experiment = client.get_experiment_by_name("qlora-snakemake")
     [run] = client.search_runs([experiment.experiment_id])
-    assert run.info.run_name == CELL and record["runs"] == {"mlflow": run.info.run_id}
+    assert run.info.run_name == CELL and record["runs"] == {"mlflow": run.info.run_id, "wandb": tracking["run_id"]}
     assert run.data.tags["config_sha256"] == tracking["tags"]["config_sha256"]
     assert run.data.tags["git_commit"] == tracking["tags"]["git_commit"] and run.data.tags["grid.method"] == "qlora"
     assert float(run.data.params["learning_rate"]) == QLORA_CELL["learning_rate"]  # the Trainer's arguments
