@@ -1,7 +1,6 @@
 # Helpers shared by every stage: config validation, paths, the training grid, resources.
 
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -10,15 +9,13 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-# Jobs too find the scripts first: Snakemake's script directive appends their folder to
-# sys.path after site-packages, where lm-eval's dependency `evaluate` (Hugging Face's
-# metrics package) would shadow scripts/evaluate.py (merge.py imports it by that name).
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    filter(None, [str(Path(workflow.basedir) / "scripts"), os.environ.get("PYTHONPATH")])
-)
 from config_check import ConfigError, push_settings, validate_config  # noqa: E402
 from grid import base_model_description, base_model_names, grid_table  # noqa: E402
 from memory_model import plan_for_cell  # noqa: E402
+from runtime import scripts_first_in_jobs  # noqa: E402
+
+# Jobs import the project's scripts before site-packages (a package may share a script's name).
+scripts_first_in_jobs(Path(workflow.basedir) / "scripts")
 
 try:
     validate_config(config)
