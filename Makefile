@@ -52,6 +52,9 @@ report: setup
 # Figures and report from $(RESULTS)/tables alone (no model, no GPU): the regeneration command.
 report-from-tables:
 	cd scripts && $(abspath $(PYTHON_BIN)) figures.py --tables $(abspath $(RESULTS))/tables --out $(abspath $(RESULTS))/figures
+	# The downstream figure only where evaluate.lm_eval made its tables.
+	if [ -f $(RESULTS)/tables/downstream_diff.csv ]; then cd scripts && $(abspath $(PYTHON_BIN)) downstream_report.py \
+		--tables $(abspath $(RESULTS))/tables --figures $(abspath $(RESULTS))/figures; fi
 	cd scripts && $(abspath $(PYTHON_BIN)) report.py --tables $(abspath $(RESULTS))/tables --figures $(abspath $(RESULTS))/figures \
 		--config $(abspath $(CONFIG)) --out $(abspath $(RESULTS))/report/report.html
 

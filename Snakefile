@@ -20,6 +20,8 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/evaluate.smk"
+include: "rules/downstream.smk"
+include: "rules/track.smk"
 include: "rules/report.smk"
 include: "rules/push.smk"
 
@@ -41,3 +43,4 @@ rule all:
     default_target: True
     input:
         final_targets(),
+        tracker_records(),

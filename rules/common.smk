@@ -23,6 +23,10 @@ from site_check import (  # noqa: E402
     slurm_setting,
     stray_jobs_problem,
 )
+from runtime import scripts_first_in_jobs  # noqa: E402
+
+# Jobs import the project's scripts before site-packages (a package may share a script's name).
+scripts_first_in_jobs(Path(workflow.basedir) / "scripts")
 
 try:
     validate_config(config)
@@ -196,3 +200,49 @@ if workflow.is_main_process:
 onstart:
     if workflow.is_main_process and (stray := stray_jobs_problem(Path(RESULTS) / "checkpoints")):
         raise WorkflowError(f"Cannot start: {stray}.")
+
+
+# ---- Downstream tasks (evaluate.lm_eval, rules/downstream.smk); nothing when disabled.
+from lm_eval_tasks import PIPELINE_DATA, TASKS_DIR, pipeline_inputs, settings as lm_eval_settings  # noqa: E402
+
+LM_EVAL = lm_eval_settings(config)
+LM_EVAL_DATA = pipeline_inputs(config, RESULTS) if LM_EVAL["enabled"] else {}
+LM_EVAL_TASK_FILES = sorted(str(p) for p in TASKS_DIR.glob("*.yaml"))
+
+
+def downstream_tables():
+    """Every per-model downstream CSV: the bases, each adapter, each merged model."""
+    return (
+        expand(f"{RESULTS}/downstream/base/{{base}}.csv", base=BASE_MODELS)
+        + expand(f"{RESULTS}/downstream/adapter/{{cell}}.csv", cell=GRID.instance_patterns)
+        + expand(f"{RESULTS}/downstream/merged/{{cell}}.csv", cell=GRID.instance_patterns)
+    )
+
+
+def downstream_report_inputs():
+    """What the report adds when evaluate.lm_eval is enabled: the tables and their figure."""
+    if not LM_EVAL["enabled"]:
+        return []
+    return [
+        f"{RESULTS}/tables/downstream.csv",
+        f"{RESULTS}/tables/downstream_diff.csv",
+        f"{RESULTS}/figures/downstream.png",
+    ]
+
+
+# ---- Experiment trackers (train.report_to, rules/track.smk); nothing for TensorBoard alone.
+from trackers import trainer_report_to  # noqa: E402
+
+TRACKED = trainer_report_to(config["train"]) != "none"
+
+
+def tracker_records():
+    """One record per cell of the numbers rule track_evaluation added to its tracker runs."""
+    return expand(f"{RESULTS}/trackers/{{cell}}.json", cell=GRID.instance_patterns) if TRACKED else []
+
+
+def cell_downstream_tables(wildcards):
+    """The cell's downstream CSVs (adapter, merged) when evaluate.lm_eval is enabled."""
+    if not LM_EVAL["enabled"]:
+        return []
+    return [f"{RESULTS}/downstream/{kind}/{wildcards.cell}.csv" for kind in ("adapter", "merged")]

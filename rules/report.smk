@@ -65,6 +65,7 @@ rule report:
         samples=f"{RESULTS}/tables/samples.csv",
         environment=f"{RESULTS}/tables/environment.json",
         figures=expand(f"{RESULTS}/figures/{{figure}}.png", figure=FIGURES),
+        downstream=downstream_report_inputs(),
     output:
         html=report(f"{RESULTS}/report/report.html", category="Report", caption="../report/report.rst"),
         provenance=f"{RESULTS}/report/report.provenance.json",

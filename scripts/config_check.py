@@ -76,6 +76,11 @@ def _cross_key_checks(config: dict) -> None:
     push = push_settings(config)
     if push["enabled"] and not push["repo_id"]:
         raise ConfigError("config key 'push.repo_id': push.enabled needs a Hub repository (owner/name)")
+    from lm_eval_tasks import check_config as check_lm_eval  # both import this module
+    from trackers import check_config as check_trackers
+
+    check_lm_eval(config)
+    check_trackers(config)
 
 
 def push_settings(config: dict, schema: dict | None = None) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+import downstream_report
 from report_sections import (
     fmt,
     gaps_section,
@@ -206,6 +207,7 @@ def main(
         figures,
         config,
     )
+    page = downstream_report.add_to_report(page, tables_dir, config)  # evaluate.lm_eval; nothing when off
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(page)
     numbers = headline(runs, pairs)

@@ -182,6 +182,15 @@ def write_provenance(record_path: str | Path, stage: str, started: float, /, **d
     return record
 
 
+def scripts_first_in_jobs(scripts_dir: str | Path) -> None:
+    """Jobs started from now on import the project's scripts before site-packages.
+
+    Snakemake's script directive appends the scripts folder to sys.path after site-packages,
+    where an installed package of the same name would shadow a script (lm-eval's dependency
+    ``evaluate`` once shadowed the perplexity stage's old name); PYTHONPATH comes first."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(scripts_dir), os.environ.get("PYTHONPATH")]))
+
+
 def resolve_path(path: str | Path) -> Path:
     """Config paths are relative to the project folder (where Snakemake runs)."""
     path = Path(path)

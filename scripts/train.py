@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import preemption
+import trackers
 from cell_lock import CellBusy, CellLock
 from gpu_assign import assign_gpus
 from memory_model import plan_for_cell
@@ -80,6 +81,7 @@ def sft_config(
     max_length: int,
     logger,
     autocast: bool = True,
+    run_name: str | None = None,
 ):
     """SFTConfig from the config's train section; options this transformers lacks are logged, not lost silently.
 
@@ -115,7 +117,8 @@ def sft_config(
         packing=False,
         pad_to_multiple_of=train["pad_to_multiple_of"],
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=trackers.trainer_report_to(train),  # train.report_to (scripts/trackers.py)
+        run_name=run_name,
         disable_tqdm=True,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step
@@ -332,10 +335,11 @@ def main(
     processes: int = 1,
     gpus: int = 0,
     jobs_per_gpu: int = 1,
+    tracking: dict | None = None,
 ) -> dict:
     """Train one cell; with processes > 1, relaunch this script data-parallel under torchrun
     (one process per GPU) and return the metrics its first process wrote. ``gpus``: cards
-    the job's Snakemake GPU resource (0: CPU, no card claimed; else one card per process,
+    is the job's Snakemake GPU resource (0: CPU, no card claimed; else one card per process,
     every slot of it: gpu_assign.py)."""
     preemption.listen()  # Slurm's time-limit warning may come while the model loads
     # Every slot of its cards (exclusive), before anything initialises CUDA; torchrun's processes inherit it.
@@ -404,7 +408,17 @@ def main(
 
     with state.main_process_first():  # one process fills the datasets cache and tidies checkpoints
         dataset = datasets.load_dataset("json", data_files=str(train_file), split="train").select_columns(["text"])
-        args, dropped_options = sft_config(train, cell, checkpoint_dir, compute_dtype, optimizer, max_length, logger)
+        trackers.prepare(tracking, train, cell)
+        args, dropped_options = sft_config(
+            train,
+            cell,
+            checkpoint_dir,
+            compute_dtype,
+            optimizer,
+            max_length,
+            logger,
+            run_name=(tracking or {}).get("run_name"),
+        )
         signature = {
             "cell": cell,
             "train": train,
@@ -514,6 +528,7 @@ def main(
     if provenance_path:
         write_provenance(provenance_path, "train", started, cell=cell, train=train, resumed_from=resume_from)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # done: the adapter is the result
+    trackers.log_metrics(tracking, train, trackers.final_train_metrics(metrics))
     logger.info(
         "done: %d steps, final loss %.4f, %.1f tokens/s",
         trainer.state.global_step,
@@ -550,6 +565,7 @@ def _from_snakemake(smk) -> None:
         processes=smk.params.processes,
         gpus=getattr(smk.resources, "gpu", 0),
         jobs_per_gpu=smk.config["resources"].get("jobs_per_gpu", 1),
+        tracking=trackers.identity(smk.wildcards.cell, smk.config),
     )
     lock.release()
     write_manifest(smk, "train", started)

@@ -52,7 +52,16 @@ def test_deleted_figures_and_report_rebuild_from_the_tables(pipeline_run):
     shutil.rmtree(figures)
     report.unlink()
     # Only the figure and report rules may run: nothing upstream (no model, no GPU) is needed.
-    snakemake("--cores", "2", "--allowed-rules", "figure", "report", str(report), results_dir=pipeline_run)
+    snakemake(
+        "--cores",
+        "2",
+        "--allowed-rules",
+        "figure",
+        "downstream_figure",
+        "report",
+        str(report),
+        results_dir=pipeline_run,
+    )
     assert {p.name: p.read_bytes() for p in figures.glob("*.png")} == before  # same tables, same pixels
     assert report.is_file()
 
@@ -74,7 +83,8 @@ def test_tables_alone_rebuild_figures_and_report_by_command(pipeline_run, tmp_pa
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert sorted(p.stem for p in (tmp_path / "figures").glob("*.png")) == sorted(FIGURES)
+    # The tiny config enables evaluate.lm_eval: its figure is redrawn too.
+    assert sorted(p.stem for p in (tmp_path / "figures").glob("*.png")) == sorted([*FIGURES, "downstream"])
     assert (tmp_path / "report" / "report.html").is_file()
 
 

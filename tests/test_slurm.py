@@ -67,6 +67,7 @@ def slurm_config(path: Path, results: Path, **changes) -> Path:
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config["results_dir"] = str(results)
     config["resources"].update(gpu=1, threads=1)
+    config["evaluate"]["lm_eval"]["enabled"] = False  # lm-eval has its own tests; this one is about Slurm
     for key, value in changes.items():
         config[key] = value if not isinstance(value, dict) else {**config[key], **value}
     path.write_text(yaml.safe_dump(config))
