@@ -152,7 +152,7 @@ def main(shape_dir: Path, train_file: Path, configs: list[Path], out: Path, max_
         f"# LoRA vs QLoRA train cells on {result['card']} ({max_steps} steps, SmolLM2-135M shape, random weights)",
         "",
         "| config:method | footprint GiB | peak alloc after load GiB | train peak alloc GiB | train peak reserved GiB"
-        " | tokens/s whole run (median) | tokens/s steady (median step) |",
+        " | tokens/s whole run (median) | tokens/s steady (median of per-run steady rates) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
