@@ -147,7 +147,7 @@ def length_stats(lengths: list[int], max_length: int | None) -> dict:
         "mean": round(statistics.fmean(lengths), 1) if lengths else 0,
         "median": statistics.median(lengths) if lengths else 0,
         # Linear interpolation between closest ranks (numpy's default, R type 7).
-        "p95": round(float(numpy.percentile(ordered, 95)), 1) if lengths else 0,
+        "p95": round(float(numpy.percentile(ordered, 95)), 2) if lengths else 0,
         "max": max(lengths, default=0),
     }
     if max_length:
