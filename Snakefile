@@ -37,6 +37,9 @@ localrules:
     tables,
     figure,
     report,
+    downstream_table,
+    downstream_figure,
+    track_evaluation,
 
 
 rule all:

@@ -19,7 +19,7 @@ rule downstream_base:
     resources:
         mem_mb=RES["mem_mb"],
         runtime=RES["runtime_min"],
-        gpu=RES["gpu"],
+        gpu=MODEL_GPUS,
     params:
         description=base_description,
         lm_eval=LM_EVAL,
@@ -48,7 +48,7 @@ rule downstream_adapter:
     resources:
         mem_mb=RES["mem_mb"],
         runtime=RES["runtime_min"],
-        gpu=RES["gpu"],
+        gpu=MODEL_GPUS,
     params:
         description=adapter_description,
         lm_eval=LM_EVAL,
@@ -76,7 +76,7 @@ rule downstream_merged:
     resources:
         mem_mb=RES["mem_mb"],
         runtime=RES["runtime_min"],
-        gpu=RES["gpu"],
+        gpu=MODEL_GPUS,
     params:
         description=merged_description,
         lm_eval=LM_EVAL,

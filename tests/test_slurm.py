@@ -27,6 +27,7 @@ CLUSTER_SCRIPT = PROJECT / "tests" / "slurm" / "cluster.sh"
 PROFILE = PROJECT / "profiles" / "slurm" / "config.yaml"
 WORKFLOW_PROFILE = PROJECT / "profiles" / "default" / "config.yaml"  # Snakemake 9 reads it by itself
 GPU_RULES = {"train", "merge", "evaluate_base", "evaluate_adapter", "evaluate_merged"}
+GPU_RULES |= {"downstream_base", "downstream_adapter", "downstream_merged"}
 # Run by the controller itself (Snakefile, localrules): never an sbatch job.
 LOCAL_RULES = {"fetch_model", "fetch_data", "push_to_hub", "tokenizer_audit", "perplexity_table", "tables", "figure"}
 LOCAL_RULES |= {"report"}
