@@ -15,7 +15,7 @@ rule downstream_base:
         f"{RESULTS}/logs/downstream/base/{{base}}.log",
     conda:
         ENV
-    threads: RES["threads"]
+    threads: max(1, RES["threads"] // 2)  # lm-eval is light on the CPU: two jobs share what one evaluation gets
     resources:
         mem_mb=RES["mem_mb"],
         runtime=RES["runtime_min"],
@@ -44,7 +44,7 @@ rule downstream_adapter:
         f"{RESULTS}/logs/downstream/adapter/{{cell}}.log",
     conda:
         ENV
-    threads: RES["threads"]
+    threads: max(1, RES["threads"] // 2)  # lm-eval is light on the CPU: two jobs share what one evaluation gets
     resources:
         mem_mb=RES["mem_mb"],
         runtime=RES["runtime_min"],
@@ -72,7 +72,7 @@ rule downstream_merged:
         f"{RESULTS}/logs/downstream/merged/{{cell}}.log",
     conda:
         ENV
-    threads: RES["threads"]
+    threads: max(1, RES["threads"] // 2)  # lm-eval is light on the CPU: two jobs share what one evaluation gets
     resources:
         mem_mb=RES["mem_mb"],
         runtime=RES["runtime_min"],

@@ -178,7 +178,9 @@ def test_tiny_grid_runs_every_job_through_sbatch(slurm_run):
 
 def test_slurm_artifacts_match_a_local_run(slurm_run, pipeline_run):
     results, _ = slurm_run
-    produced, local = artifacts(results), artifacts(pipeline_run)
+    produced = artifacts(results)
+    # The Slurm grid leaves evaluate.lm_eval off (tests/test_downstream.py covers it locally).
+    local = {name for name in artifacts(pipeline_run) if "downstream" not in name}
     assert produced == local
     assert sum(name.endswith("metrics.json") for name in produced) == 4
     # Same seeds and data: the first step's loss agrees (thread counts differ, so not bit for bit).

@@ -1,9 +1,13 @@
 """How the training job measures speed, loss and CPU memory (scripts/train_metrics.py)."""
 
-import numpy as np
+import json
+import subprocess
+import sys
+
 import pytest
 
 import train_metrics
+from conftest import PROJECT
 
 
 def test_steady_speed_is_tokens_over_time_not_a_median_of_rates():
@@ -40,15 +44,27 @@ def test_final_loss_weights_logging_intervals_by_their_tokens():
     assert covered == 4 and value == 40.0  # only the last logged interval lies in the last 4 steps
 
 
+PHASE = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {scripts!r})
+import train_metrics
+train_metrics.reset_peak_rss()
+transient = np.ones(400 * 1024**2 // 8)  # 400 MiB touched, like loading a checkpoint
+del transient
+process_peak = train_metrics.peak_rss_bytes()
+start = train_metrics.reset_peak_rss()
+working = np.ones(50 * 1024**2 // 8)  # the training phase's own 50 MiB
+phase_peak = train_metrics.peak_rss_bytes()
+print(json.dumps([process_peak, start, phase_peak]))
+"""
+
+
 def test_cpu_memory_phase_excludes_an_earlier_transient_peak():
-    train_metrics.reset_peak_rss()
-    transient = np.ones(400 * 1024**2 // 8)  # 400 MiB touched, like loading a checkpoint
-    del transient
-    process_peak = train_metrics.peak_rss_bytes()
-    start = train_metrics.reset_peak_rss()
+    # A fresh interpreter: its memory is only what this test allocates.
+    code = PHASE.format(scripts=str(PROJECT / "scripts"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    process_peak, start, phase_peak = json.loads(out)
     assert start is not None, "the kernel refused to reset the RSS high-water mark"
-    working = np.ones(50 * 1024**2 // 8)  # the training phase's own 50 MiB
-    phase_peak = train_metrics.peak_rss_bytes()
-    del working
     assert phase_peak >= start + 45 * 1024**2
     assert phase_peak < process_peak - 300 * 1024**2
