@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import perplexity
 from grid import GRID_COLUMNS
 from lm_eval_tasks import TaskDataError, dataset_of, needs_builtin_tasks, settings, task_manager, task_specs
 from runtime import log_arguments, setup_logging, write_manifest, write_provenance
@@ -46,13 +47,6 @@ CSV_COLUMNS = [
 ]
 
 
-def pipeline_evaluator():
-    """The pipeline's own evaluator, scripts/perplexity.py (the perplexity stage)."""
-    import perplexity
-
-    return perplexity
-
-
 def pipeline_nll_on_lm_eval_windows(model, ids: list[int], max_length: int, prefix_token_id: int) -> tuple[float, int]:
     """Total NLL and token count of ``ids`` by the pipeline's own evaluator
     (perplexity.sliding_window_nll) on exactly the windows of lm-eval's rolling log-likelihood.
@@ -70,7 +64,7 @@ def pipeline_nll_on_lm_eval_windows(model, ids: list[int], max_length: int, pref
     windows, evaluate.wikitext_context/stride, overlap and give every token more context:
     a different, lower number; this function is for the like-for-like comparison only.)
     """
-    sliding_window_nll = pipeline_evaluator().sliding_window_nll
+    sliding_window_nll = perplexity.sliding_window_nll
     length, count = max_length, len(ids)
     if count <= length:
         return sliding_window_nll(model, [prefix_token_id, *ids], length + 1, length)
@@ -174,7 +168,7 @@ def main(
     from modeling import resolve_compute_dtype
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = pipeline_evaluator().load_model(
+    model = perplexity.load_model(
         model_dir,
         description["precision"],
         resolve_compute_dtype(compute_dtype),

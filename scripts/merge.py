@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from gpu_assign import assign_gpus
-from modeling import load_base_model, resolve_compute_dtype
+from modeling import device_map, load_base_model, resolve_compute_dtype
 from perplexity import token_nll_from_logits
 from runtime import log_arguments, setup_logging, write_manifest, write_provenance
 
@@ -195,7 +195,7 @@ def main(
     merged.to(dtype).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     del merged, unmerged, base
-    saved = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype, device_map=base_device_map())
+    saved = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype, device_map=device_map())
     saved_logits, check["merged_ppl"] = logits_and_ppl(saved, batch)
     check["max_abs_logit_diff"], check["mean_abs_logit_diff"] = logit_diff(saved_logits, reference_logits, mask)
     check["rel_ppl_diff"] = abs(check["merged_ppl"] - reference_ppl) / reference_ppl
@@ -259,13 +259,6 @@ def main(
     if provenance_path:
         write_provenance(provenance_path, "merge", started, cell=cell, merge=merge, check=check)
     return check
-
-
-def base_device_map() -> dict:
-    from modeling import device
-
-    target = device()
-    return {"": target.index if target.type == "cuda" else "cpu"}
 
 
 def _from_snakemake(smk) -> None:

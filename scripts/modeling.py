@@ -20,6 +20,12 @@ def device() -> torch.device:
     return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
 
 
+def device_map() -> dict:
+    """from_pretrained's device_map that puts the whole model on this process's device."""
+    target = device()
+    return {"": target.index if target.type == "cuda" else "cpu"}
+
+
 def resolve_compute_dtype(name: str) -> torch.dtype:
     """auto: bf16 where the GPU supports it (the tutorial's capability check), else fp16; fp32 on a CPU."""
     if name != "auto":
@@ -62,7 +68,7 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     target = device()
-    kwargs = {"dtype": compute_dtype, "device_map": {"": target.index if target.type == "cuda" else "cpu"}}
+    kwargs = {"dtype": compute_dtype, "device_map": device_map()}
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(quant_type, double_quant, compute_dtype)
     elif method != "lora":
