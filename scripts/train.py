@@ -17,7 +17,6 @@ discarded, never resumed.
 
 import argparse
 import csv
-import dataclasses
 import json
 import os
 import resource
@@ -33,8 +32,8 @@ import preemption
 import trackers
 from cell_lock import CellBusy, CellLock
 from gpu_assign import assign_gpus
-from memory_model import plan_for_cell
-from modeling import apply_kernels, device, load_base_model, resolve_compute_dtype
+from modeling import device
+from recipe import CheckpointPlan, choose_optimizer, make_trainer, prepare_model, sft_config
 from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
 from train_metrics import (
     final_loss,
@@ -47,7 +46,6 @@ from train_metrics import (
     step_timer,
 )
 
-CUDA_ONLY_OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit"}
 PATH_ARGUMENTS = {
     "model_dir",
     "train_file",
@@ -63,72 +61,6 @@ PATH_ARGUMENTS = {
 SIGNATURE_FILE = "run_signature.json"
 STEADY_FROM_STEP = 4  # steps 1-3 set up kernels for their shapes: steady speed counts from step 4
 GIB = 1024**3
-
-
-def choose_optimizer(requested: str, logger) -> str:
-    if requested in CUDA_ONLY_OPTIMIZERS and not torch.cuda.is_available():
-        logger.warning("optimizer %s needs CUDA; falling back to adamw_torch on the CPU", requested)
-        return "adamw_torch"
-    return requested
-
-
-def sft_config(
-    train: dict,
-    cell: dict,
-    checkpoint_dir: Path,
-    compute_dtype: torch.dtype,
-    optimizer: str,
-    max_length: int,
-    logger,
-    autocast: bool = True,
-    run_name: str | None = None,
-):
-    """SFTConfig from the config's train section; options this transformers lacks are logged, not lost silently.
-
-    autocast=False reproduces the tutorial (fp16=bf16=False); it must be set here, not on the
-    finished SFTConfig, whose __post_init__ already told accelerate the mixed precision."""
-    from trl import SFTConfig
-
-    wanted = dict(
-        output_dir=str(checkpoint_dir),
-        num_train_epochs=train["epochs"],
-        max_steps=train["max_steps"],
-        per_device_train_batch_size=train["batch_size"],
-        gradient_accumulation_steps=train["gradient_accumulation_steps"],
-        optim=optimizer,
-        learning_rate=cell["learning_rate"],
-        lr_scheduler_type=train["lr_scheduler"],
-        warmup_steps=train["warmup_ratio"],  # transformers 5: a float below 1 is a ratio
-        max_grad_norm=train["max_grad_norm"],
-        weight_decay=train["weight_decay"],
-        train_sampling_strategy="group_by_length" if train["group_by_length"] else "random",
-        gradient_checkpointing=False,  # enabled layer by layer in prepare_model
-        bf16=autocast and compute_dtype == torch.bfloat16,
-        fp16=autocast and compute_dtype == torch.float16,
-        logging_steps=train["logging_steps"],
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=train["save_steps"],
-        save_total_limit=2,
-        seed=cell["seed"],
-        data_seed=cell["seed"],
-        max_length=max_length,
-        dataset_text_field="text",
-        packing=False,
-        pad_to_multiple_of=train["pad_to_multiple_of"],
-        include_num_input_tokens_seen="non_padding",
-        report_to=trackers.trainer_report_to(train),  # train.report_to (scripts/trackers.py)
-        run_name=run_name,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step
-        use_cpu=not torch.cuda.is_available(),
-    )
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
-    dropped = sorted(set(wanted) - known)
-    if dropped:
-        logger.warning("this transformers/TRL has no %s; running without", dropped)
-    return SFTConfig(**{k: v for k, v in wanted.items() if k in known}), dropped
 
 
 def checkpoint_is_complete(checkpoint: Path) -> bool:
@@ -158,96 +90,6 @@ def prepare_checkpoints(checkpoint_dir: Path, signature: dict, logger) -> str | 
     if last:
         logger.info("resuming from %s", last)
     return last
-
-
-def enable_checkpointing(model, every: int) -> int:
-    """Checkpoint decoder layers 0, k, 2k, ...; the others keep their activations.
-    Returns the number of checkpointed layers."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    if every == 0:
-        return 0
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index % every == 0
-    return sum(layer.gradient_checkpointing for layer in layers)
-
-
-def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Path, max_length: int, logger):
-    """The trainable PEFT model of one cell and what was decided on the way.
-
-    The train rule and bench/gpu_recipes.py both build their model here."""
-    from peft import PeftModel
-
-    compute_dtype = resolve_compute_dtype(train["compute_dtype"])
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    model = load_base_model(model_dir, cell["method"], compute_dtype, cell["quant_type"], cell["double_quant"])
-    details = {
-        "compute_dtype": compute_dtype,
-        "model_footprint_bytes": model.get_memory_footprint(),
-        **memory_stats("load"),
-        "kernels": apply_kernels(model, train["kernels"], logger),
-        "kernels_requested": train["kernels"],
-    }
-    model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
-    model.train()  # gradient checkpointing silently does nothing in eval mode
-    every, prediction = plan_for_cell(model_dir, cell, train, max_length, details["kernels"])
-    details["checkpoint_every"] = every
-    details["checkpointed_layers"] = enable_checkpointing(model, every)
-    details["predicted_peak_bytes"] = prediction["total"]
-    details["predicted_paged_optimizer_bytes"] = prediction["paged_optimizer"]
-    logger.info(
-        "gradient checkpointing: every %s layer(s) (%d checkpointed); predicted peak %.2f GiB",
-        every or "no",
-        details["checkpointed_layers"],
-        prediction["total"] / GIB,
-    )
-    return model, details
-
-
-def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list):
-    """SFTTrainer with the pipeline's two corrections: adapters stay fp32 in both arms, and
-    an optional padding-free collator (same examples per step, no padding tokens)."""
-    from torch.utils.data import RandomSampler
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-    from trl import SFTTrainer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    class SameOrderSFTTrainer(SFTTrainer):
-        """Orders the examples by the global batch and a seeded generator, so N data-parallel
-        processes see, step by step, the examples one process sees with N x the accumulation
-        (transformers groups lengths by the per-process batch and draws from the global RNG)."""
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            if isinstance(sampler, LengthGroupedSampler):
-                sampler.batch_size = (
-                    self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-                )
-                sampler.generator = torch.Generator().manual_seed(seed)
-            elif isinstance(sampler, RandomSampler):
-                sampler.generator = torch.Generator().manual_seed(seed)
-            return sampler
-
-    trainer = SameOrderSFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
-    )
-    # TRL casts a quantised model's adapters to bf16 (and not a 16-bit one's): that would make
-    # the arms differ in more than the base's precision, so both keep PEFT's fp32 adapters.
-    for parameter in trainer.model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
-    if train["padding_free"]:
-        # Sequences concatenated into one row with restarting position_ids: transformers
-        # masks attention per example, so the maths is that of the padded batch.
-        trainer.data_collator = DataCollatorForLanguageModeling(
-            pad_token_id=tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=train["pad_to_multiple_of"]
-        )
-    return trainer
 
 
 def world_size() -> int:
@@ -434,7 +276,10 @@ def main(
     if main_process:
         Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(tensorboard_dir))))
-    trainer = make_trainer(model, tokenizer, dataset, args, train, callbacks)
+    plan = (
+        CheckpointPlan(model, model_dir, cell, train, details["kernels"]) if details["checkpoint_per_batch"] else None
+    )
+    trainer = make_trainer(model, tokenizer, dataset, args, train, callbacks, plan)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss_at_train_start = reset_peak_rss()  # the CPU's training-phase peak starts here
@@ -493,6 +338,8 @@ def main(
         **train_memory,
         "adapter_dtypes": adapter_dtypes(trainer.model),
         "padding_free": train["padding_free"],
+        "checkpoint_steps_by_every": plan.summary() if plan else None,
+        "metric_sync_deferred": trainer.metric_sync_deferred,
         "optimizer_state_bytes": optimizer_bytes,
         "optimizer_paged": optimizer_paged,
         "rss_at_train_start_bytes": rss_at_train_start,

@@ -1,0 +1,174 @@
+"""Where a small-batch QLoRA step spends its time, at the Llama-2-7B shape on one GPU.
+
+Trains the first ``--steps`` rows of the real guanaco-1k lengths (``--lengths``: a JSON
+list of token counts, random ids) at batch 1 with the pipeline recipe (scripts/recipe.py)
+under variants of its train settings, each in a fresh process, and profiles steps
+``--profile-from`` .. +4 with torch.profiler: wall time per step against the time the
+GPU spent in kernels (their sum, and the busy span), and the operators that dominate
+the host's time. Decides which lever pays before a measured epoch (bench/epochs.py).
+
+    python bench/profile_step.py --lengths .carry/gpu/lengths.json --variants base compile nockpt
+"""
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT / "scripts"))
+sys.path.insert(0, str(PROJECT / "bench"))
+VARIANTS = {
+    "base": {},
+    "nodefer": {"defer_metric_sync": False},
+    "nockpt": {"gradient_checkpointing": False},
+    "auto8": {"gradient_checkpointing": "auto", "memory_budget_gib": 8},
+    "compile": {"compile": True},
+    "compile_nockpt": {"compile": True, "gradient_checkpointing": False},
+    "compile_auto8": {"compile": True, "gradient_checkpointing": "auto", "memory_budget_gib": 8},
+    "compile_noliger": {"compile": True, "kernels": "none"},
+    "noliger": {"kernels": "none"},
+}
+
+
+def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, model_dir: Path) -> dict:
+    import datasets
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoTokenizer, TrainerCallback, set_seed
+
+    import recipe
+    from train_metrics import step_timer
+
+    logger = logging.getLogger("profile")
+    train = yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())["train"]
+    train.update(max_steps=steps, save_steps=10**6, logging_steps=1, group_by_length=False, **VARIANTS[name])
+    cell = dict(method="qlora", lora_r=64, lora_alpha=16, lora_dropout=0.1, target_modules="qv")
+    cell.update(learning_rate=2e-4, quant_type="nf4", double_quant=False, seed=1)
+    set_seed(1)
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 32000, (n,), generator=generator).tolist() for n in lengths[:steps]]
+    dataset = datasets.Dataset.from_dict({"input_ids": rows})
+    model, details = recipe.prepare_model(model_dir, cell, train, model_dir / "adapter_qv", 1024, logger)
+    plan = (
+        recipe.CheckpointPlan(model, model_dir, cell, train, details["kernels"])
+        if details["checkpoint_per_batch"]
+        else None
+    )
+    traces = {}
+
+    class Profile(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == profile_from:
+                traces["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                traces["prof"].__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == profile_from + 4 and "prof" in traces:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                traces["prof"].__exit__(None, None, None)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        args, _ = recipe.sft_config(
+            train, cell, Path(scratch), details["compute_dtype"], train["optimizer"], 1024, logger
+        )
+        timer = step_timer()
+        trainer = recipe.make_trainer(
+            model, AutoTokenizer.from_pretrained(model_dir), dataset, args, train, [timer, Profile()], plan
+        )
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    steps_done = sorted(timer.steps.items())
+    after = [s for step, s in steps_done if step > 3 and not profile_from <= step <= profile_from + 5]
+    result = {
+        "variant": name,
+        "settings": VARIANTS[name],
+        "steps": len(steps_done),
+        "train_seconds": round(seconds, 2),
+        "first_step_seconds": round(steps_done[0][1]["step_seconds"], 2),
+        "median_step_seconds": round(statistics.median(s["step_seconds"] for s in after), 4),
+        "steady_tokens_per_second": round(
+            sum(s["step_tokens"] for s in after) / sum(s["step_seconds"] for s in after), 1
+        ),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if torch.cuda.is_available() else None,
+        "checkpoint_steps_by_every": plan.summary() if plan else None,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h][:30],
+    }
+    if "prof" in traces:
+        events = traces["prof"].events()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernel_us = sum(e.device_time for e in kernels)
+        wall = sum(s["step_seconds"] for step, s in steps_done if profile_from < step <= profile_from + 4)
+        result["profile"] = {
+            "steps": 4,
+            "wall_seconds": round(wall, 4),
+            "gpu_kernel_seconds": round(kernel_us / 1e6, 4),
+            "kernel_launches": len(kernels),
+            "gpu_busy_share": round(kernel_us / 1e6 / wall, 3) if wall else None,
+        }
+        table = traces["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+        result["profile"]["top_cpu"] = table
+        result["profile"]["top_cuda"] = (
+            traces["prof"].key_averages().table(sort_by="self_device_time_total", row_limit=12)
+        )
+    return result
+
+
+def main(variants: list[str], lengths_path: Path, steps: int, profile_from: int, model_dir: Path, out: Path) -> None:
+    from gpu_recipes import build_model
+
+    t0 = time.time()
+    build_model(model_dir, PROJECT / ".carry" / "gpu" / "shape")
+    print(f"model ready in {time.time() - t0:.0f} s", flush=True)
+    results = []
+    for name in variants:
+        row = json.dumps(
+            dict(name=name, lengths=str(lengths_path), steps=steps, profile_from=profile_from, model_dir=str(model_dir))
+        )
+        t0 = time.time()
+        done = subprocess.run([sys.executable, __file__, "--child", row], capture_output=True, text=True)
+        lines = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
+        if done.returncode or not lines:
+            results.append({"variant": name, "status": "failed: " + done.stderr[-1500:]})
+        else:
+            results.append(json.loads(lines[-1][4:]))
+        results[-1]["process_seconds"] = round(time.time() - t0, 1)
+        brief = {k: v for k, v in results[-1].items() if k not in ("profile", "losses")}
+        print(json.dumps(brief), flush=True)
+        if "profile" in results[-1]:
+            p = results[-1]["profile"]
+            print({k: p[k] for k in ("wall_seconds", "gpu_kernel_seconds", "kernel_launches", "gpu_busy_share")})
+            print(p["top_cpu"][:4000], flush=True)
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["base"])
+    parser.add_argument("--lengths", type=Path, default=PROJECT / ".carry" / "gpu" / "lengths.json")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--profile-from", type=int, default=20)
+    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "llama2-7b-shape")
+    parser.add_argument("--out", type=Path, default=Path("profile_step.json"))
+    a = parser.parse_args()
+    if a.child:
+        c = json.loads(a.child)
+        lengths = json.loads(Path(c["lengths"]).read_text())
+        print(
+            "ROW " + json.dumps(run_variant(c["name"], lengths, c["steps"], c["profile_from"], Path(c["model_dir"]))),
+            flush=True,
+        )
+    else:
+        main(a.variants, a.lengths, a.steps, a.profile_from, a.model_dir, a.out)

@@ -1,0 +1,302 @@
+"""The training recipe: how a cell's model and trainer are built (the train stage and the
+GPU benches import this one module).
+
+- Model: the base in its arm's precision (modeling.load_base_model), optional fused kernels,
+  the cell's initial adapter, gradient checkpointing layer by layer, optionally each decoder
+  layer compiled (``train.compile``).
+- Checkpointing: ``true`` = every ``checkpoint_every``-th layer; ``auto`` = the memory model's
+  fastest plan that fits ``memory_budget_gib``, re-planned for each batch's padded length,
+  so short batches skip the recomputation that only long ones need.
+- Trainer: TRL's SFTTrainer with the same example order in every arm and process count, fp32
+  adapters in both arms, and TRL's per-step token metrics (entropy, accuracy, token count)
+  kept on the GPU until a log line needs them: three host syncs fewer per step, the same
+  logged values (``train.defer_metric_sync``).
+"""
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from memory_model import ModelShape, choose_checkpointing, plan_for_cell
+from modeling import apply_kernels, load_base_model, resolve_compute_dtype
+from train_metrics import memory_stats
+
+CUDA_ONLY_OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit"}
+GIB = 1024**3
+
+
+def choose_optimizer(requested: str, logger) -> str:
+    if requested in CUDA_ONLY_OPTIMIZERS and not torch.cuda.is_available():
+        logger.warning("optimizer %s needs CUDA; falling back to adamw_torch on the CPU", requested)
+        return "adamw_torch"
+    return requested
+
+
+def sft_config(
+    train: dict,
+    cell: dict,
+    checkpoint_dir: Path,
+    compute_dtype: torch.dtype,
+    optimizer: str,
+    max_length: int,
+    logger,
+    autocast: bool = True,
+    run_name: str | None = None,
+):
+    """SFTConfig from the config's train section; options this transformers lacks are logged, not lost silently.
+
+    autocast=False reproduces the tutorial (fp16=bf16=False); it must be set here, not on the
+    finished SFTConfig, whose __post_init__ already told accelerate the mixed precision."""
+    from trl import SFTConfig
+
+    import trackers
+
+    wanted = dict(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=train["epochs"],
+        max_steps=train["max_steps"],
+        per_device_train_batch_size=train["batch_size"],
+        gradient_accumulation_steps=train["gradient_accumulation_steps"],
+        optim=optimizer,
+        learning_rate=cell["learning_rate"],
+        lr_scheduler_type=train["lr_scheduler"],
+        warmup_steps=train["warmup_ratio"],  # transformers 5: a float below 1 is a ratio
+        max_grad_norm=train["max_grad_norm"],
+        weight_decay=train["weight_decay"],
+        train_sampling_strategy="group_by_length" if train["group_by_length"] else "random",
+        gradient_checkpointing=False,  # enabled layer by layer in prepare_model
+        bf16=autocast and compute_dtype == torch.bfloat16,
+        fp16=autocast and compute_dtype == torch.float16,
+        logging_steps=train["logging_steps"],
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train["save_steps"],
+        save_total_limit=2,
+        seed=cell["seed"],
+        data_seed=cell["seed"],
+        max_length=max_length,
+        dataset_text_field="text",
+        packing=False,
+        pad_to_multiple_of=train["pad_to_multiple_of"],
+        include_num_input_tokens_seen="non_padding",
+        report_to=trackers.trainer_report_to(train),  # train.report_to (scripts/trackers.py)
+        run_name=run_name,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step
+        use_cpu=not torch.cuda.is_available(),
+    )
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    dropped = sorted(set(wanted) - known)
+    if dropped:
+        logger.warning("this transformers/TRL has no %s; running without", dropped)
+    return SFTConfig(**{k: v for k, v in wanted.items() if k in known}), dropped
+
+
+def decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointing(layers: list, every: int) -> int:
+    """Checkpoint layers 0, k, 2k, ... (none for every=0); returns how many are checkpointed."""
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = bool(every) and index % every == 0
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
+def enable_checkpointing(model, every: int, planned: bool = False) -> int:
+    """Checkpoint decoder layers 0, k, 2k, ...; the others keep their activations. With
+    planned=True the machinery is set up even for every=0 (a per-batch plan may switch it
+    on). Returns the number of checkpointed layers."""
+    if every == 0 and not planned:
+        return 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
+    return set_checkpointing(decoder_layers(model), every)
+
+
+class CheckpointPlan:
+    """``gradient_checkpointing: auto`` per batch: the memory model's fastest setting that
+    fits the budget at this batch's (batch size, padded length), cached per shape."""
+
+    def __init__(self, model, model_dir: Path, cell: dict, train: dict, kernels: str):
+        self.layers = decoder_layers(model)
+        self.shape = ModelShape.from_config(model_dir)
+        self.budget = train["memory_budget_gib"] * GIB
+        self.recipe = dict(
+            method=cell["method"],
+            rank=cell["lora_r"],
+            targets=cell["target_modules"],
+            kernels=kernels,
+            double_quant=cell["double_quant"],
+            paged_optimizer=train["optimizer"].startswith("paged"),
+        )
+        self.chosen: dict[tuple[int, int], int] = {}
+        self.steps_by_every: dict[int, int] = {}
+
+    def every_for(self, batch: int, seq: int) -> int:
+        if (batch, seq) not in self.chosen:
+            self.chosen[(batch, seq)] = choose_checkpointing(
+                self.shape, self.budget, seq=seq, batch=batch, **self.recipe
+            )[0]
+        return self.chosen[(batch, seq)]
+
+    def apply(self, input_ids: torch.Tensor) -> int:
+        batch, seq = input_ids.shape[0], input_ids.shape[-1]
+        every = self.every_for(batch, seq)
+        set_checkpointing(self.layers, every)
+        self.steps_by_every[every] = self.steps_by_every.get(every, 0) + 1
+        return every
+
+    def summary(self) -> dict:
+        """Optimizer-free record for metrics.json: steps per checkpointing setting."""
+        return {str(every): steps for every, steps in sorted(self.steps_by_every.items())}
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer with dynamic shapes: one graph serves every layer
+    and every padded length, with the layer's elementwise work fused into few kernels
+    (fewer launches: the small-batch step is bound by them, not by arithmetic)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Path, max_length: int, logger):
+    """The trainable PEFT model of one cell and what was decided on the way.
+
+    The train rule and the benches (bench/gpu_recipes.py, bench/epochs.py) build their model here."""
+    from peft import PeftModel
+
+    compute_dtype = resolve_compute_dtype(train["compute_dtype"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model = load_base_model(model_dir, cell["method"], compute_dtype, cell["quant_type"], cell["double_quant"])
+    details = {
+        "compute_dtype": compute_dtype,
+        "model_footprint_bytes": model.get_memory_footprint(),
+        **memory_stats("load"),
+        "kernels": apply_kernels(model, train["kernels"], logger),
+        "kernels_requested": train["kernels"],
+    }
+    model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
+    model.train()  # gradient checkpointing silently does nothing in eval mode
+    every, prediction = plan_for_cell(model_dir, cell, train, max_length, details["kernels"])
+    per_batch = train["gradient_checkpointing"] == "auto"
+    details["checkpoint_every"] = every
+    details["checkpoint_per_batch"] = per_batch
+    details["checkpointed_layers"] = enable_checkpointing(model, every, planned=per_batch)
+    details["predicted_peak_bytes"] = prediction["total"]
+    details["predicted_paged_optimizer_bytes"] = prediction["paged_optimizer"]
+    details["compiled_layers"] = compile_layers(model) if train.get("compile", False) else 0
+    logger.info(
+        "gradient checkpointing: every %s layer(s) (%d checkpointed)%s; predicted peak %.2f GiB; %d layers compiled",
+        every or "no",
+        details["checkpointed_layers"],
+        ", re-planned per batch length" if per_batch else "",
+        prediction["total"] / GIB,
+        details["compiled_layers"],
+    )
+    return model, details
+
+
+def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list, plan: CheckpointPlan | None = None):
+    """SFTTrainer with the pipeline's corrections: adapters stay fp32 in both arms, the same
+    example order for any process count, an optional padding-free collator, the per-batch
+    checkpointing plan, and TRL's token metrics synced only when logged."""
+    import trl
+    from torch.utils.data import RandomSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    # The override below mirrors TRL 1.16's compute_loss; other TRL versions keep their own.
+    defer = train.get("defer_metric_sync", True) and trl.__version__.startswith("1.16.")
+
+    class PipelineSFTTrainer(SFTTrainer):
+        """Orders the examples by the global batch and a seeded generator, so N data-parallel
+        processes see, step by step, the examples one process sees with N x the accumulation
+        (transformers groups lengths by the per-process batch and draws from the global RNG)."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            if isinstance(sampler, LengthGroupedSampler):
+                sampler.batch_size = (
+                    self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+                )
+                sampler.generator = torch.Generator().manual_seed(seed)
+            elif isinstance(sampler, RandomSampler):
+                sampler.generator = torch.Generator().manual_seed(seed)
+            return sampler
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if plan is not None:
+                plan.apply(inputs["input_ids"])
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not (defer and self._plain_training_loss(inputs, return_outputs)):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # TRL 1.16's plain branch, word for word, with its metrics kept as tensors.
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            per_token_loss = -outputs.log_probs  # zero on ignored positions
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            gather = self.accelerator.gather_for_metrics
+            self._pending_metrics.append(
+                (
+                    gather(outputs.label_mask.sum()).sum(),
+                    gather(outputs.entropy.detach().sum()).sum(),
+                    gather(outputs.is_top1.sum()).sum(),
+                    gather(inputs["attention_mask"].sum()).sum(),
+                )
+            )
+            return loss
+
+        def _plain_training_loss(self, inputs, return_outputs) -> bool:
+            return (
+                self.model.training
+                and not return_outputs
+                and "attention_mask" in inputs
+                and self.compute_loss_func is None
+                and self.label_smoother is None
+                and not self.aux_loss_enabled
+                and self.args.loss_type == "nll"
+                and getattr(self.accelerator, "parallelism_config", None) is None
+            )
+
+        def log(self, logs, start_time=None):
+            metrics = self._metrics["train"]
+            for num_valid, entropy_sum, num_correct, num_tokens in self._pending_metrics:  # as TRL computes them
+                metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+                metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+                self._total_train_tokens += num_tokens.item() // self._tp_size
+                metrics["num_tokens"] = [self._total_train_tokens]
+            self._pending_metrics.clear()
+            super().log(logs, start_time)
+
+    trainer = PipelineSFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
+    )
+    trainer._pending_metrics = []
+    trainer.metric_sync_deferred = defer
+    # TRL casts a quantised model's adapters to bf16 (and not a 16-bit one's): that would make
+    # the arms differ in more than the base's precision, so both keep PEFT's fp32 adapters.
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    if train["padding_free"]:
+        # Sequences concatenated into one row with restarting position_ids: transformers
+        # masks attention per example, so the maths is that of the padded batch.
+        trainer.data_collator = DataCollatorForLanguageModeling(
+            pad_token_id=tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=train["pad_to_multiple_of"]
+        )
+    return trainer
