@@ -58,7 +58,7 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
     dataset = datasets.Dataset.from_dict({"input_ids": rows})
     model, details = recipe.prepare_model(model_dir, cell, train, model_dir / "adapter_qv", 1024, logger)
     plan = (
-        recipe.CheckpointPlan(model, model_dir, cell, train, details["kernels"])
+        recipe.CheckpointPlan(recipe.decoder_layers(model), model_dir, cell, train, details["kernels"])
         if details["checkpoint_per_batch"]
         else None
     )
@@ -101,7 +101,9 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
         "steady_tokens_per_second": round(
             sum(s["step_tokens"] for s in after) / sum(s["step_seconds"] for s in after), 1
         ),
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if torch.cuda.is_available() else None,
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+        if torch.cuda.is_available()
+        else None,
         "checkpoint_steps_by_every": plan.summary() if plan else None,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h][:30],
     }

@@ -122,9 +122,9 @@ class CheckpointPlan:
     """``gradient_checkpointing: auto`` per batch: the memory model's fastest setting that
     fits the budget at this batch's (batch size, padded length), cached per shape."""
 
-    def __init__(self, model, model_dir: Path, cell: dict, train: dict, kernels: str):
-        self.layers = decoder_layers(model)
-        self.shape = ModelShape.from_config(model_dir)
+    def __init__(self, layers: list, model_config: Path, cell: dict, train: dict, kernels: str):
+        self.layers = layers
+        self.shape = ModelShape.from_config(model_config)
         self.budget = train["memory_budget_gib"] * GIB
         self.recipe = dict(
             method=cell["method"],

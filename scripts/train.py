@@ -33,7 +33,7 @@ import trackers
 from cell_lock import CellBusy, CellLock
 from gpu_assign import assign_gpus
 from modeling import device
-from recipe import CheckpointPlan, choose_optimizer, make_trainer, prepare_model, sft_config
+from recipe import CheckpointPlan, choose_optimizer, decoder_layers, make_trainer, prepare_model, sft_config
 from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
 from train_metrics import (
     final_loss,
@@ -277,7 +277,9 @@ def main(
         Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(tensorboard_dir))))
     plan = (
-        CheckpointPlan(model, model_dir, cell, train, details["kernels"]) if details["checkpoint_per_batch"] else None
+        CheckpointPlan(decoder_layers(model), model_dir, cell, train, details["kernels"])
+        if details["checkpoint_per_batch"]
+        else None
     )
     trainer = make_trainer(model, tokenizer, dataset, args, train, callbacks, plan)
     if torch.cuda.is_available():
