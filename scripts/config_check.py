@@ -67,6 +67,11 @@ def _cross_key_checks(config: dict) -> None:
         )
     if train["gradient_checkpointing"] == "auto" and train["memory_budget_gib"] is None:
         raise ConfigError("config key 'train.memory_budget_gib': gradient_checkpointing auto needs a budget")
+    if train.get("compile", False) and train["kernels"] == "liger":
+        raise ConfigError(
+            "config key 'train.compile': torch.compile cannot trace Liger's kernels (measured with torch 2.11); "
+            "set train.kernels: none with compile, or compile: false"
+        )
     from grid import grid_table
 
     try:
