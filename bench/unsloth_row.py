@@ -6,9 +6,7 @@ SFTTrainer as unsloth patches it, the rows in the given order (a sequential samp
 and memory as the train stage measures them (scripts/train_metrics.py). Any failure, the
 import included, still prints a row: ``status: "not run: <type>: <message>"``, exit 0.
 
-Unsloth needs its own package layer (trl <= 1.15, datasets < 5): on the GPU host
-``bash .carry/unsloth/install.sh`` then
-
+Its own package layer (trl <= 1.15, datasets < 5): ``bash .carry/unsloth/install.sh``, then
     PYTHONPATH=/tmp/unsloth-site:/tmp/site python3 bench/unsloth_row.py --row '{"model_dir": ..., ...}'
 
 Row keys: model_dir, rows_file (JSON {"input_ids": [[...], ...]}) or seq (random rows as
@@ -22,6 +20,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -32,25 +31,14 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "scripts"))
 GIB = 1024**3
-PACKAGES = ("unsloth", "unsloth_zoo", "trl", "transformers", "peft", "torch", "bitsandbytes", "xformers")
-PACKAGES += ("datasets", "triton", "accelerate")
-TARGETS = {
-    "qv": ["q_proj", "v_proj"],
-    "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-REQUIRED = ("model_dir", "batch", "steps", "learning_rate", "lr_scheduler", "warmup_ratio", "max_grad_norm")
-REQUIRED += ("weight_decay", "optimizer", "lora_r", "lora_alpha", "lora_dropout", "targets", "seed")
-REQUIRED += ("gradient_checkpointing", "loss_steps")
+PACKAGES = "unsloth unsloth_zoo trl transformers peft torch bitsandbytes xformers datasets triton accelerate".split()
+TARGETS = {"qv": ["q_proj", "v_proj"], "all_linear": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split()}
+REQUIRED = """model_dir batch steps learning_rate lr_scheduler warmup_ratio max_grad_norm weight_decay optimizer
+lora_r lora_alpha lora_dropout targets seed gradient_checkpointing loss_steps""".split()
 # Before unsloth's import: no Hub traffic (statistics, name mapping), its compiled-module cache
 # outside the checkout, and no silent CPU training (unsloth 2026 falls back to CPU without a GPU).
-ENVIRONMENT = {
-    "UNSLOTH_DISABLE_STATISTICS": "1",
-    "UNSLOTH_DISABLE_CPU_FALLBACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-}
+ENVIRONMENT = "UNSLOTH_DISABLE_STATISTICS UNSLOTH_DISABLE_CPU_FALLBACK HF_HUB_OFFLINE TRANSFORMERS_OFFLINE".split()
+ENVIRONMENT += ["HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"]  # each set to 1
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "chat_template", "added_tokens")
 
 
@@ -65,18 +53,22 @@ def versions() -> dict:
     return found
 
 
+def keep(notes: list[str], text: str) -> None:
+    for line in text.splitlines():
+        if "Unsloth" in line and len(notes) < 60 and line.strip()[:300] not in notes:
+            notes.append(line.strip()[:300])
+
+
 class Notes:
     """Tees stdout/stderr and keeps the lines unsloth prints about itself (its warnings and choices)."""
 
-    def __init__(self, stream, kept: list[str]):
-        self.stream, self.kept, self.partial = stream, kept, ""
+    def __init__(self, stream, notes: list[str]):
+        self.stream, self.notes, self.partial = stream, notes, ""
 
     def write(self, text: str) -> int:
         self.stream.write(text)
         *lines, self.partial = (self.partial + text).split("\n")
-        for line in lines:
-            if "unsloth" in line.lower() and len(self.kept) < 60 and line.strip()[:300] not in self.kept:
-                self.kept.append(line.strip()[:300])
+        keep(self.notes, "\n".join(lines))
         return len(text)
 
     def __getattr__(self, name):
@@ -150,52 +142,26 @@ def run_row(row: dict, notes: list[str], scratch: Path) -> dict:
     if tokenizer_note:
         notes.append(tokenizer_note)
     set_seed(row["seed"])
+    # The same 4-bit load as a hub "unsloth/...-bnb-4bit" model (NF4, double quantisation, bf16 compute).
+    common = dict(use_gradient_checkpointing=checkpointing, random_state=row["seed"])
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(load_dir),
-        max_seq_length=max_length,
-        dtype=torch.bfloat16,
-        load_in_4bit=True,
-        use_gradient_checkpointing=checkpointing,
-        use_exact_model_name=True,
-        local_files_only=True,
-        offload_embedding=False,  # every recipe keeps its weights on the GPU
-        random_state=row["seed"],
-    )
+        str(load_dir), max_seq_length=max_length, dtype=torch.bfloat16, load_in_4bit=True, **common,
+        use_exact_model_name=True, local_files_only=True, offload_embedding=False,  # weights stay on the GPU
+    )  # fmt: skip
     model = FastLanguageModel.get_peft_model(
-        model,
-        r=row["lora_r"],
-        lora_alpha=row["lora_alpha"],
-        lora_dropout=row["lora_dropout"],
-        target_modules=TARGETS[row["targets"]],
-        bias="none",
-        use_gradient_checkpointing=checkpointing,
-        random_state=row["seed"],
-    )
+        model, r=row["lora_r"], lora_alpha=row["lora_alpha"], lora_dropout=row["lora_dropout"],
+        target_modules=TARGETS[row["targets"]], bias="none", **common,
+    )  # fmt: skip
     wanted = dict(
-        output_dir=str(scratch / "out"),
-        per_device_train_batch_size=row["batch"],
-        gradient_accumulation_steps=1,
-        num_train_epochs=1,
-        max_steps=row["steps"] if row["steps"] is not None else -1,
-        learning_rate=row["learning_rate"],
-        lr_scheduler_type=row["lr_scheduler"],
+        output_dir=str(scratch / "out"), per_device_train_batch_size=row["batch"], gradient_accumulation_steps=1,
+        num_train_epochs=1, max_steps=row["steps"] if row["steps"] is not None else -1,
+        learning_rate=row["learning_rate"], lr_scheduler_type=row["lr_scheduler"],
         warmup_steps=row["warmup_ratio"],  # transformers 5: a float below 1 is a ratio
-        max_grad_norm=row["max_grad_norm"],
-        weight_decay=row["weight_decay"],
-        optim=row["optimizer"],
-        train_sampling_strategy="sequential",
-        bf16=True,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=row["seed"],
-        data_seed=row["seed"],
-        max_length=max_length,
-        packing=False,
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+        max_grad_norm=row["max_grad_norm"], weight_decay=row["weight_decay"], optim=row["optimizer"],
+        train_sampling_strategy="sequential", bf16=True, logging_steps=1, save_strategy="no", report_to="none",
+        seed=row["seed"], data_seed=row["seed"], max_length=max_length, packing=False,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
     if row.get("padding_free") is not None:
         wanted["padding_free"] = row["padding_free"]
     known = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -237,6 +203,7 @@ def run_row(row: dict, notes: list[str], scratch: Path) -> dict:
         "max_seq_length": max_length,
         "padding_free": getattr(trainer.args, "padding_free", None),
         "gradient_checkpointing": checkpointing,
+        "quantization": "nf4, double quantisation, bf16 compute (unsloth's fixed 4-bit config)",
         "sampler": type(trainer._get_train_sampler()).__name__,
         "sft_config_dropped": dropped,
         "device": torch.cuda.get_device_name(0),
@@ -250,9 +217,14 @@ def main(row: dict) -> dict:
     if missing:
         return {"recipe": "unsloth", "status": f"not run: the row lacks {missing}", "versions": versions_found}
     notes: list[str] = []
-    for key, value in ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
+    for key in ENVIRONMENT:
+        os.environ.setdefault(key, "1")
     real_out, real_err = sys.stdout, sys.stderr
+    handler = logging.Handler()  # unsloth logs its choices (padding-free, kernels) at INFO
+    handler.emit = lambda record: keep(notes, record.getMessage())
+    for name in ("unsloth", "unsloth_zoo"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
     sys.stdout, sys.stderr = Notes(real_out, notes), Notes(real_err, notes)
     try:
         with tempfile.TemporaryDirectory(prefix="unsloth-row-") as scratch:
@@ -262,6 +234,7 @@ def main(row: dict) -> dict:
     except BaseException as error:  # noqa: B036  a row whatever happens, SystemExit included
         if isinstance(error, KeyboardInterrupt):
             raise
+        sys.stdout, sys.stderr = real_out, real_err
         traceback.print_exc()
         result = {"recipe": "unsloth", "status": f"not run: {type(error).__name__}: {str(error)[:300]}"}
     finally:
