@@ -146,7 +146,7 @@ def run_row(row: dict, notes: list[str], scratch: Path) -> dict:
     common = dict(use_gradient_checkpointing=checkpointing, random_state=row["seed"])
     model, tokenizer = FastLanguageModel.from_pretrained(
         str(load_dir), max_seq_length=max_length, dtype=torch.bfloat16, load_in_4bit=True, **common,
-        use_exact_model_name=True, local_files_only=True, offload_embedding=False,  # weights stay on the GPU
+        use_exact_model_name=True, offload_embedding=False,  # HF_HUB_OFFLINE; weights stay on the GPU
     )  # fmt: skip
     model = FastLanguageModel.get_peft_model(
         model, r=row["lora_r"], lora_alpha=row["lora_alpha"], lora_dropout=row["lora_dropout"],
