@@ -153,7 +153,7 @@ def run_row(row: dict) -> dict:
         max_length = job["seq"]
         ids = token_rows(batch * min(cap or job["steps"], job["steps"]), max_length, VOCAB)["input_ids"]
     settings = dict(yaml.safe_load(Path(row["config"]).read_text())["train"], batch_size=batch, epochs=1)
-    settings.update(max_steps=-1, save_steps=10**6, logging_steps=1, padding_free=False, report_to="none")
+    settings.update(max_steps=-1, save_steps=10**6, logging_steps=1, padding_free=False)
     if tutorial:
         settings.update(pad_to_multiple_of=None)  # TRL's default
     settings.update(row["train"])
@@ -289,9 +289,13 @@ def summarise(results: list[dict]) -> list[dict]:
         row.update(peak_allocated_gib=max(peaks) if peaks else None)
         row.update(predicted_peak_gib=ok[0].get("predicted_peak_gib") if ok else None)
         row.update(status="ok" if ok else runs[0]["status"], steps=ok[0].get("steps") if ok else None)
-        row.update(tokens=ok[0].get("tokens") if ok else None, steady_tokens_per_second=median("steady_tokens_per_second"))
+        row.update(
+            tokens=ok[0].get("tokens") if ok else None, steady_tokens_per_second=median("steady_tokens_per_second")
+        )
         row.update(loss_max_abs_diff_vs_reference_50=None, repeats=len(ok))
-        row.update(runs_tokens_per_second=[r["tokens_per_second"] for r in ok], losses=ok[0].get("losses") if ok else None)
+        row.update(
+            runs_tokens_per_second=[r["tokens_per_second"] for r in ok], losses=ok[0].get("losses") if ok else None
+        )
         table.append(row)
     for row in table:
         same = {t["recipe"]: t for t in table if t["job"] == row["job"]}
@@ -300,7 +304,7 @@ def summarise(results: list[dict]) -> list[dict]:
             row["vs_tutorial"] = round(row["tokens_per_second"] / tutorial["tokens_per_second"], 2)
         if reference and reference is not row and reference["losses"] and row["losses"]:
             pairs = zip(row["losses"][:LOSS_STEPS], reference["losses"][:LOSS_STEPS], strict=False)
-            row["loss_max_abs_diff_vs_reference_50"] = round(max(abs(a - b) for a, b in pairs), 4)
+            row["loss_max_abs_diff_vs_reference_50"] = round(max(abs(a - b) for a, b in pairs), 6)
     for row in table:
         del row["losses"]
     return table
