@@ -135,7 +135,7 @@ def run_row(row: dict) -> dict:
     )
     losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
     epoch, cuda = "rows" in job, torch.cuda.is_available()
-    speed = tokens / seconds if epoch else seq * batch / statistics.median(times[WARMUP:])
+    speed = tokens / seconds if epoch else seq * batch / statistics.median(times[WARMUP:] or times)
     result = dict(status="ok", steps=trainer.state.global_step, tokens=tokens)
     result.update(tokens_seen=trainer.state.num_input_tokens_seen, train_seconds=round(seconds, 2))
     result.update(epoch_seconds=round(seconds, 2) if epoch else None, tokens_per_second=round(speed, 1))
@@ -278,6 +278,9 @@ def main(a: argparse.Namespace, command: str) -> dict:
     build_model(a.model_dir, a.rows_dir / "tokenizer", SHAPES[a.shape])
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     report = dict(command=command, device=device, versions=versions(), rows_files=rows_summary(a.rows_dir), rows=[])
+    if a.append and a.out.with_suffix(".json").is_file():  # one table from several calls (10-minute limit)
+        previous = json.loads(a.out.with_suffix(".json").read_text())
+        report.update(command=f"{previous['command']} ; {command}", rows=previous["rows"])
     for repeat in range(a.repeats_block):
         for job in a.jobs:
             if repeat and "rows" in JOBS[job]:
@@ -321,6 +324,7 @@ if __name__ == "__main__":
     r.add_argument("--config", type=Path, default=PROJECT / "config" / "llama2-7b.yaml")
     r.add_argument("--model-dir", type=Path, help="default: /tmp/llama2-7b-shape (7b), a temp folder (tiny)")
     r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--append", action="store_true", help="add to the rows of an existing OUT.json")
     c = commands.add_parser("child")
     c.add_argument("row")
     a = parser.parse_args()
