@@ -1,10 +1,8 @@
 """Measured epochs at the Llama-2-7B shape (random weights, QLoRA q/v, one GPU): issue 15.
 
-Jobs:
-- ``seed_epoch_b1``: one epoch of guanaco-llama2-1k (all 1000 rows, their real token lengths
-  truncated at 1024), batch 1, the tutorial's lr schedule and optimizer.
-- ``epoch_b4``: the shipped setting, batch 4 in group_by_length order, one epoch.
-- ``block_2048x4``: synthetic 2048 x 4 blocks, a few steps, tokens/s only (as gpu_recipes).
+Jobs: ``seed_epoch_b1``: one epoch of guanaco-llama2-1k (all 1000 rows, real token lengths truncated
+at 1024), batch 1, the tutorial's lr schedule and optimizer; ``epoch_b4``: the shipped setting, batch
+4 in group_by_length order; ``block_2048x4``: synthetic 2048 x 4 blocks, tokens/s only (as gpu_recipes).
 
 ``prepare`` (on a CPU, bench/epoch_rows.py) tokenizes the rows, maps the ids into the 7B vocabulary and fixes each
 job's training order (transformers' LengthGroupedSampler, seed 1, as the train stage orders
@@ -43,11 +41,8 @@ from gpu_recipes import LLAMA2_7B, build_model, prediction_recipe, token_rows, t
 GIB = 1024**3
 LOSS_STEPS = 50
 WARMUP = 3  # block rows: the median step after these (as gpu_recipes)
-SHAPES = {  # tiny: the same code path on a CPU in seconds (tests)
-    "7b": LLAMA2_7B,
-    "tiny": dict(LLAMA2_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-}
-SHAPES["tiny"]["num_key_value_heads"] = 4
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+SHAPES = {"7b": LLAMA2_7B, "tiny": dict(LLAMA2_7B, **TINY)}  # tiny: the same code path on a CPU (tests)
 REFERENCE = {"kernels": "none", "gradient_checkpointing": True, "checkpoint_every": 1}
 TABLE_KEYS = ("recipe", "job", "batch", "epoch_seconds", "tokens_per_second", "vs_tutorial")
 TABLE_KEYS += ("peak_allocated_gib", "predicted_peak_gib", "status")
@@ -86,7 +81,7 @@ def run_row(row: dict) -> dict:
     model_dir, job, tutorial = Path(row["model_dir"]), JOBS[row["job"]], row["kind"] == "tutorial"
     batch, cap = job["batch"], row["steps"]
     if "rows" in job:
-        ids = json.loads(Path(row["rows_file"]).read_text())["input_ids"][: cap * batch if cap else None]
+        ids = json.loads(Path(row["rows_file"]).read_text())["input_ids"]  # --steps: stop_at, same schedule
         max_length = MAX_LENGTH
     else:
         max_length = job["seq"]
@@ -115,7 +110,8 @@ def run_row(row: dict) -> dict:
         )
         args.train_sampling_strategy = "sequential"  # the order was fixed by prepare
         timer = step_timer()
-        trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, [timer])
+        callbacks = [timer] + ([stop_at(cap)] if cap and "rows" in job else [])
+        trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, callbacks)
         sampler = trainer._get_train_sampler()
         if not isinstance(sampler, SequentialSampler):
             raise RuntimeError(f"the train sampler is {type(sampler).__name__}, not sequential")
@@ -125,7 +121,7 @@ def run_row(row: dict) -> dict:
         trainer.train()
         seconds = time.perf_counter() - started
     times = [s["step_seconds"] for _, s in sorted(timer.steps.items())]
-    tokens = sum(len(x) for x in ids)
+    tokens = sum(len(x) for x in ids[: trainer.state.global_step * batch])
     multiple = settings["pad_to_multiple_of"] or 1
     seq = math.ceil(max(len(x) for x in ids) / multiple) * multiple  # the longest padded batch
     shape = dict(recipe="tutorial" if tutorial else "pipeline", method="qlora", targets="qv", seq=seq, batch=batch)
@@ -146,7 +142,19 @@ def run_row(row: dict) -> dict:
     result.update(predicted_peak_gib=round(predicted["total"] / GIB, 3), predicted_for={"seq": seq, "batch": batch})
     result.update(kernels=details["kernels"], checkpoint_every=every, optimizer=optimizer)
     result["losses"] = [losses[s] for s in sorted(losses)][:LOSS_STEPS]
+    result["learning_rates"] = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e][:LOSS_STEPS]
     return result
+
+
+def stop_at(steps: int):
+    """Ends training after ``steps`` steps of the whole epoch's schedule (its first steps, exactly)."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = control.should_training_stop or state.global_step >= steps
+
+    return StopAt()
 
 
 def unsloth_row(row: dict) -> dict:
@@ -319,7 +327,9 @@ if __name__ == "__main__":
     r.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... a pipeline variant")
     r.add_argument("--pipeline-train", action="append", default=[], help="KEY=VALUE for every pipeline recipe")
     r.add_argument("--repeats-block", type=int, default=2)
-    r.add_argument("--steps", type=int, help="cap every job at this many steps")
+    r.add_argument(
+        "--steps", type=int, help="cap every job at this many steps (an epoch's first steps, its schedule kept)"
+    )
     r.add_argument("--shape", choices=list(SHAPES), default="7b")
     r.add_argument("--config", type=Path, default=PROJECT / "config" / "llama2-7b.yaml")
     r.add_argument("--model-dir", type=Path, help="default: /tmp/llama2-7b-shape (7b), a temp folder (tiny)")

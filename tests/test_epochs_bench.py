@@ -129,4 +129,6 @@ def test_tiny_run_trains_every_recipe_on_the_same_rows(rows_dir, tmp_path):
     assert all(len(x) == 2 for x in losses)
     assert losses[0][0] != losses[0][1]  # two different rows
     assert table["tutorial"]["loss_max_abs_diff_vs_reference_50"] < 1e-3
+    # --steps stops inside the whole epoch's schedule: warm-up over 3 % of 1000 steps, not of 2.
+    assert all(0 < r["learning_rates"][1] < 2e-4 * 2 / 30 for r in report["rows"] if r["status"] == "ok")
     assert "SmolLM2-135M-Instruct" in out.with_suffix(".md").read_text()
