@@ -111,7 +111,12 @@ def run_row(row: dict) -> dict:
         args.train_sampling_strategy = "sequential"  # the order was fixed by prepare
         timer = step_timer()
         callbacks = [timer] + ([stop_at(cap)] if cap and "rows" in job else [])
-        trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, callbacks)
+        plan = None
+        if details.get("checkpoint_per_batch"):  # the train stage's per-batch checkpointing plan
+            plan = train_stage.CheckpointPlan(
+                train_stage.decoder_layers(model), model_dir, cell, settings, details["kernels"]
+            )
+        trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, callbacks, plan)
         sampler = trainer._get_train_sampler()
         if not isinstance(sampler, SequentialSampler):
             raise RuntimeError(f"the train sampler is {type(sampler).__name__}, not sequential")
@@ -141,6 +146,7 @@ def run_row(row: dict) -> dict:
     result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3) if cuda else None
     result.update(predicted_peak_gib=round(predicted["total"] / GIB, 3), predicted_for={"seq": seq, "batch": batch})
     result.update(kernels=details["kernels"], checkpoint_every=every, optimizer=optimizer)
+    result["checkpoint_steps_by_every"] = plan.summary() if plan else None
     result["losses"] = [losses[s] for s in sorted(losses)][:LOSS_STEPS]
     result["learning_rates"] = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e][:LOSS_STEPS]
     return result
@@ -171,7 +177,7 @@ def unsloth_row(row: dict) -> dict:
         request.update(seq=job["seq"], steps=min(row["steps"] or job["steps"], job["steps"]))
     request.update({k: train[k] for k in ("lr_scheduler", "warmup_ratio", "max_grad_norm", "weight_decay")})
     request.update(learning_rate=2e-4, optimizer=train["optimizer"], lora_r=64, lora_alpha=16, lora_dropout=0.1)
-    request.update(targets=["q_proj", "v_proj"], gradient_checkpointing=True, loss_steps=LOSS_STEPS)
+    request.update(targets="qv", gradient_checkpointing="unsloth", loss_steps=LOSS_STEPS)
     env = dict(os.environ, PYTHONPATH=f"{site}:/tmp/site")
     command = [sys.executable, str(script), "--row", json.dumps(request)]
     return child_result(subprocess.run(command, capture_output=True, text=True, env=env))
