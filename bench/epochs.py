@@ -139,7 +139,8 @@ def run_row(row: dict) -> dict:
     speed = tokens / seconds if epoch else seq * batch / statistics.median(times[WARMUP:] or times)
     result = dict(status="ok", steps=trainer.state.global_step, tokens=tokens)
     result.update(tokens_seen=trainer.state.num_input_tokens_seen, train_seconds=round(seconds, 2))
-    result.update(epoch_seconds=round(seconds, 2) if epoch else None, tokens_per_second=round(speed, 1))
+    result.update(epoch_seconds=round(seconds, 2) if epoch and not cap else None, tokens_per_second=round(speed, 1))
+    result["capped_at_step"] = cap if epoch else None  # a part of an epoch: no epoch time, no ratio
     result["steady_tokens_per_second"] = steady_tokens_per_second(timer.steps, WARMUP)
     result.update(median_step_seconds=round(statistics.median(times), 4), step_seconds=[round(t, 4) for t in times])
     result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None
@@ -147,6 +148,8 @@ def run_row(row: dict) -> dict:
     result.update(predicted_peak_gib=round(predicted["total"] / GIB, 3), predicted_for={"seq": seq, "batch": batch})
     result.update(kernels=details["kernels"], checkpoint_every=every, optimizer=optimizer)
     result["checkpoint_steps_by_every"] = plan.summary() if plan else None
+    if plan:  # per-batch checkpointing: the largest prediction among the batches it planned
+        result["predicted_peak_gib"] = round(plan.predicted_peak_bytes() / GIB, 3)
     result["losses"] = [losses[s] for s in sorted(losses)][:LOSS_STEPS]
     result["learning_rates"] = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e][:LOSS_STEPS]
     return result
@@ -165,7 +168,7 @@ def stop_at(steps: int):
 
 def unsloth_row(row: dict) -> dict:
     """The unsloth recipe in its own interpreter and install (bench/unsloth_row.py's contract)."""
-    script, site = BENCH / "unsloth_row.py", Path("/tmp/unsloth-site")
+    script, site = BENCH / "unsloth_row.py", Path(os.environ.get("UNSLOTH_SITE", "/tmp/unsloth-site"))
     if not script.is_file() or not site.is_dir():
         return {"status": f"not run: {script if not script.is_file() else site} is missing"}
     job = JOBS[row["job"]]
@@ -229,11 +232,13 @@ def summarise(results: list[dict]) -> list[dict]:
         row.update(status="ok" if ok else runs[0]["status"], steps=first.get("steps"), tokens=first.get("tokens"))
         row.update(steady_tokens_per_second=median("steady_tokens_per_second"), loss_max_abs_diff_vs_reference_50=None)
         row.update(repeats=len(ok), runs_tokens_per_second=[r["tokens_per_second"] for r in ok])
+        row["capped_at_step"] = first.get("capped_at_step")
         table.append(dict(row, losses=first.get("losses")))
     for row in table:
         same = {t["recipe"]: t for t in table if t["job"] == row["job"]}
         tutorial, reference = same.get("tutorial"), same.get("reference")
-        if tutorial and tutorial["tokens_per_second"] and row["tokens_per_second"]:
+        comparable = not row.get("capped_at_step") and tutorial and not tutorial.get("capped_at_step")
+        if comparable and tutorial["tokens_per_second"] and row["tokens_per_second"]:
             row["vs_tutorial"] = round(row["tokens_per_second"] / tutorial["tokens_per_second"], 2)
         if reference and reference is not row and reference["losses"] and row["losses"]:
             pairs = zip(row["losses"][:LOSS_STEPS], reference["losses"][:LOSS_STEPS], strict=False)
@@ -258,6 +263,10 @@ def markdown(report: dict) -> str:
             f"tokenized with {rows['tokenizer']} (tokenizer.json sha256 {rows['tokenizer_json_sha256'][:12]}), "
             f"ids mapped by {rows['vocab_map']}, truncated at {rows['max_length']}."
         )
+    lines += [
+        f"Completed on the CPU afterwards (bench/epoch_results.py): {note}"
+        for note in report.get("completed_on_cpu", [])
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -310,7 +319,13 @@ def main(a: argparse.Namespace, command: str) -> dict:
                 else:
                     child = [sys.executable, __file__, "child", json.dumps(row)]
                     result = child_result(subprocess.run(child, capture_output=True, text=True))
-                result = dict(row, batch=JOBS[job]["batch"], **result, recipe=name, job=job)
+                result = {
+                    **row,
+                    "batch": JOBS[job]["batch"],
+                    **result,
+                    "recipe": name,
+                    "job": job,
+                }  # the row names the recipe
                 result["wall_seconds"] = round(time.time() - started, 1)
                 report["rows"].append(result)
                 print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "stderr_tail")}), flush=True)

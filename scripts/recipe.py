@@ -135,14 +135,18 @@ class CheckpointPlan:
             paged_optimizer=train["optimizer"].startswith("paged"),
         )
         self.chosen: dict[tuple[int, int], int] = {}
+        self.predicted: dict[tuple[int, int], int] = {}
         self.steps_by_every: dict[int, int] = {}
 
     def every_for(self, batch: int, seq: int) -> int:
         if (batch, seq) not in self.chosen:
-            self.chosen[(batch, seq)] = choose_checkpointing(
-                self.shape, self.budget, seq=seq, batch=batch, **self.recipe
-            )[0]
+            every, prediction = choose_checkpointing(self.shape, self.budget, seq=seq, batch=batch, **self.recipe)
+            self.chosen[(batch, seq)], self.predicted[(batch, seq)] = every, prediction["total"]
         return self.chosen[(batch, seq)]
+
+    def predicted_peak_bytes(self) -> int | None:
+        """The memory model's peak over every batch shape planned so far."""
+        return max(self.predicted.values(), default=None)
 
     def apply(self, input_ids: torch.Tensor) -> int:
         batch, seq = input_ids.shape[0], input_ids.shape[-1]

@@ -341,6 +341,7 @@ def main(
         "adapter_dtypes": adapter_dtypes(trainer.model),
         "padding_free": train["padding_free"],
         "checkpoint_steps_by_every": plan.summary() if plan else None,
+        "plan_predicted_peak_bytes": plan.predicted_peak_bytes() if plan else None,
         "metric_sync_deferred": trainer.metric_sync_deferred,
         "optimizer_state_bytes": optimizer_bytes,
         "optimizer_paged": optimizer_paged,

@@ -1,0 +1,93 @@
+"""Completes a measured bench/epochs.py results file on the CPU, and says what it changed.
+
+- ``--replan``: for pipeline rows trained with the per-batch checkpointing plan but recorded
+  before the run kept the plan's own prediction, the memory model's peak over the batches the
+  plan saw (the same CheckpointPlan on the same rows, in the same order: a pure function of the
+  shape, the config and the rows), replacing the every-layer prediction at the longest row.
+- ``--not-run RECIPE:JOB:REASON``: a row for a (recipe, job) the call could not measure, so
+  the table keeps every goal's row with the reason.
+
+    python bench/epoch_results.py bench/results/epochs_h200 --rows-dir .carry/epochs --replan \\
+        --not-run "unsloth:epoch_b4:result lost to a bench bug, fixed since"
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent / "scripts")]
+from epoch_rows import JOBS  # noqa: E402
+
+from epochs import LLAMA2_7B, write  # noqa: E402
+
+GIB = 1024**3
+
+
+def planned_peak_gib(rows_file: Path, batch: int, config: Path, model_config: Path) -> float:
+    """The plan's largest prediction over the batches of the rows file, padded as the trainer pads."""
+    from recipe import CheckpointPlan
+
+    train = yaml.safe_load(config.read_text())["train"]
+    cell = dict(method="qlora", lora_r=64, target_modules="qv", double_quant=False)
+    plan = CheckpointPlan([], model_config, cell, train, "liger")
+    ids = json.loads(rows_file.read_text())["input_ids"]
+    multiple = train["pad_to_multiple_of"] or 1
+    for start in range(0, len(ids), batch):
+        rows = ids[start : start + batch]
+        plan.every_for(len(rows), math.ceil(max(map(len, rows)) / multiple) * multiple)
+    return round(plan.predicted_peak_bytes() / GIB, 3)
+
+
+def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config: Path) -> dict:
+    report = json.loads(results.with_suffix(".json").read_text())
+    notes = report.setdefault("completed_on_cpu", [])
+    if replan:
+        model_config = results.parent / "llama2-7b-shape.config.json"
+        model_config.write_text(json.dumps(LLAMA2_7B))
+        for row in report["rows"]:
+            if row.get("checkpoint_steps_by_every") and "rows" in JOBS[row["job"]] and row.get("status") == "ok":
+                was = row["predicted_peak_gib"]
+                row["predicted_peak_gib"] = planned_peak_gib(
+                    rows_dir / JOBS[row["job"]]["rows"], row["batch"], config, model_config
+                )
+                notes.append(
+                    f"{row['recipe']} {row['job']}: predicted_peak_gib {was} (every layer at the longest row) -> "
+                    f"{row['predicted_peak_gib']} (the per-batch plan's largest prediction, replanned on the CPU)"
+                )
+        model_config.unlink()
+    for row in report["rows"]:  # runs before capped_at_step was recorded: a capped epoch row has no epoch time
+        if "rows" in JOBS[row["job"]] and row.get("status") == "ok" and "capped_at_step" not in row:
+            row["capped_at_step"] = (
+                row["steps"]
+                if row["steps"]
+                < len(json.loads((rows_dir / JOBS[row["job"]]["rows"]).read_text())["input_ids"]) // row["batch"]
+                else None
+            )
+            if row["capped_at_step"]:
+                notes.append(
+                    f"{row['recipe']} {row['job']}: {row['steps']} steps of the epoch (its loss yardstick): no epoch time, no ratio"
+                )
+                row["epoch_seconds"] = None
+    for item in not_run:
+        recipe, job, reason = item.split(":", 2)
+        report["rows"].append(dict(recipe=recipe, job=job, batch=JOBS[job]["batch"], status=f"not run: {reason}"))
+        notes.append(f"{recipe} {job}: not run: {reason}")
+    write(report, results)
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="OUT prefix of a bench/epochs.py run (OUT.json, OUT.md)")
+    parser.add_argument("--rows-dir", type=Path, required=True)
+    parser.add_argument("--replan", action="store_true")
+    parser.add_argument("--not-run", action="append", default=[], metavar="RECIPE:JOB:REASON")
+    parser.add_argument("--config", type=Path, default=BENCH.parent / "config" / "llama2-7b.yaml")
+    a = parser.parse_args()
+    for note in main(a.results, a.rows_dir, a.replan, a.not_run, a.config)["completed_on_cpu"]:
+        print(note)
