@@ -136,3 +136,40 @@ def test_tiny_run_trains_every_recipe_on_the_same_rows(rows_dir, tmp_path):
     # --steps stops inside the whole epoch's schedule: warm-up over 3 % of 1000 steps, not of 2.
     assert all(0 < r["learning_rates"][1] < 2e-4 * 2 / 30 for r in report["rows"] if r["status"] == "ok")
     assert "SmolLM2-135M-Instruct" in out.with_suffix(".md").read_text()
+
+
+def test_memory_model_within_ten_percent_of_every_measured_epoch_row(rows_dir):
+    """The measured H200 epochs (bench/results/epochs_h200.json): every row's prediction,
+    recomputed here from the rows and the config (the per-batch plan replayed over the same
+    batches), is within 10 % of its measured peak."""
+    import epoch_results
+
+    from gpu_recipes import prediction_recipe
+    from memory_model import ModelShape, predict_peak
+
+    report = json.loads((PROJECT / "bench" / "results" / "epochs_h200.json").read_text())
+    config = PROJECT / "config" / "llama2-7b.yaml"
+    model_config = rows_dir / "llama2-7b.json"
+    model_config.write_text(json.dumps(epoch_results.LLAMA2_7B))
+    measured = [r for r in report["rows"] if r["status"] == "ok"]
+    assert {(r["recipe"], r["job"]) for r in measured} >= {
+        ("tutorial", "seed_epoch_b1"),
+        ("pipeline", "seed_epoch_b1"),
+        ("tutorial", "epoch_b4"),
+        ("pipeline", "epoch_b4"),
+    }
+    for row in measured:
+        if row.get("checkpoint_steps_by_every"):
+            rows_file = rows_dir / epoch_results.JOBS[row["job"]]["rows"]
+            predicted = epoch_results.planned_peak_gib(rows_file, row["batch"], config, model_config)
+        else:
+            shape = dict(recipe=row["kind"] if row["kind"] == "tutorial" else "pipeline", method="qlora", targets="qv")
+            shape.update(row["predicted_for"])
+            total = predict_peak(
+                ModelShape.from_config(model_config),
+                checkpoint_every=row["checkpoint_every"],
+                **prediction_recipe(shape, row["kernels"]),
+            )["total"]
+            predicted = total / 1024**3
+        assert predicted == pytest.approx(row["predicted_peak_gib"], abs=1e-3), row["recipe"]
+        assert abs(predicted - row["peak_allocated_gib"]) / row["peak_allocated_gib"] < 0.10, row["recipe"]

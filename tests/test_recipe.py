@@ -124,6 +124,7 @@ def test_checkpoint_plan_recomputes_only_the_long_batches(tiny_model, tmp_path):
     none, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, gradient_checkpointing=False)
     assert plan.summary() == {"0": 3, "1": 3}  # 3 short and 3 long batches of two
     assert all(every == (1 if seq > 64 else 0) for (_, seq), every in plan.chosen.items())
+    assert short <= plan.predicted_peak_bytes() <= budget_gib * 1024**3  # its largest batch fits the budget
     # Recomputation repeats the forward exactly (dropout's RNG state is replayed).
     assert [h["loss"] for h in planned] == [h["loss"] for h in none]
     assert [h["grad_norm"] for h in planned] == [h["grad_norm"] for h in none]
