@@ -117,7 +117,10 @@ def test_checkpoint_plan_recomputes_only_the_long_batches(tiny_model, tmp_path):
     recipe_args = dict(method="qlora", rank=8, targets="qv", kernels="none", double_quant=False, paged_optimizer=False)
     short = predict_peak(shape, checkpoint_every=0, seq=64, batch=2, **recipe_args)["total"]
     long = predict_peak(shape, checkpoint_every=0, seq=320, batch=2, **recipe_args)["total"]
-    budget_gib = (short + long) / 2 / 1024**3  # the short batches fit without recomputation, the long ones do not
+    long_checkpointed = predict_peak(shape, checkpoint_every=1, seq=320, batch=2, **recipe_args)["total"]
+    budget = max(short, long_checkpointed) + 1
+    assert budget < long  # short batches fit without recomputation, long ones only with it
+    budget_gib = budget / 1024**3
     planned, plan = train_tiny(
         tiny_model, tmp_path / "a", LENGTHS, gradient_checkpointing="auto", memory_budget_gib=budget_gib
     )
