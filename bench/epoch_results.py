@@ -22,7 +22,6 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "scripts")]
 from epoch_rows import JOBS  # noqa: E402
-
 from epochs import LLAMA2_7B, write  # noqa: E402
 
 GIB = 1024**3

@@ -35,7 +35,6 @@ BENCH = Path(__file__).resolve().parent
 PROJECT = BENCH.parent
 sys.path[:0] = [str(BENCH), str(PROJECT / "scripts")]
 from epoch_rows import DATA, JOBS, MAX_LENGTH, SEED, VOCAB, prepare  # noqa: E402
-
 from gpu_recipes import LLAMA2_7B, build_model, prediction_recipe, token_rows, tutorial_model  # noqa: E402
 
 GIB = 1024**3

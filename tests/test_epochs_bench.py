@@ -143,7 +143,6 @@ def test_memory_model_within_ten_percent_of_every_measured_epoch_row(rows_dir):
     recomputed here from the rows and the config (the per-batch plan replayed over the same
     batches), is within 10 % of its measured peak."""
     import epoch_results
-
     from gpu_recipes import prediction_recipe
     from memory_model import ModelShape, predict_peak
 
