@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import recipe
+from gpu_recipes import LLAMA2_7B
 from memory_model import ModelShape, predict_peak
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -36,16 +37,6 @@ TRAIN = dict(
     compute_dtype="float32",
     logging_steps=2,
     save_steps=10**6,
-)
-LLAMA2_7B = dict(
-    architectures=["LlamaForCausalLM"],
-    model_type="llama",
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
 )
 
 
