@@ -156,7 +156,7 @@ class CheckpointPlan:
         return every
 
     def summary(self) -> dict:
-        """Optimizer-free record for metrics.json: steps per checkpointing setting."""
+        """Steps trained under each checkpointing setting (every k-th layer; 0 = none), for metrics.json."""
         return {str(every): steps for every, steps in sorted(self.steps_by_every.items())}
 
 
