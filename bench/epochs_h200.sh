@@ -4,7 +4,7 @@
 # The rows come from: python bench/epochs.py prepare --out .carry/epochs (on a CPU).
 set -u
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-rm -rf /tmp/proj /tmp/epochs && mkdir -p /tmp/proj /tmp/bgout && git ls-files -z | xargs -0 tar -c | tar -x -C /tmp/proj
+rm -rf /tmp/proj /tmp/epochs && mkdir -p /tmp/proj /tmp/bgout && tar --exclude=./.carry -c . | tar -x -C /tmp/proj
 cp -r .carry/epochs /tmp/epochs && cd /tmp/proj
 E="python3 bench/epochs.py run --rows-dir /tmp/epochs --out /tmp/bgout/epochs_h200 --repeats-block 1"
 $E --jobs seed_epoch_b1 --recipes tutorial pipeline
