@@ -23,6 +23,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "scripts")]
 from epoch_rows import JOBS  # noqa: E402
 from epochs import LLAMA2_7B, write  # noqa: E402
+from gpu_recipes import bench_cell  # noqa: E402
 
 GIB = 1024**3
 
@@ -32,8 +33,7 @@ def planned_peak_gib(rows_file: Path, batch: int, config: Path, model_config: Pa
     from recipe import CheckpointPlan
 
     train = yaml.safe_load(config.read_text())["train"]
-    cell = dict(method="qlora", lora_r=64, target_modules="qv", double_quant=False)
-    plan = CheckpointPlan([], model_config, cell, train, "liger")
+    plan = CheckpointPlan([], model_config, bench_cell(), train, "liger")
     ids = json.loads(rows_file.read_text())["input_ids"]
     multiple = train["pad_to_multiple_of"] or 1
     for start in range(0, len(ids), batch):
@@ -59,14 +59,10 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
                     f"{row['predicted_peak_gib']} (the per-batch plan's largest prediction, replanned on the CPU)"
                 )
         model_config.unlink()
+    examples = report["rows_files"]["rows"]  # every job trains the same rows, in its own order
     for row in report["rows"]:  # runs before capped_at_step was recorded: a capped epoch row has no epoch time
         if "rows" in JOBS[row["job"]] and row.get("status") == "ok" and "capped_at_step" not in row:
-            row["capped_at_step"] = (
-                row["steps"]
-                if row["steps"]
-                < len(json.loads((rows_dir / JOBS[row["job"]]["rows"]).read_text())["input_ids"]) // row["batch"]
-                else None
-            )
+            row["capped_at_step"] = row["steps"] if row["steps"] < math.ceil(examples / row["batch"]) else None
             if row["capped_at_step"]:
                 notes.append(
                     f"{row['recipe']} {row['job']}: {row['steps']} steps of the epoch (its loss yardstick): no epoch time, no ratio"

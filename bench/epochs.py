@@ -35,7 +35,7 @@ BENCH = Path(__file__).resolve().parent
 PROJECT = BENCH.parent
 sys.path[:0] = [str(BENCH), str(PROJECT / "scripts")]
 from epoch_rows import DATA, JOBS, MAX_LENGTH, SEED, VOCAB, prepare  # noqa: E402
-from gpu_recipes import LLAMA2_7B, build_model, prediction_recipe, token_rows, tutorial_model  # noqa: E402
+from gpu_recipes import LLAMA2_7B, bench_cell, build_model, prediction_recipe, token_rows, tutorial_model  # noqa: E402
 
 GIB = 1024**3
 LOSS_STEPS = 50
@@ -90,8 +90,7 @@ def run_row(row: dict) -> dict:
     if tutorial:
         settings.update(pad_to_multiple_of=None)  # TRL's default
     settings.update(row["train"])
-    cell = dict(method="qlora", lora_r=64, lora_alpha=16, lora_dropout=0.1, target_modules="qv")
-    cell.update(learning_rate=2e-4, quant_type="nf4", double_quant=False, seed=SEED)
+    cell = bench_cell(seed=SEED)
     set_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tutorial:

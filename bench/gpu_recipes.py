@@ -81,6 +81,21 @@ ROWS = {
 }
 
 
+def bench_cell(method: str = "qlora", targets: str = "qv", seed: int = 1) -> dict:
+    """The grid cell every bench trains: the tutorial's LoRA (r=64, alpha 16, dropout 0.1), lr 2e-4, NF4."""
+    return dict(
+        method=method,
+        lora_r=64,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        target_modules=targets,
+        learning_rate=2e-4,
+        quant_type="nf4" if method == "qlora" else "none",
+        double_quant=False,
+        seed=seed,
+    )
+
+
 def build_model(model_dir: Path, tokenizer_dir: Path, shape: dict | None = None) -> None:
     """Random 7B-shape (or ``shape``) checkpoint plus the initial adapters (q/v and all-linear, r=64)."""
     from peft import LoraConfig, get_peft_model
@@ -158,17 +173,7 @@ def run_row(row: dict) -> dict:
         settings.update(gradient_checkpointing="auto", memory_budget_gib=float(checkpointing[5:]))
     else:
         settings.update(gradient_checkpointing=checkpointing == "on", checkpoint_every=1)
-    cell = {
-        "method": row["method"],
-        "lora_r": 64,
-        "lora_alpha": 16,
-        "lora_dropout": 0.1,
-        "target_modules": row["targets"],
-        "learning_rate": 2e-4,
-        "quant_type": "nf4" if row["method"] == "qlora" else "none",
-        "double_quant": False,
-        "seed": 1,
-    }
+    cell = bench_cell(row["method"], row["targets"])
     set_seed(1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     adapter_dir = model_dir / f"adapter_{row['targets']}"

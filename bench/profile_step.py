@@ -45,13 +45,13 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
     from transformers import AutoTokenizer, TrainerCallback, set_seed
 
     import recipe
+    from gpu_recipes import bench_cell
     from train_metrics import step_timer
 
     logger = logging.getLogger("profile")
     train = yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())["train"]
     train.update(max_steps=steps, save_steps=10**6, logging_steps=1, group_by_length=False, **VARIANTS[name])
-    cell = dict(method="qlora", lora_r=64, lora_alpha=16, lora_dropout=0.1, target_modules="qv")
-    cell.update(learning_rate=2e-4, quant_type="nf4", double_quant=False, seed=1)
+    cell = bench_cell()
     set_seed(1)
     generator = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, 32000, (n,), generator=generator).tolist() for n in lengths[:steps]]

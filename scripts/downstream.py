@@ -267,10 +267,6 @@ elif __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="pipeline config (evaluate.lm_eval, data)")
-    parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--adapter-dir", type=Path)
-    parser.add_argument("--precision", choices=["16bit", "4bit"], default="16bit")
-    parser.add_argument("--data-dir", type=Path, required=True, help="prepare_data's output folder")
-    parser.add_argument("--out-dir", type=Path, required=True)
+    perplexity.add_model_arguments(parser)
     a = parser.parse_args()
     cli_main(yaml.safe_load(a.config.read_text()), a.model_dir, a.data_dir, a.out_dir, a.adapter_dir, a.precision)

@@ -299,6 +299,15 @@ def _from_snakemake(smk) -> None:
     write_manifest(smk, "evaluate", started)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments naming the model an evaluation scores (this stage and downstream.py)."""
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--adapter-dir", type=Path)
+    parser.add_argument("--precision", choices=["16bit", "4bit"], default="16bit")
+    parser.add_argument("--data-dir", type=Path, required=True, help="prepare_data's output folder")
+    parser.add_argument("--out-dir", type=Path, required=True)
+
+
 if "snakemake" in globals():  # run by Snakemake's script directive
     _from_snakemake(snakemake)  # noqa: F821
 elif __name__ == "__main__":
@@ -306,11 +315,7 @@ elif __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="pipeline config (evaluate section, data.format)")
-    parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--adapter-dir", type=Path)
-    parser.add_argument("--precision", choices=["16bit", "4bit"], default="16bit")
-    parser.add_argument("--data-dir", type=Path, required=True, help="prepare_data's output folder")
-    parser.add_argument("--out-dir", type=Path, required=True)
+    add_model_arguments(parser)
     a = parser.parse_args()
     cfg = yaml.safe_load(a.config.read_text())
     main(

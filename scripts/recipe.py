@@ -137,6 +137,7 @@ class CheckpointPlan:
         self.chosen: dict[tuple[int, int], int] = {}
         self.predicted: dict[tuple[int, int], int] = {}
         self.steps_by_every: dict[int, int] = {}
+        self.applied: int | None = None  # the layers' current setting
 
     def every_for(self, batch: int, seq: int) -> int:
         if (batch, seq) not in self.chosen:
@@ -151,7 +152,9 @@ class CheckpointPlan:
     def apply(self, input_ids: torch.Tensor) -> int:
         batch, seq = input_ids.shape[0], input_ids.shape[-1]
         every = self.every_for(batch, seq)
-        set_checkpointing(self.layers, every)
+        if every != self.applied:
+            set_checkpointing(self.layers, every)
+            self.applied = every
         self.steps_by_every[every] = self.steps_by_every.get(every, 0) + 1
         return every
 
@@ -226,6 +229,12 @@ def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list, 
         processes see, step by step, the examples one process sees with N x the accumulation
         (transformers groups lengths by the per-process batch and draws from the global RNG)."""
 
+        metric_sync_deferred = defer
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._pending_metrics = []  # per step: TRL's metric tensors, read back at the next log
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -290,8 +299,6 @@ def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list, 
     trainer = PipelineSFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
     )
-    trainer._pending_metrics = []
-    trainer.metric_sync_deferred = defer
     # TRL casts a quantised model's adapters to bf16 (and not a 16-bit one's): that would make
     # the arms differ in more than the base's precision, so both keep PEFT's fp32 adapters.
     for parameter in trainer.model.parameters():

@@ -73,7 +73,6 @@ def rows(lengths: list[int]):
 
 def train_tiny(model_dir: Path, tmp_path: Path, lengths: list[int], **settings) -> tuple[list[dict], object]:
     """Train the tiny model on rows of the given lengths, in order; returns the log history and the plan."""
-    from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer, set_seed
 
     train = dict(TRAIN, **settings)
@@ -83,9 +82,9 @@ def train_tiny(model_dir: Path, tmp_path: Path, lengths: list[int], **settings) 
     if details["checkpoint_per_batch"]:
         plan = recipe.CheckpointPlan(recipe.decoder_layers(model), model_dir, CELL, train, details["kernels"])
     args, _ = recipe.sft_config(train, CELL, tmp_path / "ckpt", details["compute_dtype"], "adamw_torch", 2048, LOGGER)
+    args.train_sampling_strategy = "sequential"  # the rows in the given order
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     trainer = recipe.make_trainer(model, tokenizer, rows(lengths), args, train, [], plan)
-    trainer._get_train_sampler = lambda dataset=None: SequentialSampler(dataset or trainer.train_dataset)
     trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h], plan
 
