@@ -42,7 +42,7 @@ LOSS_STEPS = 50
 WARMUP = 3  # block rows: the median step after these (as gpu_recipes)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 SHAPES = {"7b": LLAMA2_7B, "tiny": dict(LLAMA2_7B, **TINY)}  # tiny: the same code path on a CPU (tests)
-REFERENCE = {"kernels": "none", "gradient_checkpointing": True, "checkpoint_every": 1}
+REFERENCE = {"kernels": "none", "gradient_checkpointing": True, "checkpoint_every": 1, "cuda_graphs": False}
 TABLE_KEYS = ("recipe", "job", "batch", "epoch_seconds", "tokens_per_second", "vs_tutorial")
 TABLE_KEYS += ("peak_allocated_gib", "predicted_peak_gib", "status")
 COLUMNS = {"recipe": "recipe", "job": "job", "batch": "batch", "epoch_seconds": "epoch s", "speed": "tok/s (runs)"}
@@ -88,7 +88,7 @@ def run_row(row: dict) -> dict:
     settings = dict(yaml.safe_load(Path(row["config"]).read_text())["train"], batch_size=batch, epochs=1)
     settings.update(max_steps=-1, save_steps=10**6, logging_steps=1, padding_free=False)
     if tutorial:
-        settings.update(pad_to_multiple_of=None)  # TRL's default
+        settings.update(pad_to_multiple_of=None, cuda_graphs=False)  # TRL's default padding, eager steps
     settings.update(row["train"])
     cell = bench_cell(seed=SEED)
     set_seed(SEED)
@@ -114,7 +114,8 @@ def run_row(row: dict) -> dict:
             plan = train_stage.CheckpointPlan(
                 train_stage.decoder_layers(model), model_dir, cell, settings, details["kernels"]
             )
-        trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, callbacks, plan)
+        every = details["checkpoint_every"]
+        trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, callbacks, plan, every)
         sampler = trainer._get_train_sampler()
         if not isinstance(sampler, SequentialSampler):
             raise RuntimeError(f"the train sampler is {type(sampler).__name__}, not sequential")
@@ -146,6 +147,7 @@ def run_row(row: dict) -> dict:
     result.update(predicted_peak_gib=round(predicted["total"] / GIB, 3), predicted_for={"seq": seq, "batch": batch})
     result.update(kernels=details["kernels"], checkpoint_every=every, optimizer=optimizer)
     result["checkpoint_steps_by_every"] = plan.summary() if plan else None
+    result["cuda_graphs"] = trainer.graphs.summary() if getattr(trainer, "graphs", None) else None
     if plan:  # per-batch checkpointing: the largest prediction among the batches it planned
         result["predicted_peak_gib"] = round(plan.predicted_peak_bytes() / GIB, 3)
     result["losses"] = [losses[s] for s in sorted(losses)][:LOSS_STEPS]

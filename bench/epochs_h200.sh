@@ -7,8 +7,9 @@ export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFE
 rm -rf /tmp/proj /tmp/epochs && mkdir -p /tmp/proj /tmp/bgout && tar --exclude=./.carry -c . | tar -x -C /tmp/proj
 cp -r .carry/epochs /tmp/epochs && cd /tmp/proj
 E="python3 bench/epochs.py run --rows-dir /tmp/epochs --out /tmp/bgout/epochs_h200 --repeats-block 1"
-$E --jobs seed_epoch_b1 --recipes tutorial pipeline
-$E --jobs seed_epoch_b1 --recipes reference --steps 50 --append
-$E --jobs epoch_b4 --recipes tutorial pipeline unsloth --append
+# The loss yardstick, and the CUDA-graph step against the same recipe's eager step (50 steps each).
+$E --jobs seed_epoch_b1 --recipes reference --variant graphs_50_steps:cuda_graphs=true \
+  --variant eager_50_steps:cuda_graphs=false --steps 50
+$E --jobs seed_epoch_b1 --recipes pipeline tutorial unsloth --append
+$E --jobs epoch_b4 --recipes unsloth pipeline tutorial --append
 $E --jobs block_2048x4 --recipes tutorial pipeline unsloth --append
-$E --jobs seed_epoch_b1 --recipes unsloth --append

@@ -193,7 +193,8 @@ def run_row(row: dict) -> dict:
             settings, cell, Path(scratch), compute_dtype, "paged_adamw_32bit", row["seq"], logger, autocast
         )
         timer = train_stage.step_timer()
-        trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, [timer])
+        every = details["checkpoint_every"]
+        trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, [timer], checkpoint_every=every)
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         trainer.train()

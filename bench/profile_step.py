@@ -82,7 +82,14 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
         )
         timer = step_timer()
         trainer = recipe.make_trainer(
-            model, AutoTokenizer.from_pretrained(model_dir), dataset, args, train, [timer, Profile()], plan
+            model,
+            AutoTokenizer.from_pretrained(model_dir),
+            dataset,
+            args,
+            train,
+            [timer, Profile()],
+            plan,
+            checkpoint_every=details["checkpoint_every"],
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

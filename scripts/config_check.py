@@ -72,6 +72,15 @@ def _cross_key_checks(config: dict) -> None:
             "config key 'train.compile': torch.compile cannot trace Liger's kernels (measured with torch 2.11); "
             "set train.kernels: none with compile, or compile: false"
         )
+    if train.get("cuda_graphs", False):
+        if train["gradient_checkpointing"] is True:
+            raise ConfigError(
+                "config key 'train.cuda_graphs': a recorded step cannot recompute checkpointed layers; "
+                "set gradient_checkpointing false or auto (graphs serve runs the budget trains without it)"
+            )
+        if train["padding_free"] or train.get("compile", False):
+            key = "padding_free" if train["padding_free"] else "compile"
+            raise ConfigError(f"config key 'train.cuda_graphs': not with train.{key} (one or the other)")
     from grid import grid_table
 
     try:

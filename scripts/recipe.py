@@ -10,13 +10,16 @@ GPU benches import this one module).
 - Trainer: TRL's SFTTrainer with the same example order in every arm and process count, fp32
   adapters in both arms, and TRL's per-step token metrics (entropy, accuracy, token count)
   kept on the GPU until a log line needs them: three host syncs fewer per step, the same
-  logged values (``train.defer_metric_sync``).
+  logged values (``train.defer_metric_sync``); optionally each step's forward and backward
+  replayed from a CUDA graph (``train.cuda_graphs``, scripts/cuda_graphs.py).
 """
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
+from cuda_graphs import GraphedSteps, attention_backends, scoring_every_position
 
 from memory_model import ModelShape, choose_checkpointing, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
@@ -211,10 +214,34 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     return model, details
 
 
-def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list, plan: CheckpointPlan | None = None):
+def graphs_off_reason(train: dict, args, checkpoint_every: int, deferred: bool) -> str | None:
+    """Why ``train.cuda_graphs`` cannot serve this run (None: it can)."""
+    if not deferred:
+        return "the graph step mirrors TRL 1.16's loss (defer_metric_sync true, TRL 1.16)"
+    if args.world_size > 1:
+        return "one process only (data-parallel gradient hooks are not recorded)"
+    if args.fp16:
+        return "fp16 needs a loss scaler between forward and backward"
+    if checkpoint_every:
+        return f"the memory budget needs checkpointing (every {checkpoint_every}) at the longest batch"
+    return None
+
+
+def make_trainer(
+    model,
+    tokenizer,
+    dataset,
+    args,
+    train: dict,
+    callbacks: list,
+    plan: CheckpointPlan | None = None,
+    checkpoint_every: int = 0,
+):
     """SFTTrainer with the pipeline's corrections: adapters stay fp32 in both arms, the same
     example order for any process count, an optional padding-free collator, the per-batch
-    checkpointing plan, and TRL's token metrics synced only when logged."""
+    checkpointing plan, TRL's token metrics synced only when logged, and with
+    ``train.cuda_graphs`` each batch shape's step recorded once and replayed
+    (``checkpoint_every``: the plan at the longest batch; graphs need none)."""
     import trl
     from torch.utils.data import RandomSampler
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -234,6 +261,7 @@ def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list, 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._pending_metrics = []  # per step: TRL's metric tensors, read back at the next log
+            self.graphs = None
 
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
@@ -248,9 +276,27 @@ def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list, 
             return sampler
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            if plan is not None:
-                plan.apply(inputs["input_ids"])
+            every = plan.apply(inputs["input_ids"]) if plan is not None else 0
+            if self.graphs is not None and not every:
+                model.train()
+                inputs = self._prepare_inputs(inputs)
+                replayed = self.graphs.step(inputs, num_items_in_batch, lambda static: self._graph_loss(model, static))
+                if replayed is not None:
+                    loss, metrics = replayed
+                    self._pending_metrics.append(metrics)
+                    return loss
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def _graph_loss(self, model, static: dict):
+            """The deferred branch below on fixed buffers, without the padding mask (see cuda_graphs)."""
+            with self.compute_loss_context_manager(), scoring_every_position(), attention_backends():
+                outputs = model(
+                    input_ids=static["input_ids"], labels=static["labels"], use_cache=False, fused_lm_head=True
+                )
+                num_tokens = static["num_items"] if "num_items" in static else outputs.label_mask.sum()
+                loss = -outputs.log_probs.sum() / num_tokens.clamp(min=1)
+            mask = static["attention_mask"]
+            return loss, (outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum(), mask.sum())
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not (defer and self._plain_training_loss(inputs, return_outputs)):
@@ -304,6 +350,9 @@ def make_trainer(model, tokenizer, dataset, args, train: dict, callbacks: list, 
     for parameter in trainer.model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
+    if train.get("cuda_graphs", False):
+        off = graphs_off_reason(train, args, checkpoint_every, defer)
+        trainer.graphs = GraphedSteps(trainer.model.parameters(), off, logging.getLogger("recipe"))
     if train["padding_free"]:
         # Sequences concatenated into one row with restarting position_ids: transformers
         # masks attention per example, so the maths is that of the padded batch.

@@ -219,7 +219,9 @@ def main(
         if details["checkpoint_per_batch"]
         else None
     )
-    trainer = make_trainer(model, tokenizer, dataset, args, train, callbacks, plan)
+    trainer = make_trainer(
+        model, tokenizer, dataset, args, train, callbacks, plan, checkpoint_every=details["checkpoint_every"]
+    )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss_at_train_start = reset_peak_rss()  # the CPU's training-phase peak starts here
@@ -281,6 +283,7 @@ def main(
         "checkpoint_steps_by_every": plan.summary() if plan else None,
         "plan_predicted_peak_bytes": plan.predicted_peak_bytes() if plan else None,
         "metric_sync_deferred": trainer.metric_sync_deferred,
+        "cuda_graphs": trainer.graphs.summary() if trainer.graphs else None,
         "optimizer_state_bytes": optimizer_bytes,
         "optimizer_paged": optimizer_paged,
         "rss_at_train_start_bytes": rss_at_train_start,

@@ -71,8 +71,8 @@ def rows(lengths: list[int]):
     )
 
 
-def train_tiny(model_dir: Path, tmp_path: Path, lengths: list[int], **settings) -> tuple[list[dict], object]:
-    """Train the tiny model on rows of the given lengths, in order; returns the log history and the plan."""
+def train_tiny(model_dir: Path, tmp_path: Path, lengths: list[int], **settings) -> tuple[list[dict], object, object]:
+    """Train the tiny model on rows of the given lengths, in order; returns the log history, the plan and the trainer."""
     from transformers import AutoTokenizer, set_seed
 
     train = dict(TRAIN, **settings)
@@ -84,17 +84,18 @@ def train_tiny(model_dir: Path, tmp_path: Path, lengths: list[int], **settings) 
     args, _ = recipe.sft_config(train, CELL, tmp_path / "ckpt", details["compute_dtype"], "adamw_torch", 2048, LOGGER)
     args.train_sampling_strategy = "sequential"  # the rows in the given order
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    trainer = recipe.make_trainer(model, tokenizer, rows(lengths), args, train, [], plan)
+    every = details["checkpoint_every"]
+    trainer = recipe.make_trainer(model, tokenizer, rows(lengths), args, train, [], plan, checkpoint_every=every)
     trainer.train()
-    return [h for h in trainer.state.log_history if "loss" in h], plan
+    return [h for h in trainer.state.log_history if "loss" in h], plan, trainer
 
 
 LENGTHS = [40, 48, 300, 310, 56, 64, 290, 280, 30, 44, 320, 305]
 
 
 def test_metrics_synced_at_logging_log_what_trl_logs(tiny_model, tmp_path):
-    deferred, _ = train_tiny(tiny_model, tmp_path / "a", LENGTHS, defer_metric_sync=True)
-    stock, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, defer_metric_sync=False)
+    deferred, _, _ = train_tiny(tiny_model, tmp_path / "a", LENGTHS, defer_metric_sync=True)
+    stock, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, defer_metric_sync=False)
     keys = ("step", "loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens", "num_input_tokens_seen")
     assert len(deferred) == len(stock) == 4  # steps 1, 2, 4, 6
     for ours, theirs in zip(deferred, stock, strict=True):
@@ -111,10 +112,10 @@ def test_checkpoint_plan_recomputes_only_the_long_batches(tiny_model, tmp_path):
     budget = max(short, long_checkpointed) + 1
     assert budget < long  # short batches fit without recomputation, long ones only with it
     budget_gib = budget / 1024**3
-    planned, plan = train_tiny(
+    planned, plan, _ = train_tiny(
         tiny_model, tmp_path / "a", LENGTHS, gradient_checkpointing="auto", memory_budget_gib=budget_gib
     )
-    none, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, gradient_checkpointing=False)
+    none, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, gradient_checkpointing=False)
     assert plan.summary() == {"0": 3, "1": 3}  # 3 short and 3 long batches of two
     assert all(every == (1 if seq > 64 else 0) for (_, seq), every in plan.chosen.items())
     assert short <= plan.predicted_peak_bytes() <= budget_gib * 1024**3  # its largest batch fits the budget
@@ -138,8 +139,8 @@ def test_plan_for_the_7b_shape_follows_the_memory_model(tmp_path):
 
 
 def test_compiled_layers_train_like_eager(tiny_model, tmp_path):
-    compiled, _ = train_tiny(tiny_model, tmp_path / "a", LENGTHS[:8], compile=True, max_steps=4)
-    eager, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS[:8], max_steps=4)
+    compiled, _, _ = train_tiny(tiny_model, tmp_path / "a", LENGTHS[:8], compile=True, max_steps=4)
+    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS[:8], max_steps=4)
     # Measured on this CPU: step 1 equal to 1e-7, the largest gap 9.2e-6 relative by step 4
     # (fused float32 kernels round differently and lr 1e-3 carries it on); 10x that margin.
     assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-6)
@@ -154,4 +155,49 @@ def test_compile_with_liger_stops_at_config_check():
     config = yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())
     config["train"].update(compile=True, kernels="liger")
     with pytest.raises(ConfigError, match="config key 'train.compile': torch.compile cannot trace Liger"):
+        validate_config(config)
+
+
+def test_cuda_graph_step_trains_like_the_eager_step(tiny_model, tmp_path, monkeypatch):
+    """The graph step's own maths (no padding mask, every position scored, fixed buffers,
+    gradients accumulated into fixed tensors), run without a device graph on the CPU."""
+    import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
+    settings = dict(gradient_checkpointing=False, pad_to_multiple_of=16, logging_steps=1)
+    graphed, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs=True, **settings)
+    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **settings)
+    summary = trainer.graphs.summary()
+    assert summary["eager_steps"] == 1 and summary["eager_reasons"] == {"first step": 1}
+    assert summary["replayed_steps"] == 5  # 6 batches of two, every one padded (lengths differ)
+    assert sorted(summary["shapes_recorded"]) == [[2, 48], [2, 64], [2, 304], [2, 320]]
+    assert len(graphed) == len(eager) == 6
+    # Measured on this CPU (float32): bit for bit. A pad can change a real token's numbers only
+    # through attention, and causal attention gives it weight exp(-inf) = 0 either way. On a GPU
+    # the kernels differ (flash vs cuDNN attention): bench/results/epochs_h200 states that gap.
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    for ours, theirs in zip(graphed, eager, strict=True):
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
+def test_graph_step_needs_right_padding():
+    import cuda_graphs
+
+    labels = torch.tensor([[5, 6, -100, -100], [7, 8, 9, 10]])
+    right = dict(attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), labels=labels)
+    assert cuda_graphs.right_padded(right)
+    left = dict(attention_mask=torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), labels=labels)
+    assert not cuda_graphs.right_padded(left)
+    unmasked = dict(attention_mask=right["attention_mask"], labels=torch.tensor([[5, 6, 7, -100], [7, 8, 9, 10]]))
+    assert not cuda_graphs.right_padded(unmasked)  # a pad with a label would change the loss
+
+
+def test_cuda_graphs_with_checkpointing_stop_at_config_check():
+    import yaml
+
+    from config_check import ConfigError, validate_config
+
+    config = yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())
+    config["train"].update(cuda_graphs=True, gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match="config key 'train.cuda_graphs': a recorded step cannot recompute"):
         validate_config(config)

@@ -1,0 +1,181 @@
+"""CUDA graphs for the small-batch training step (``train.cuda_graphs``).
+
+At batch 1 the 7B QLoRA step is bound by kernel launches, not arithmetic: ~3,200 launches
+of Python-driven work per step keep an H200 busy a quarter of the time
+(bench/results/profile_step_h200_b1.json). A CUDA graph records a step's forward and backward
+once per padded batch shape and replays it with one launch; ``pad_to_multiple_of`` keeps the
+shapes few (16 at 1024 tokens, multiple 64).
+
+What the graph step changes, and why the numbers stay the same:
+- The padding mask is not passed to the model. The collator pads on the right and masks the
+  pads' labels, so under causal attention no real token attends to a pad: the loss and every
+  gradient are those of the masked batch (attention runs as plain causal, flash kernels).
+  Each batch is checked for that layout; a batch without it trains eagerly.
+- TRL's fused LM head scores every position and masks afterwards instead of gathering the
+  labelled ones first (a data-dependent shape no graph can hold): the same per-token values.
+- Gradients accumulate into fixed buffers (a graph writes to fixed addresses); the trainer's
+  optimizer step, clipping and scheduler run as usual between replays.
+The first step of a run trains eagerly (lazy initialisation stays out of the recordings);
+each new shape is recorded at its first batch, then replayed. All graphs share one memory
+pool: only one step's activations are alive at a time, as in eager training.
+
+tests/test_recipe.py trains the tiny model through this path (the same static-buffer
+function, run without a device graph on the CPU) against TRL's eager step.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+GRAPH_KEYS = {"input_ids", "attention_mask", "labels"}
+
+
+@contextlib.contextmanager
+def scoring_every_position():
+    """TRL's fused LM head without its compaction to the labelled positions (its path for
+    devices without Triton): fixed shapes, the same per-token values after masking."""
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: False
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def attention_backends():
+    """Flash (then memory-efficient) attention: no per-shape plan to build on the host,
+    which cuDNN's attention does at each new length."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def right_padded(inputs: dict) -> bool:
+    """Every row's mask is ones then zeros, and every masked position has label -100."""
+    mask, labels = inputs["attention_mask"], inputs["labels"]
+    ordered = (mask[:, 1:] <= mask[:, :-1]).all()
+    return bool(ordered & ((mask == 1) | (labels == -100)).all())
+
+
+@dataclass
+class Recording:
+    replay: object  # a torch.cuda.CUDAGraph's replay, or the function itself (CPU tests)
+    inputs: dict  # static input buffers
+    loss: torch.Tensor
+    metrics: tuple
+
+
+class GraphedSteps:
+    """Per padded batch shape, one recorded forward + backward; see the module docstring.
+
+    ``step`` returns the loss and TRL's metric tensors of a replayed step, or None when this
+    batch trains eagerly (first step, a batch the graphs do not serve, or graphs off)."""
+
+    replay_on_cpu = False  # tests: run the recorded function itself where no device graph exists
+
+    def __init__(self, parameters, off_reason: str | None, logger):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.grads: list[torch.Tensor] | None = None
+        self.recordings: dict[tuple, Recording] = {}
+        self.pool = None
+        self.logger = logger
+        self.warm = False
+        self.eager_steps = self.replayed_steps = 0
+        self.eager_reasons: dict[str, int] = {}
+        self.off_reason = off_reason
+        if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
+            self.off_reason = "no CUDA device"
+        logger.info("CUDA graphs: %s", f"off ({self.off_reason})" if self.off_reason else "on, one per batch shape")
+
+    def summary(self) -> dict:
+        """For metrics.json: how the steps were trained."""
+        return dict(
+            enabled=self.off_reason is None,
+            off_reason=self.off_reason,
+            shapes_recorded=[list(shape[0]) for shape in self.recordings],
+            replayed_steps=self.replayed_steps,
+            eager_steps=self.eager_steps,
+            eager_reasons=self.eager_reasons,
+        )
+
+    def _eager(self, reason: str) -> None:
+        self.eager_steps += 1
+        self.eager_reasons[reason] = self.eager_reasons.get(reason, 0) + 1
+        return None
+
+    def step(self, inputs: dict, num_items, loss_fn):
+        """``loss_fn(static_inputs) -> (loss, metrics)`` is what each recording runs; its
+        inputs carry ``num_items`` when the trainer counted the batch's tokens."""
+        if self.off_reason:
+            return self._eager("graphs off")
+        if not self.warm:
+            self.warm = True
+            return self._eager("first step")
+        present = {k for k, v in inputs.items() if v is not None}
+        if not present <= GRAPH_KEYS or not GRAPH_KEYS <= present:
+            return self._eager(f"batch keys {sorted(present)}")
+        if not right_padded(inputs):
+            return self._eager("not right-padded")
+        key = (tuple(inputs["input_ids"].shape), None if num_items is None else torch.as_tensor(num_items).dtype)
+        recording = self.recordings.get(key)
+        self._bind_grads()
+        if recording is None:
+            try:
+                recording = self._record(inputs, num_items, loss_fn)
+            except RuntimeError as error:  # a model this path cannot hold: say so, train on eagerly
+                self.off_reason = f"recording failed at batch shape {key[0]}: {str(error).splitlines()[0][:300]}"
+                self.logger.warning("CUDA graphs off for the rest of the run: %s", self.off_reason)
+                return self._eager("graphs off")
+            self.recordings[key] = recording
+        for name, buffer in recording.inputs.items():
+            buffer.copy_(num_items if name == "num_items" else inputs[name])
+        recording.replay()
+        self.replayed_steps += 1
+        # The outputs live in the shared pool: copy them before another shape replays.
+        return recording.loss.detach().clone(), tuple(m.clone() for m in recording.metrics)
+
+    def _bind_grads(self) -> None:
+        """Point every trainable parameter's .grad at its fixed buffer: zeroed after the
+        trainer's zero_grad (None), carrying an eager step's gradient (accumulation)."""
+        if self.grads is None:
+            self.grads = [torch.zeros_like(p) for p in self.parameters]
+        to_zero = []
+        for parameter, buffer in zip(self.parameters, self.grads, strict=True):
+            if parameter.grad is buffer:
+                continue
+            if parameter.grad is None:
+                to_zero.append(buffer)
+            else:
+                buffer.copy_(parameter.grad)
+            parameter.grad = buffer
+        if to_zero:
+            torch._foreach_zero_(to_zero)
+
+    def _record(self, inputs: dict, num_items, loss_fn) -> Recording:
+        static = {name: inputs[name].clone() for name in GRAPH_KEYS}
+        if num_items is not None:  # the trainer's token count over the accumulated batches
+            static["num_items"] = torch.as_tensor(num_items, device=inputs["input_ids"].device).clone()
+
+        def forward_backward():
+            loss, metrics = loss_fn(static)
+            loss.backward()
+            return loss, metrics
+
+        if not torch.cuda.is_available():  # replay_on_cpu (tests): the function is the recording
+            outputs = {}
+
+            def replay():
+                outputs["loss"], outputs["metrics"] = forward_backward()
+                recording.loss, recording.metrics = outputs["loss"], outputs["metrics"]
+
+            recording = Recording(replay=replay, inputs=static, loss=torch.zeros(()), metrics=())
+            return recording
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss, metrics = forward_backward()
+        self.pool = graph.pool()
+        self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))
+        return Recording(replay=graph.replay, inputs=static, loss=loss, metrics=metrics)
