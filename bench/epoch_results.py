@@ -4,6 +4,8 @@
   before the run kept the plan's own prediction, the memory model's peak over the batches the
   plan saw (the same CheckpointPlan on the same rows, in the same order: a pure function of the
   shape, the config and the rows), replacing the every-layer prediction at the longest row.
+- Block rows (2048 x 4) of unsloth recorded before its row measured them as every other block
+  row does: tokens/s of the median step after warm-up (the recorded step times), no epoch time.
 - ``--not-run RECIPE:JOB:REASON``: a row for a (recipe, job) the call could not measure, so
   the table keeps every goal's row with the reason.
 
@@ -14,6 +16,7 @@
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "scripts")]
 from epoch_rows import JOBS  # noqa: E402
-from epochs import LLAMA2_7B, write  # noqa: E402
+from epochs import LLAMA2_7B, WARMUP, write  # noqa: E402
 from gpu_recipes import bench_cell  # noqa: E402
 
 GIB = 1024**3
@@ -68,6 +71,16 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
                     f"{row['recipe']} {row['job']}: {row['steps']} steps of the epoch (its loss yardstick): no epoch time, no ratio"
                 )
                 row["epoch_seconds"] = None
+    for row in report["rows"]:
+        if "rows" not in JOBS[row["job"]] and row.get("epoch_seconds") is not None and row.get("step_seconds"):
+            was, job = row["tokens_per_second"], JOBS[row["job"]]
+            median = statistics.median(row["step_seconds"][WARMUP:] or row["step_seconds"])
+            row.update(epoch_seconds=None, tokens_per_second=round(job["seq"] * job["batch"] / median, 1))
+            notes.append(
+                f"{row['recipe']} {row['job']}: tokens_per_second {was} (tokens over the whole run, first-step "
+                f"compilation included) -> {row['tokens_per_second']} (the median step after {WARMUP}, as every "
+                "block row); no epoch time"
+            )
     for item in not_run:
         recipe, job, reason = item.split(":", 2)
         report["rows"].append(dict(recipe=recipe, job=job, batch=JOBS[job]["batch"], status=f"not run: {reason}"))

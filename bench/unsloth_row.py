@@ -22,6 +22,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "scripts"))
 GIB = 1024**3
+BLOCK_WARMUP = 3  # block rows: the median step after these (bench/epochs.py's WARMUP)
 PACKAGES = "unsloth unsloth_zoo trl transformers peft torch bitsandbytes xformers datasets triton accelerate".split()
 TARGETS = {"qv": ["q_proj", "v_proj"], "all_linear": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split()}
 REQUIRED = """model_dir batch steps learning_rate lr_scheduler warmup_ratio max_grad_norm weight_decay optimizer
@@ -184,6 +186,9 @@ def run_row(row: dict, notes: list[str], scratch: Path) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     tokens = trained_tokens(lengths, row["batch"], row["steps"])
+    step_seconds = [s["step_seconds"] for _, s in sorted(timer.steps.items())]
+    block = not row.get("rows_file")  # synthetic blocks: tokens/s of the median step, as bench/epochs.py
+    speed = row["seq"] * row["batch"] / statistics.median(step_seconds[BLOCK_WARMUP:] or step_seconds)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "recipe": "unsloth",
@@ -192,10 +197,11 @@ def run_row(row: dict, notes: list[str], scratch: Path) -> dict:
         "rows": len(rows),
         "tokens": tokens,
         "tokens_seen_trainer": trainer.state.num_input_tokens_seen,
-        "epoch_seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / seconds, 1),
+        "epoch_seconds": None if block else round(seconds, 2),
+        "train_seconds": round(seconds, 2),
+        "tokens_per_second": round(speed if block else tokens / seconds, 1),
         "steady_tokens_per_second": train_metrics.steady_tokens_per_second(timer.steps),
-        "step_seconds": [round(s["step_seconds"], 4) for _, s in sorted(timer.steps.items())],
+        "step_seconds": [round(t, 4) for t in step_seconds],
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
         "losses": losses[: row["loss_steps"]],
