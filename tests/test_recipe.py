@@ -201,3 +201,18 @@ def test_cuda_graphs_with_checkpointing_stop_at_config_check():
     config["train"].update(cuda_graphs=True, gradient_checkpointing=True)
     with pytest.raises(ConfigError, match="config key 'train.cuda_graphs': a recorded step cannot recompute"):
         validate_config(config)
+
+
+def test_cuda_graphs_step_aside_where_they_cannot_serve(tiny_model, tmp_path, monkeypatch):
+    """Graphs need no checkpointing at the longest batch: the run trains eagerly and says why;
+    on a machine without CUDA the reason is that."""
+    import cuda_graphs
+
+    settings = dict(cuda_graphs=True, max_steps=2, logging_steps=1)
+    _, _, cpu = train_tiny(tiny_model, tmp_path / "a", LENGTHS[:4], gradient_checkpointing=False, **settings)
+    assert cpu.graphs.summary()["off_reason"] == "no CUDA device"
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
+    history, _, checkpointed = train_tiny(tiny_model, tmp_path / "b", LENGTHS[:4], **settings)
+    summary = checkpointed.graphs.summary()
+    assert summary["off_reason"] == "the memory budget needs checkpointing (every 1) at the longest batch"
+    assert summary["eager_steps"] == 2 and summary["replayed_steps"] == 0 and len(history) == 2
