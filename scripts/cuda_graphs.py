@@ -165,11 +165,9 @@ class GraphedSteps:
             return loss, metrics
 
         if not torch.cuda.is_available():  # replay_on_cpu (tests): the function is the recording
-            outputs = {}
 
             def replay():
-                outputs["loss"], outputs["metrics"] = forward_backward()
-                recording.loss, recording.metrics = outputs["loss"], outputs["metrics"]
+                recording.loss, recording.metrics = forward_backward()
 
             recording = Recording(replay=replay, inputs=static, loss=torch.zeros(()), metrics=())
             return recording

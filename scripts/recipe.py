@@ -19,8 +19,8 @@ import logging
 from pathlib import Path
 
 import torch
-from cuda_graphs import GraphedSteps, attention_backends, scoring_every_position
 
+from cuda_graphs import GraphedSteps, attention_backends, scoring_every_position
 from memory_model import ModelShape, choose_checkpointing, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
 from train_metrics import memory_stats
@@ -214,7 +214,7 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     return model, details
 
 
-def graphs_off_reason(train: dict, args, checkpoint_every: int, deferred: bool) -> str | None:
+def graphs_off_reason(args, checkpoint_every: int, deferred: bool) -> str | None:
     """Why ``train.cuda_graphs`` cannot serve this run (None: it can)."""
     if not deferred:
         return "the graph step mirrors TRL 1.16's loss (defer_metric_sync true, TRL 1.16)"
@@ -351,7 +351,7 @@ def make_trainer(
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
     if train.get("cuda_graphs", False):
-        off = graphs_off_reason(train, args, checkpoint_every, defer)
+        off = graphs_off_reason(args, checkpoint_every, defer)
         trainer.graphs = GraphedSteps(trainer.model.parameters(), off, logging.getLogger("recipe"))
     if train["padding_free"]:
         # Sequences concatenated into one row with restarting position_ids: transformers
