@@ -106,11 +106,14 @@ class GraphedSteps:
         self.eager_reasons[reason] = self.eager_reasons.get(reason, 0) + 1
         return None
 
-    def step(self, inputs: dict, num_items, loss_fn):
+    def step(self, inputs: dict, num_items, loss_fn, checkpointed: bool = False):
         """``loss_fn(static_inputs) -> (loss, metrics)`` is what each recording runs; its
-        inputs carry ``num_items`` when the trainer counted the batch's tokens."""
+        inputs carry ``num_items`` when the trainer counted the batch's tokens.
+        ``checkpointed``: the plan recomputes layers for this batch, which no recording holds."""
         if self.off_reason:
             return self._eager("graphs off")
+        if checkpointed:
+            return self._eager("checkpointed batch")
         if not self.warm:
             self.warm = True
             return self._eager("first step")

@@ -15,6 +15,7 @@ GPU benches import this one module).
 """
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 
@@ -277,10 +278,11 @@ def make_trainer(
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             every = plan.apply(inputs["input_ids"]) if plan is not None else 0
-            if self.graphs is not None and not every:
+            if self.graphs is not None:
                 model.train()
                 inputs = self._prepare_inputs(inputs)
-                replayed = self.graphs.step(inputs, num_items_in_batch, lambda static: self._graph_loss(model, static))
+                loss_fn = functools.partial(self._graph_loss, model)
+                replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, checkpointed=bool(every))
                 if replayed is not None:
                     loss, metrics = replayed
                     self._pending_metrics.append(metrics)
