@@ -90,6 +90,14 @@ def token_rows(row: dict, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (count, row["seq"]), generator=generator).tolist()
 
 
+def tokens_per_second(row: dict, tokens: int, seconds: float, step_seconds: list[float]) -> float:
+    """An epoch: all its tokens over its wall time; synthetic blocks: the median step after
+    warm-up, as bench/epochs.py measures every block row."""
+    if row.get("rows_file"):
+        return tokens / seconds
+    return row["seq"] * row["batch"] / statistics.median(step_seconds[BLOCK_WARMUP:] or step_seconds)
+
+
 def trained_tokens(lengths: list[int], batch: int, steps: int | None) -> int:
     """Tokens of the batches a sequential sampler feeds in `steps` steps (epochs repeat)."""
     batches = [sum(lengths[i : i + batch]) for i in range(0, len(lengths), batch)]
@@ -187,8 +195,7 @@ def run_row(row: dict, notes: list[str], scratch: Path) -> dict:
     seconds = time.perf_counter() - started
     tokens = trained_tokens(lengths, row["batch"], row["steps"])
     step_seconds = [s["step_seconds"] for _, s in sorted(timer.steps.items())]
-    block = not row.get("rows_file")  # synthetic blocks: tokens/s of the median step, as bench/epochs.py
-    speed = row["seq"] * row["batch"] / statistics.median(step_seconds[BLOCK_WARMUP:] or step_seconds)
+    block = not row.get("rows_file")
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "recipe": "unsloth",
@@ -199,7 +206,7 @@ def run_row(row: dict, notes: list[str], scratch: Path) -> dict:
         "tokens_seen_trainer": trainer.state.num_input_tokens_seen,
         "epoch_seconds": None if block else round(seconds, 2),
         "train_seconds": round(seconds, 2),
-        "tokens_per_second": round(speed if block else tokens / seconds, 1),
+        "tokens_per_second": round(tokens_per_second(row, tokens, seconds, step_seconds), 1),
         "steady_tokens_per_second": train_metrics.steady_tokens_per_second(timer.steps),
         "step_seconds": [round(t, 4) for t in step_seconds],
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),

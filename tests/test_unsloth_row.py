@@ -31,3 +31,14 @@ def test_without_unsloth_or_gpu_the_row_says_why():
 def test_a_row_lacking_keys_names_them():
     result = row_of({k: v for k, v in ROW.items() if k not in ("seed", "seq")})
     assert result["status"] == "not run: the row lacks ['seed', 'rows_file']"
+
+
+def test_epochs_count_wall_time_and_blocks_their_median_step():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import unsloth_row
+
+    steps = [3.25, 0.71, 0.74, 0.70, 0.72, 0.71, 0.73, 0.70]
+    epoch = unsloth_row.tokens_per_second({"rows_file": "rows_b1.json", "batch": 1}, 460720, 390.35, steps)
+    assert epoch == 460720 / 390.35
+    block = unsloth_row.tokens_per_second({"seq": 2048, "batch": 4}, 65536, 10.6, steps)
+    assert block == 2048 * 4 / 0.71  # the first step's compilation and two more warm-up steps left out
