@@ -16,7 +16,6 @@
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent / "scripts")]
 from epoch_rows import JOBS  # noqa: E402
 from epochs import LLAMA2_7B, WARMUP, write  # noqa: E402
 from gpu_recipes import bench_cell  # noqa: E402
+from train_metrics import median_step_tokens_per_second  # noqa: E402
 
 GIB = 1024**3
 
@@ -74,8 +74,8 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
     for row in report["rows"]:
         if "rows" not in JOBS[row["job"]] and row.get("epoch_seconds") is not None and row.get("step_seconds"):
             was, job = row["tokens_per_second"], JOBS[row["job"]]
-            median = statistics.median(row["step_seconds"][WARMUP:] or row["step_seconds"])
-            row.update(epoch_seconds=None, tokens_per_second=round(job["seq"] * job["batch"] / median, 1))
+            speed = median_step_tokens_per_second(row["step_seconds"], job["seq"] * job["batch"], WARMUP)
+            row.update(epoch_seconds=None, tokens_per_second=round(speed, 1))
             notes.append(
                 f"{row['recipe']} {row['job']}: tokens_per_second {was} (tokens over the whole run, first-step "
                 f"compilation included) -> {row['tokens_per_second']} (the median step after {WARMUP}, as every "

@@ -73,7 +73,7 @@ def run_row(row: dict) -> dict:
     from transformers import AutoTokenizer, set_seed
 
     from memory_model import ModelShape, predict_peak
-    from train_metrics import steady_tokens_per_second, step_timer
+    from train_metrics import median_step_tokens_per_second, steady_tokens_per_second, step_timer
 
     logging.basicConfig(level=logging.INFO)
     logger = logging.getLogger("bench.epochs")
@@ -129,13 +129,12 @@ def run_row(row: dict) -> dict:
     multiple = settings["pad_to_multiple_of"] or 1
     seq = math.ceil(max(len(x) for x in ids) / multiple) * multiple  # the longest padded batch
     shape = dict(recipe="tutorial" if tutorial else "pipeline", method="qlora", targets="qv", seq=seq, batch=batch)
-    every = details["checkpoint_every"]
     predicted = predict_peak(
         ModelShape.from_config(model_dir), checkpoint_every=every, **prediction_recipe(shape, details["kernels"])
     )
     losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
     epoch, cuda = "rows" in job, torch.cuda.is_available()
-    speed = tokens / seconds if epoch else seq * batch / statistics.median(times[WARMUP:] or times)
+    speed = tokens / seconds if epoch else median_step_tokens_per_second(times, seq * batch, WARMUP)
     result = dict(status="ok", steps=trainer.state.global_step, tokens=tokens)
     result.update(tokens_seen=trainer.state.num_input_tokens_seen, train_seconds=round(seconds, 2))
     result.update(epoch_seconds=round(seconds, 2) if epoch and not cap else None, tokens_per_second=round(speed, 1))

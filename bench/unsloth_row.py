@@ -22,7 +22,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -95,7 +94,9 @@ def tokens_per_second(row: dict, tokens: int, seconds: float, step_seconds: list
     warm-up, as bench/epochs.py measures every block row."""
     if row.get("rows_file"):
         return tokens / seconds
-    return row["seq"] * row["batch"] / statistics.median(step_seconds[BLOCK_WARMUP:] or step_seconds)
+    import train_metrics
+
+    return train_metrics.median_step_tokens_per_second(step_seconds, row["seq"] * row["batch"], BLOCK_WARMUP)
 
 
 def trained_tokens(lengths: list[int], batch: int, steps: int | None) -> int:

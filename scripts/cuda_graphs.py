@@ -118,7 +118,7 @@ class GraphedSteps:
             self.warm = True
             return self._eager("first step")
         present = {k for k, v in inputs.items() if v is not None}
-        if not present <= GRAPH_KEYS or not GRAPH_KEYS <= present:
+        if present != GRAPH_KEYS:
             return self._eager(f"batch keys {sorted(present)}")
         if not right_padded(inputs):
             return self._eager("not right-padded")

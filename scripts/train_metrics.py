@@ -92,6 +92,12 @@ def step_timer():
     return StepTimer()
 
 
+def median_step_tokens_per_second(step_seconds: list[float], tokens_per_step: int, warmup: int = 3) -> float:
+    """Fixed-size steps (synthetic blocks): tokens of one step over the median step after the
+    first ``warmup`` (compilation, allocator growth); all steps if there are no more."""
+    return tokens_per_step / statistics.median(step_seconds[warmup:] or step_seconds)
+
+
 def steady_tokens_per_second(steps: dict[int, dict], warmup: int = 3) -> float | None:
     """Tokens over time of every step after the first ``warmup`` ones (a ratio of sums)."""
     after = [s for _, s in sorted(steps.items())[warmup:]]
