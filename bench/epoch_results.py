@@ -31,11 +31,14 @@ from train_metrics import median_step_tokens_per_second  # noqa: E402
 GIB = 1024**3
 
 
-def planned_peak_gib(rows_file: Path, batch: int, config: Path, model_config: Path) -> float:
-    """The plan's largest prediction over the batches of the rows file, padded as the trainer pads."""
+def planned_peak_gib(
+    rows_file: Path, batch: int, config: Path, model_config: Path, folded_dropouts: bool = False
+) -> float:
+    """The plan's largest prediction over the batches of the rows file, padded as the trainer
+    pads (with the row's own LoRA dropout layout: the config may have changed since)."""
     from recipe import CheckpointPlan
 
-    train = yaml.safe_load(config.read_text())["train"]
+    train = dict(yaml.safe_load(config.read_text())["train"], recompute_lora_dropout=folded_dropouts)
     plan = CheckpointPlan([], model_config, bench_cell(), train, "liger")
     ids = json.loads(rows_file.read_text())["input_ids"]
     multiple = train["pad_to_multiple_of"] or 1
@@ -55,7 +58,11 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
             if row.get("checkpoint_steps_by_every") and "rows" in JOBS[row["job"]] and row.get("status") == "ok":
                 was = row["predicted_peak_gib"]
                 row["predicted_peak_gib"] = planned_peak_gib(
-                    rows_dir / JOBS[row["job"]]["rows"], row["batch"], config, model_config
+                    rows_dir / JOBS[row["job"]]["rows"],
+                    row["batch"],
+                    config,
+                    model_config,
+                    bool(row.get("folded_lora_dropouts")),
                 )
                 notes.append(
                     f"{row['recipe']} {row['job']}: predicted_peak_gib {was} (every layer at the longest row) -> "

@@ -129,6 +129,7 @@ def run_row(row: dict) -> dict:
     multiple = settings["pad_to_multiple_of"] or 1
     seq = math.ceil(max(len(x) for x in ids) / multiple) * multiple  # the longest padded batch
     shape = dict(recipe="tutorial" if tutorial else "pipeline", method="qlora", targets="qv", seq=seq, batch=batch)
+    shape["folded_lora_dropouts"] = details.get("folded_lora_dropouts", 0)
     predicted = predict_peak(
         ModelShape.from_config(model_dir), checkpoint_every=every, **prediction_recipe(shape, details["kernels"])
     )
@@ -145,6 +146,7 @@ def run_row(row: dict) -> dict:
     result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3) if cuda else None
     result.update(predicted_peak_gib=round(predicted["total"] / GIB, 3), predicted_for={"seq": seq, "batch": batch})
     result.update(kernels=details["kernels"], checkpoint_every=every, optimizer=optimizer)
+    result["folded_lora_dropouts"] = shape["folded_lora_dropouts"]
     result["checkpoint_steps_by_every"] = plan.summary() if plan else None
     result["cuda_graphs"] = trainer.graphs.summary() if getattr(trainer, "graphs", None) else None
     if plan:  # per-batch checkpointing: the largest prediction among the batches it planned

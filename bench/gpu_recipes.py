@@ -203,8 +203,9 @@ def run_row(row: dict) -> dict:
     median = statistics.median(times)
     tokens = row["seq"] * row["batch"] * processes  # every process's batch in a step
     every = details["checkpoint_every"]
+    folded = dict(row, folded_lora_dropouts=details.get("folded_lora_dropouts", 0))
     predicted = predict_peak(
-        ModelShape.from_config(model_dir), checkpoint_every=every, **prediction_recipe(row, details["kernels"])
+        ModelShape.from_config(model_dir), checkpoint_every=every, **prediction_recipe(folded, details["kernels"])
     )
     peak = torch.cuda.max_memory_allocated()
     peaks = train_stage.gather_memory({"peak": peak})
@@ -213,6 +214,7 @@ def run_row(row: dict) -> dict:
         "processes": processes,
         "per_gpu_peak_allocated_gib": [round(p["peak"] / GIB, 3) for p in peaks],
         "kernels": details["kernels"],
+        "folded_lora_dropouts": details.get("folded_lora_dropouts", 0),
         "checkpoint_every": every,
         "median_step_seconds": round(median, 4),
         "step_seconds": [round(t, 4) for t in times],
@@ -230,11 +232,11 @@ def run_row(row: dict) -> dict:
 
 def prediction_recipe(row: dict, kernels: str) -> dict:
     """The memory model's arguments for a bench row (the tutorial's LoRA counterpart has no
-    fp32 upcast: the pipeline's layout without autocast)."""
+    fp32 upcast: the pipeline's layout without autocast; a row that folded its LoRA dropouts says so)."""
     recipe = dict(method=row["method"], rank=64, targets=row["targets"], seq=row["seq"], batch=row["batch"])
     if row["recipe"] == "tutorial" and row["method"] == "lora":
         return dict(recipe, recipe="pipeline", kernels="none", autocast=False)
-    return dict(recipe, recipe=row["recipe"], kernels=kernels)
+    return dict(recipe, recipe=row["recipe"], kernels=kernels, recompute_dropout=bool(row.get("folded_lora_dropouts")))
 
 
 def summarise(results: list[dict]) -> list[dict]:

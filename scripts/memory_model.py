@@ -39,6 +39,8 @@ QLORA_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weight
 DOUBLE_QUANT_BLOCK = 256  # double quantisation: absmax in 8 bit, one fp32 per 256 of them
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS = {"qv": ("q_proj", "v_proj"), "all_linear": LINEAR_MODULES}
+# Modules reading the same input tensor (a folded LoRA dropout keeps it once for all of them).
+INPUT_GROUPS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 3}
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,18 @@ def checkpointed_layer_count(layers: int, checkpoint_every: int) -> int:
 
 
 def layer_activation_bytes(
-    shape: ModelShape, rank: int, targets: str, recipe: str, kernels: str, autocast: bool = True
+    shape: ModelShape,
+    rank: int,
+    targets: str,
+    recipe: str,
+    kernels: str,
+    autocast: bool = True,
+    recompute_dropout: bool = False,
 ) -> int:
     """Bytes per token autograd keeps for one decoder layer (no checkpointing). Assumes
-    lora_dropout > 0 (the tutorial's 0.1: each adapter keeps its own dropout output) and an
-    SDPA kernel whose memory is linear in the sequence (flash or memory-efficient)."""
+    lora_dropout > 0 (the tutorial's 0.1: each adapter keeps its own dropout output, or with
+    ``recompute_dropout`` (scripts/lora_dropout.py) the shared input once and a 1-bit mask)
+    and an SDPA kernel whose memory is linear in the sequence (flash or memory-efficient)."""
     h, kv, i = shape.hidden, shape.kv_hidden, shape.intermediate
     act = 4 if recipe == "tutorial" else 2  # the residual stream's dtype
     if recipe == "tutorial" or kernels == "none":
@@ -119,11 +128,15 @@ def layer_activation_bytes(
     attention = act * (2 * h + 2 * kv)  # SDPA keeps q, k, v (after RoPE) and its output
     # Without autocast PEFT casts a LoRA input to its fp32 weights: fp32 dropout and matmuls.
     lora_act = act if autocast and recipe != "tutorial" else 4
-    adapters = 0
+    adapters, inputs_kept = 0, set()
     for module in TARGETS[targets]:
         features_in, _ = shape.linear_shape(module)
-        # dropout mask (1 byte) + dropout output (lora_A's saved input) + lora_A output
-        adapters += features_in * (1 + lora_act) + lora_act * rank
+        if recompute_dropout:  # the input once per group reading it + a 1-bit mask + lora_A output
+            adapters += 0 if INPUT_GROUPS[module] in inputs_kept else lora_act * features_in
+            adapters += features_in // 8 + lora_act * rank
+            inputs_kept.add(INPUT_GROUPS[module])
+        else:  # dropout mask (1 byte) + dropout output (lora_A's saved input) + lora_A output
+            adapters += features_in * (1 + lora_act) + lora_act * rank
     return norms + attention + mlp + adapters
 
 
@@ -153,6 +166,7 @@ def predict_peak(
     double_quant: bool = False,
     paged_optimizer: bool = True,
     autocast: bool = True,
+    recompute_dropout: bool = False,
 ) -> dict:
     """Predicted peak of torch-allocated bytes, term by term."""
     compute = 2  # bf16/fp16
@@ -169,7 +183,7 @@ def predict_peak(
     lora = lora_parameters(shape, rank, targets)
     adapter = lora * (4 + 4 + (0 if paged_optimizer else 8))  # fp32 weights + grads (+ Adam m, v)
     tokens = seq * batch
-    a_layer = layer_activation_bytes(shape, rank, targets, recipe, kernels, autocast)
+    a_layer = layer_activation_bytes(shape, rank, targets, recipe, kernels, autocast, recompute_dropout)
     a_input = (4 if recipe == "tutorial" else 2) * shape.hidden
     stored = checkpointed_layer_count(shape.layers, checkpoint_every)
     full = shape.layers - stored
@@ -209,22 +223,26 @@ def choose_checkpointing(shape: ModelShape, budget_bytes: float, **recipe) -> tu
     return 1, prediction
 
 
+def cell_recipe(cell: dict, train: dict, kernels: str) -> dict:
+    """predict_peak's recipe arguments for one grid cell under the config's train section."""
+    return dict(
+        method=cell["method"],
+        rank=cell["lora_r"],
+        targets=cell["target_modules"],
+        kernels=kernels,
+        double_quant=cell["double_quant"],
+        paged_optimizer=train["optimizer"].startswith("paged"),
+        recompute_dropout=bool(train.get("recompute_lora_dropout", False)) and cell.get("lora_dropout", 0.1) > 0,
+    )
+
+
 def plan_for_cell(model_config, cell: dict, train: dict, max_length: int, kernels: str) -> tuple[int, dict]:
     """checkpoint_every (0 = off, k = every k-th layer) and the prediction for one grid cell
     under the config's train section. ``gradient_checkpointing: auto`` takes the fastest
     setting that fits ``memory_budget_gib``. Used by the train stage and by the train rule's
     ``gpu_mem_mb`` resource."""
     shape = ModelShape.from_config(model_config)
-    recipe = dict(
-        method=cell["method"],
-        rank=cell["lora_r"],
-        targets=cell["target_modules"],
-        seq=max_length,
-        batch=train["batch_size"],
-        kernels=kernels,
-        double_quant=cell["double_quant"],
-        paged_optimizer=train["optimizer"].startswith("paged"),
-    )
+    recipe = dict(cell_recipe(cell, train, kernels), seq=max_length, batch=train["batch_size"])
     setting = train["gradient_checkpointing"]
     if setting == "auto":
         return choose_checkpointing(shape, train["memory_budget_gib"] * GIB, **recipe)

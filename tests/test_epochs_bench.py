@@ -162,10 +162,11 @@ def test_memory_model_within_ten_percent_of_every_measured_epoch_row(rows_dir):
     for row in measured:
         if row.get("checkpoint_steps_by_every") and "rows" in epoch_results.JOBS[row["job"]]:
             rows_file = rows_dir / epoch_results.JOBS[row["job"]]["rows"]
-            predicted = epoch_results.planned_peak_gib(rows_file, row["batch"], config, model_config)
+            folded = bool(row.get("folded_lora_dropouts"))
+            predicted = epoch_results.planned_peak_gib(rows_file, row["batch"], config, model_config, folded)
         else:
             shape = dict(recipe=row["kind"] if row["kind"] == "tutorial" else "pipeline", method="qlora", targets="qv")
-            shape.update(row["predicted_for"])
+            shape.update(row["predicted_for"], folded_lora_dropouts=row.get("folded_lora_dropouts", 0))
             total = predict_peak(
                 ModelShape.from_config(model_config),
                 checkpoint_every=row["checkpoint_every"],

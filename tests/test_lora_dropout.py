@@ -1,0 +1,116 @@
+"""scripts/lora_dropout.py on a tiny random Llama with a real bitsandbytes NF4 base: the folded
+LoRA dropout gives the stock path's loss and gradients bit for bit, still drops, and keeps
+per layer the input once and each mask as bits (autograd's saved tensors, counted)."""
+
+import pytest
+import torch
+
+from lora_dropout import recompute_lora_dropout
+from memory_model import ModelShape, layer_activation_bytes
+from modeling import load_base_model
+
+RANK, HIDDEN, LAYERS, BATCH, SEQ = 8, 64, 2, 2, 24
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU case runs on a GPU host
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama_dropout")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4)
+    config.update(dict(num_key_value_heads=4, vocab_size=256, tie_word_embeddings=False))
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def adapted(folder, device: str):
+    """QLoRA q/v r=8, dropout 0.1, both LoRA matrices random (B = 0 would zero A's gradient)."""
+    from peft import LoraConfig, get_peft_model
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(1)
+    lora = LoraConfig(
+        r=RANK, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    model = get_peft_model(load_base_model(folder, "qlora", dtype), lora)
+    model.enable_input_require_grads()  # as the pipeline's checkpointing sets up: every layer's input needs grad
+    return model.train()
+
+
+def step(model, seed: int, autocast: torch.dtype | None, saved: list | None = None):
+    """One forward and backward; returns the loss and every adapter gradient (and logs saved tensors)."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(3)).to(device)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+
+    def pack(tensor):
+        if saved is not None:
+            saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["no_autocast", "bf16_autocast"])
+def test_folded_dropout_trains_to_the_stock_numbers_bit_for_bit(tiny_dir, device, autocast):
+    model = adapted(tiny_dir, device).to(device)
+    stock_loss, stock_grads = step(model, seed=5, autocast=autocast)
+    assert recompute_lora_dropout(model) == 2 * LAYERS  # q and v in each layer
+    assert recompute_lora_dropout(model) == 0  # already folded
+    loss, grads = step(model, seed=5, autocast=autocast)
+    assert torch.equal(loss, stock_loss)
+    assert grads.keys() == stock_grads.keys() and len(grads) == 4 * LAYERS
+    for name, grad in grads.items():
+        assert torch.equal(grad, stock_grads[name]), name
+        assert grad.abs().sum() > 0, name
+    # Another seed draws other masks: the dropout is there, not folded away.
+    _, other = step(model, seed=6, autocast=autocast)
+    first_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert not torch.equal(other[first_a], grads[first_a])
+    model.eval()  # no dropout in eval: the folded layer is lora_A's plain linear
+    with torch.no_grad():
+        ids = torch.arange(SEQ, device=device).unsqueeze(0)
+        folded_eval = model(input_ids=ids).logits
+        with model.disable_adapter():
+            assert not torch.equal(model(input_ids=ids).logits, folded_eval)
+
+
+def saved_bytes(tensors: list, parameters: set) -> int:
+    """Bytes autograd keeps: each storage once, parameters left out (they exist anyway)."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_folded_dropout_keeps_the_input_once_and_bit_packed_masks(tiny_dir, device):
+    model = adapted(tiny_dir, device).to(device)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    autocast = torch.bfloat16 if device == "cuda" else None  # the GPU recipe; fp32 on the CPU
+    stock, folded = [], []
+    step(model, seed=5, autocast=autocast, saved=stock)
+    recompute_lora_dropout(model)
+    step(model, seed=5, autocast=autocast, saved=folded)
+    tokens, saved_less = BATCH * SEQ, saved_bytes(stock, parameters) - saved_bytes(folded, parameters)
+    if device == "cpu":
+        # Stock, per adapter: the dropout's fp32 noise and its output; folded: x once, 1 bit a feature.
+        assert saved_less == tokens * LAYERS * (2 * (4 + 4) * HIDDEN - 4 * HIDDEN - 2 * HIDDEN // 8)
+    else:
+        # bf16 under autocast: the memory model's per-token terms, plus the bf16 copy of lora_A's
+        # weight that the stock linear keeps (the folded one casts it again in the backward).
+        shape = ModelShape(hidden=HIDDEN, intermediate=128, layers=LAYERS, heads=4, kv_heads=4, vocab=256)
+        per_token = [
+            layer_activation_bytes(shape, RANK, "qv", "pipeline", "liger", recompute_dropout=r) for r in (0, 1)
+        ]
+        assert saved_less == tokens * LAYERS * (per_token[0] - per_token[1]) + LAYERS * 2 * 2 * RANK * HIDDEN
