@@ -73,10 +73,10 @@ def _cross_key_checks(config: dict) -> None:
             "set train.kernels: none with compile, or compile: false"
         )
     if train.get("cuda_graphs", False):
-        if train["gradient_checkpointing"] is True:
+        if train["gradient_checkpointing"] is True and not train.get("recompute_lora_dropout", False):
             raise ConfigError(
-                "config key 'train.cuda_graphs': a recorded step cannot recompute checkpointed layers; "
-                "set gradient_checkpointing false or auto (graphs serve runs the budget trains without it)"
+                "config key 'train.cuda_graphs': a recorded step cannot restore the RNG that checkpointed "
+                "layers' LoRA dropout needs; set recompute_lora_dropout true, or gradient_checkpointing false or auto"
             )
         if train["padding_free"] or train.get("compile", False):
             key = "padding_free" if train["padding_free"] else "compile"

@@ -15,6 +15,9 @@ What the graph step changes, and why the numbers stay the same:
   labelled ones first (a data-dependent shape no graph can hold): the same per-token values.
 - Gradients accumulate into fixed buffers (a graph writes to fixed addresses); the trainer's
   optimizer step, clipping and scheduler run as usual between replays.
+Checkpointed layers are recorded too where their recomputation draws no random numbers
+(folded LoRA dropouts hand it their masks: scripts/lora_dropout.py); with PEFT's own dropout
+the recomputation restores the RNG state on the host, and those batches train eagerly.
 The first step of a run trains eagerly (lazy initialisation stays out of the recordings);
 each new shape is recorded at its first batch, then replayed. All graphs share one memory
 pool: only one step's activations are alive at a time, as in eager training.
@@ -76,7 +79,7 @@ class GraphedSteps:
 
     replay_on_cpu = False  # tests: run the recorded function itself where no device graph exists
 
-    def __init__(self, parameters, off_reason: str | None, logger):
+    def __init__(self, parameters, off_reason: str | None, logger, recompute_rng: bool = True):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.grads: list[torch.Tensor] | None = None
         self.recordings: dict[tuple, Recording] = {}
@@ -86,6 +89,7 @@ class GraphedSteps:
         self.eager_steps = self.replayed_steps = 0
         self.eager_reasons: dict[str, int] = {}
         self.off_reason = off_reason
+        self.recompute_rng = recompute_rng  # checkpointed batches train eagerly (RNG replay)
         if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
             self.off_reason = "no CUDA device"
         logger.info("CUDA graphs: %s", f"off ({self.off_reason})" if self.off_reason else "on, one per batch shape")
@@ -109,10 +113,11 @@ class GraphedSteps:
     def step(self, inputs: dict, num_items, loss_fn, checkpointed: bool = False):
         """``loss_fn(static_inputs) -> (loss, metrics)`` is what each recording runs; its
         inputs carry ``num_items`` when the trainer counted the batch's tokens.
-        ``checkpointed``: the plan recomputes layers for this batch, which no recording holds."""
+        ``checkpointed``: the plan recomputes layers for this batch; a recording holds that
+        only when the recomputation draws no random numbers (``recompute_rng`` False)."""
         if self.off_reason:
             return self._eager("graphs off")
-        if checkpointed:
+        if checkpointed and self.recompute_rng:
             return self._eager("checkpointed batch")
         if not self.warm:
             self.warm = True

@@ -10,8 +10,16 @@ dropout output in the backward with the op autograd uses for the dropout's own g
 
 The mask is drawn by the op PEFT's ``nn.Dropout`` runs on a GPU (``native_dropout``: the same
 random numbers) and the backward re-runs lora_A's own linear, so losses and gradients are
-the stock path's bit for bit (tests/test_lora_dropout.py, on the CPU and on a GPU).
+the stock path's bit for bit (tests/test_lora_dropout.py: on the CPU in float32, the
+pipeline's CPU dtype, and on a GPU in bf16).
+
+In a checkpointed layer the forward keeps the packed masks for the layer's recomputation
+(``checkpoint_context``), which then draws nothing: it needs no RNG state saved and restored
+(``preserve_rng_state=False``), which a CUDA graph recording cannot do. Stock checkpointing
+restores the RNG to draw the same masks again: the same numbers.
 """
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +39,66 @@ def unpack_mask(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return ((packed.unsqueeze(1) >> shifts) & 1).to(torch.bool).reshape(like.shape)
 
 
+class CheckpointMasks:
+    """The masks one checkpointed layer call drew in its forward, handed in order to its
+    recomputation (torch.utils.checkpoint's ``context_fn``, non-reentrant)."""
+
+    current: "CheckpointMasks | None" = None
+
+    def __init__(self):
+        self.masks: list[tuple] = []
+        self.replaying = False
+        self.next = 0
+
+    @contextlib.contextmanager
+    def active(self, replaying: bool):
+        previous, CheckpointMasks.current = CheckpointMasks.current, self
+        self.replaying, self.next = replaying, 0
+        try:
+            yield
+        finally:
+            CheckpointMasks.current = previous
+
+    def take(self) -> tuple:
+        self.next += 1
+        return self.masks[self.next - 1]
+
+
+def checkpoint_context():
+    """``context_fn`` for torch.utils.checkpoint: (forward context, recompute context)."""
+    masks = CheckpointMasks()
+    return masks.active(replaying=False), masks.active(replaying=True)
+
+
+def recompute_needs_rng(model) -> bool:
+    """Whether a checkpointed layer's recomputation must replay random numbers: a dropout
+    left unfolded (p > 0) or a dropout rate in the model's config (attention, hidden)."""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    rates = [v for k, v in vars(config).items() if "dropout" in k and isinstance(v, float)] if config else []
+    return any(rate > 0 for rate in rates)
+
+
 class DropoutLinearFunction(torch.autograd.Function):
     """``F.linear(dropout(x), weight)`` keeping x and the packed mask, not the dropout output."""
 
     @staticmethod
     def forward(ctx, x, weight, p: float):
-        dropped, mask = torch.native_dropout(x, p, True)
+        scale, masks = 1.0 / (1.0 - p), CheckpointMasks.current
+        if masks is not None and masks.replaying:  # a checkpointed layer's recomputation
+            kept, packed, mask_dtype = masks.take()
+            mask = unpack_mask(kept, x).to(mask_dtype) if packed else kept
+            dropped = torch.ops.aten.native_dropout_backward(x, mask, scale)  # the forward's values
+        else:
+            dropped, mask = torch.native_dropout(x, p, True)
+            packed = mask.numel() % BITS == 0
+            kept, mask_dtype = pack_mask(mask) if packed else mask, mask.dtype
+            if masks is not None:
+                masks.masks.append((kept, packed, mask_dtype))
         out = F.linear(dropped, weight)  # under the caller's autocast, as nn.Linear runs it
-        packed = mask.numel() % BITS == 0
-        ctx.save_for_backward(x, pack_mask(mask) if packed else mask, weight)
-        ctx.packed, ctx.mask_dtype, ctx.scale = packed, mask.dtype, 1.0 / (1.0 - p)
+        ctx.save_for_backward(x, kept, weight)
+        ctx.packed, ctx.mask_dtype, ctx.scale = packed, mask_dtype, scale
         ctx.device_type = x.device.type
         ctx.autocast = torch.is_autocast_enabled(ctx.device_type)
         ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type)

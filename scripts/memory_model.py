@@ -185,6 +185,8 @@ def predict_peak(
     tokens = seq * batch
     a_layer = layer_activation_bytes(shape, rank, targets, recipe, kernels, autocast, recompute_dropout)
     a_input = (4 if recipe == "tutorial" else 2) * shape.hidden
+    if recompute_dropout:  # a checkpointed layer keeps its folded dropouts' 1-bit masks too
+        a_input += sum(shape.linear_shape(m)[0] // 8 for m in TARGETS[targets])
     stored = checkpointed_layer_count(shape.layers, checkpoint_every)
     full = shape.layers - stored
     activations = tokens * (full * a_layer + stored * a_input + (a_layer if stored else 0))

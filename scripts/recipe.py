@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from cuda_graphs import GraphedSteps, attention_backends, scoring_every_position
-from lora_dropout import recompute_lora_dropout
+from lora_dropout import checkpoint_context, recompute_lora_dropout, recompute_needs_rng
 from memory_model import ModelShape, cell_recipe, choose_checkpointing, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
 from train_metrics import memory_stats
@@ -118,7 +118,10 @@ def enable_checkpointing(model, every: int, planned: bool = False) -> int:
     on). Returns the number of checkpointed layers."""
     if every == 0 and not planned:
         return 0
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if not recompute_needs_rng(model):  # folded dropouts hand their masks to the recomputation
+        kwargs.update(context_fn=checkpoint_context, preserve_rng_state=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
     return set_checkpointing(decoder_layers(model), every)
 
@@ -213,16 +216,21 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     return model, details
 
 
-def graphs_off_reason(args, checkpoint_every: int, deferred: bool) -> str | None:
-    """Why ``train.cuda_graphs`` cannot serve this run (None: it can)."""
+def graphs_off_reason(args, checkpoint_every: int, deferred: bool, recompute_rng: bool = True) -> str | None:
+    """Why ``train.cuda_graphs`` cannot serve this run (None: it can). ``recompute_rng``: a
+    checkpointed layer's recomputation replays random numbers (an unfolded dropout), which
+    needs the RNG state read and set on the host: no recording holds that."""
     if not deferred:
         return "the graph step mirrors TRL 1.16's loss (defer_metric_sync true, TRL 1.16)"
     if args.world_size > 1:
         return "one process only (data-parallel gradient hooks are not recorded)"
     if args.fp16:
         return "fp16 needs a loss scaler between forward and backward"
-    if checkpoint_every:
-        return f"the memory budget needs checkpointing (every {checkpoint_every}) at the longest batch"
+    if checkpoint_every and recompute_rng:
+        return (
+            f"the memory budget needs checkpointing (every {checkpoint_every}) at the longest batch, "
+            "with LoRA dropout drawn again in the recomputation (train.recompute_lora_dropout false)"
+        )
     return None
 
 
@@ -240,7 +248,8 @@ def make_trainer(
     example order for any process count, an optional padding-free collator, the per-batch
     checkpointing plan, TRL's token metrics synced only when logged, and with
     ``train.cuda_graphs`` each batch shape's step recorded once and replayed
-    (``checkpoint_every``: the plan at the longest batch; graphs need none)."""
+    (``checkpoint_every``: the plan at the longest batch; graphs record checkpointed layers
+    only where their recomputation draws no random numbers: folded LoRA dropouts)."""
     import trl
     from torch.utils.data import RandomSampler
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -351,8 +360,9 @@ def make_trainer(
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
     if train.get("cuda_graphs", False):
-        off = graphs_off_reason(args, checkpoint_every, defer)
-        trainer.graphs = GraphedSteps(trainer.model.parameters(), off, logging.getLogger("recipe"))
+        recompute_rng = recompute_needs_rng(trainer.model)
+        off = graphs_off_reason(args, checkpoint_every, defer, recompute_rng)
+        trainer.graphs = GraphedSteps(trainer.model.parameters(), off, logging.getLogger("recipe"), recompute_rng)
     if train["padding_free"]:
         # Sequences concatenated into one row with restarting position_ids: transformers
         # masks attention per example, so the maths is that of the padded batch.

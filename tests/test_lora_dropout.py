@@ -10,7 +10,7 @@ from memory_model import ModelShape, layer_activation_bytes
 from modeling import load_base_model
 
 RANK, HIDDEN, LAYERS, BATCH, SEQ = 8, 64, 2, 2, 24
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU case runs on a GPU host
+DEVICES = ["cuda" if torch.cuda.is_available() else "cpu"]  # the model loads onto the GPU where there is one
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,20 @@ def test_folded_dropout_trains_to_the_stock_numbers_bit_for_bit(tiny_dir, device
         folded_eval = model(input_ids=ids).logits
         with model.disable_adapter():
             assert not torch.equal(model(input_ids=ids).logits, folded_eval)
+
+
+# The pipeline's dtypes: float32 on a CPU, bf16 on a GPU (a CPU's bf16 dropout rounds twice).
+DTYPES = [("cuda", torch.float32), ("cuda", torch.bfloat16)] if "cuda" in DEVICES else [("cpu", torch.float32)]
+
+
+@pytest.mark.parametrize(("device", "dtype"), DTYPES)
+def test_dropout_output_recomputed_from_its_mask_is_the_same(device, dtype):
+    """What a checkpointed layer's recomputation and the backward rebuild from x and the mask
+    equals the forward's dropout output (and so the stock recomputation's, which redraws it)."""
+    x = torch.randn(4, 96, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    dropped, mask = torch.native_dropout(x, 0.1, True)
+    assert torch.equal(torch.ops.aten.native_dropout_backward(x, mask, 1 / 0.9), dropped)
+    assert torch.equal(torch.ops.aten.native_dropout_backward(x, mask, 1 / (1 - 0.1)), dropped)
 
 
 def saved_bytes(tensors: list, parameters: set) -> int:

@@ -198,9 +198,11 @@ def test_cuda_graphs_with_checkpointing_stop_at_config_check():
     from config_check import ConfigError, validate_config
 
     config = yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())
-    config["train"].update(cuda_graphs=True, gradient_checkpointing=True)
-    with pytest.raises(ConfigError, match="config key 'train.cuda_graphs': a recorded step cannot recompute"):
+    config["train"].update(cuda_graphs=True, gradient_checkpointing=True, recompute_lora_dropout=False)
+    with pytest.raises(ConfigError, match="config key 'train.cuda_graphs': a recorded step cannot restore the RNG"):
         validate_config(config)
+    config["train"].update(recompute_lora_dropout=True)  # the recomputation reuses the forward's masks
+    validate_config(config)
 
 
 def test_cuda_graphs_step_aside_where_they_cannot_serve(tiny_model, tmp_path, monkeypatch):
@@ -214,5 +216,31 @@ def test_cuda_graphs_step_aside_where_they_cannot_serve(tiny_model, tmp_path, mo
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
     history, _, checkpointed = train_tiny(tiny_model, tmp_path / "b", LENGTHS[:4], **settings)
     summary = checkpointed.graphs.summary()
-    assert summary["off_reason"] == "the memory budget needs checkpointing (every 1) at the longest batch"
+    assert summary["off_reason"] == (
+        "the memory budget needs checkpointing (every 1) at the longest batch, "
+        "with LoRA dropout drawn again in the recomputation (train.recompute_lora_dropout false)"
+    )
     assert summary["eager_steps"] == 2 and summary["replayed_steps"] == 0 and len(history) == 2
+
+
+def test_cuda_graphs_record_checkpointed_layers_with_folded_dropout(tiny_model, tmp_path, monkeypatch):
+    """Folded LoRA dropouts hand their masks to the checkpointed layers' recomputation, which
+    then needs no RNG state: the graph step (run without a device graph on the CPU) with
+    every layer checkpointed trains to the stock eager checkpointed numbers, bit for bit."""
+    import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
+    settings = dict(gradient_checkpointing=True, pad_to_multiple_of=16, logging_steps=1)
+    graphed, _, trainer = train_tiny(
+        tiny_model, tmp_path / "a", LENGTHS, cuda_graphs=True, recompute_lora_dropout=True, **settings
+    )
+    stock, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **settings)
+    summary = trainer.graphs.summary()
+    assert summary["off_reason"] is None and summary["eager_reasons"] == {"first step": 1}
+    assert summary["replayed_steps"] == 5
+    layer = recipe.decoder_layers(trainer.model)[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords["preserve_rng_state"] is False
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert len(graphed) == len(stock) == 6
+    for ours, theirs in zip(graphed, stock, strict=True):
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
