@@ -265,6 +265,7 @@ def markdown(report: dict) -> str:
             f"tokenized with {rows['tokenizer']} (tokenizer.json sha256 {rows['tokenizer_json_sha256'][:12]}), "
             f"ids mapped by {rows['vocab_map']}, truncated at {rows['max_length']}."
         )
+    lines += [f"Note: {note}" for note in report.get("notes", [])]
     lines += [
         f"Completed on the CPU afterwards (bench/epoch_results.py): {note}"
         for note in report.get("completed_on_cpu", [])
@@ -346,7 +347,7 @@ if __name__ == "__main__":
     r = commands.add_parser("run", help="measure every (job, recipe) in a fresh process (GPU)")
     r.add_argument("--rows-dir", type=Path, required=True)
     r.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS))
-    r.add_argument("--recipes", nargs="+", choices=["tutorial", "pipeline", "reference", "unsloth"])
+    r.add_argument("--recipes", nargs="*", choices=["tutorial", "pipeline", "reference", "unsloth"])
     r.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... a pipeline variant")
     r.add_argument("--pipeline-train", action="append", default=[], help="KEY=VALUE for every pipeline recipe")
     r.add_argument("--repeats-block", type=int, default=2)
@@ -366,7 +367,7 @@ if __name__ == "__main__":
     elif a.command == "child":
         print("ROW " + json.dumps(run_row(json.loads(a.row))), flush=True)
     else:
-        a.recipes = a.recipes or ["tutorial", "pipeline", "unsloth"]
+        a.recipes = ["tutorial", "pipeline", "unsloth"] if a.recipes is None else a.recipes  # none: variants only
         if a.model_dir is None:
             a.model_dir = Path(tempfile.gettempdir()) / ("llama2-7b-shape" if a.shape == "7b" else "epochs-tiny-shape")
         main(a, " ".join(["python", "bench/epochs.py", *sys.argv[1:]]))

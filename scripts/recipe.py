@@ -289,7 +289,9 @@ def make_trainer(
                 model.train()
                 inputs = self._prepare_inputs(inputs)
                 loss_fn = functools.partial(self._graph_loss, model)
-                replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, checkpointed=bool(every))
+                with attention_backends():  # the recording's backward too: a checkpointed layer's
+                    # recomputation must run the forward's attention kernel (its saved tensors' shapes)
+                    replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, checkpointed=bool(every))
                 if replayed is not None:
                     loss, metrics = replayed
                     self._pending_metrics.append(metrics)
@@ -298,7 +300,7 @@ def make_trainer(
 
         def _graph_loss(self, model, static: dict):
             """The deferred branch below on fixed buffers, without the padding mask (see cuda_graphs)."""
-            with self.compute_loss_context_manager(), scoring_every_position(), attention_backends():
+            with self.compute_loss_context_manager(), scoring_every_position():
                 outputs = model(
                     input_ids=static["input_ids"], labels=static["labels"], use_cache=False, fused_lm_head=True
                 )
