@@ -32,14 +32,21 @@ GIB = 1024**3
 
 
 def planned_peak_gib(
-    rows_file: Path, batch: int, config: Path, model_config: Path, folded_dropouts: bool = False
+    rows_file: Path,
+    batch: int,
+    config: Path,
+    model_config: Path,
+    folded_dropouts: bool = False,
+    graph_peak_factor: float | None = None,
 ) -> float:
     """The plan's largest prediction over the batches of the rows file, padded as the trainer
-    pads (with the row's own LoRA dropout layout: the config may have changed since)."""
+    pads (with the row's own LoRA dropout layout and graph headroom: the config may have
+    changed since; rows before the headroom existed had none)."""
     from recipe import CheckpointPlan
 
     train = dict(yaml.safe_load(config.read_text())["train"], recompute_lora_dropout=folded_dropouts)
     plan = CheckpointPlan([], model_config, bench_cell(), train, "liger")
+    plan.graph_peak_factor = graph_peak_factor or 1.0
     ids = json.loads(rows_file.read_text())["input_ids"]
     multiple = train["pad_to_multiple_of"] or 1
     for start in range(0, len(ids), batch):
@@ -63,6 +70,7 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
                     config,
                     model_config,
                     bool(row.get("folded_lora_dropouts")),
+                    row.get("graph_peak_factor"),
                 )
                 notes.append(
                     f"{row['recipe']} {row['job']}: predicted_peak_gib {was} (every layer at the longest row) -> "

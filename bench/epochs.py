@@ -149,6 +149,7 @@ def run_row(row: dict) -> dict:
     result.update(kernels=details["kernels"], checkpoint_every=every, optimizer=optimizer)
     result["folded_lora_dropouts"] = shape["folded_lora_dropouts"]
     result["checkpoint_steps_by_every"] = plan.summary() if plan else None
+    result["graph_peak_factor"] = plan.graph_peak_factor if plan else None  # the plan's headroom for graphs
     result["cuda_graphs"] = trainer.graphs.summary() if getattr(trainer, "graphs", None) else None
     if plan:  # per-batch checkpointing: the largest prediction among the batches it planned
         result["predicted_peak_gib"] = round(plan.predicted_peak_bytes() / GIB, 3)

@@ -15,6 +15,9 @@ What the graph step changes, and why the numbers stay the same:
   labelled ones first (a data-dependent shape no graph can hold): the same per-token values.
 - Gradients accumulate into fixed buffers (a graph writes to fixed addresses); the trainer's
   optimizer step, clipping and scheduler run as usual between replays.
+Batches longer than ``train.cuda_graphs_max_tokens`` train eagerly: there the step is bound by
+arithmetic, and a recorded 7B step measured slower than the eager one from ~3,800 tokens
+(bench/results/epochs_h200_folded against epochs_h200, the same batches).
 Checkpointed layers are recorded too where their recomputation draws no random numbers
 (folded LoRA dropouts hand it their masks: scripts/lora_dropout.py); with PEFT's own dropout
 the recomputation restores the RNG state on the host, and those batches train eagerly.
@@ -79,7 +82,9 @@ class GraphedSteps:
 
     replay_on_cpu = False  # tests: run the recorded function itself where no device graph exists
 
-    def __init__(self, parameters, off_reason: str | None, logger, recompute_rng: bool = True):
+    def __init__(
+        self, parameters, off_reason: str | None, logger, recompute_rng: bool = True, max_tokens: int | None = None
+    ):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.grads: list[torch.Tensor] | None = None
         self.recordings: dict[tuple, Recording] = {}
@@ -90,6 +95,7 @@ class GraphedSteps:
         self.eager_reasons: dict[str, int] = {}
         self.off_reason = off_reason
         self.recompute_rng = recompute_rng  # checkpointed batches train eagerly (RNG replay)
+        self.max_tokens = max_tokens  # longer batches train eagerly (not launch-bound: no gain)
         if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
             self.off_reason = "no CUDA device"
         logger.info("CUDA graphs: %s", f"off ({self.off_reason})" if self.off_reason else "on, one per batch shape")
@@ -117,6 +123,8 @@ class GraphedSteps:
         only when the recomputation draws no random numbers (``recompute_rng`` False)."""
         if self.off_reason:
             return self._eager("graphs off")
+        if self.max_tokens is not None and inputs["input_ids"].numel() > self.max_tokens:
+            return self._eager(f"longer than cuda_graphs_max_tokens ({self.max_tokens})")
         if checkpointed and self.recompute_rng:
             return self._eager("checkpointed batch")
         if not self.warm:
