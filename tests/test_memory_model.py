@@ -73,6 +73,34 @@ def test_memory_grows_with_tokens_rank_and_targets():
     assert lora_parameters(LLAMA2_7B, 64, "qv") == 32 * 2 * 64 * (4096 + 4096)
 
 
+def test_folded_dropout_keeps_each_input_once_and_masks_as_bits():
+    """scripts/lora_dropout.py's layout, per token and layer in bf16 (the counted saved tensors
+    of tests/test_lora_dropout.py): modules that read one input keep it once."""
+    from memory_model import layer_activation_bytes
+
+    h, i, r = 4096, 11008, 64
+    stock, folded = (
+        {
+            t: layer_activation_bytes(LLAMA2_7B, r, t, "pipeline", "liger", recompute_dropout=f)
+            for t in ("qv", "all_linear")
+        }
+        for f in (False, True)
+    )
+    assert stock["qv"] - folded["qv"] == 2 * (h * 3) - (2 * h + 2 * h // 8)  # 15,360 bytes
+    # q, k, v read one input, gate and up another; o and down each their own
+    inputs, masks = 2 * (h + h + h + i), (6 * h + i) // 8
+    assert stock["all_linear"] - folded["all_linear"] == (6 * h + i) * 3 - inputs - masks
+    shape = dict(method="qlora", rank=r, targets="qv", seq=1024, batch=1, kernels="liger")
+    saved = predict_peak(LLAMA2_7B, checkpoint_every=0, **shape)["total"]
+    saved -= predict_peak(LLAMA2_7B, checkpoint_every=0, recompute_dropout=True, **shape)["total"]
+    assert round(saved / GIB, 2) == 0.47  # 1,024 tokens x 32 layers x 15,360 bytes
+    # a checkpointed layer keeps its input and its adapters' 1-bit masks
+    kept = predict_peak(LLAMA2_7B, checkpoint_every=1, recompute_dropout=True, **shape)["activations"]
+    assert kept - predict_peak(LLAMA2_7B, checkpoint_every=1, **shape)[
+        "activations"
+    ] == 1024 * 32 * 2 * h // 8 + 1024 * (folded["qv"] - stock["qv"])
+
+
 def test_shape_from_the_pipelines_base_model(base_model_dir):
     shape = ModelShape.from_config(base_model_dir)
     assert (shape.hidden, shape.layers, shape.kv_heads, shape.vocab) == (576, 30, 3, 49152)
