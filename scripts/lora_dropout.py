@@ -19,7 +19,7 @@ In a checkpointed layer the forward keeps the packed masks for the layer's recom
 restores the RNG to draw the same masks again: the same numbers.
 """
 
-import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -39,45 +39,70 @@ def unpack_mask(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return ((packed.unsqueeze(1) >> shifts) & 1).to(torch.bool).reshape(like.shape)
 
 
+_ACTIVE = threading.local()  # .masks: the CheckpointMasks of the layer call running on this thread
+
+
 class CheckpointMasks:
     """The masks one checkpointed layer call drew in its forward, handed in order to its
-    recomputation (torch.utils.checkpoint's ``context_fn``, non-reentrant)."""
-
-    current: "CheckpointMasks | None" = None
+    recomputation (torch.utils.checkpoint's ``context_fn``, non-reentrant; the recomputation
+    runs whole on one thread, the autograd engine's)."""
 
     def __init__(self):
         self.masks: list[tuple] = []
-        self.replaying = False
         self.next = 0
 
-    @contextlib.contextmanager
-    def active(self, replaying: bool):
-        previous, CheckpointMasks.current = CheckpointMasks.current, self
-        self.replaying, self.next = replaying, 0
-        try:
-            yield
-        finally:
-            CheckpointMasks.current = previous
-
     def take(self) -> tuple:
+        if self.next == len(self.masks):
+            raise RuntimeError(
+                "a checkpointed layer's recomputation asked for more dropout masks than its forward drew"
+            )
         self.next += 1
         return self.masks[self.next - 1]
+
+
+class _Active:
+    """Makes ``masks`` this thread's current layer call, recording (forward) or replaying;
+    re-enterable: a second backward through a retained graph recomputes again."""
+
+    def __init__(self, masks: CheckpointMasks, replaying: bool):
+        self.masks, self.replaying, self.previous = masks, replaying, []
+
+    def __enter__(self):
+        self.previous.append((getattr(_ACTIVE, "masks", None), getattr(_ACTIVE, "replaying", False)))
+        _ACTIVE.masks, _ACTIVE.replaying, self.masks.next = self.masks, self.replaying, 0
+
+    def __exit__(self, *exc):
+        _ACTIVE.masks, _ACTIVE.replaying = self.previous.pop()
+        return False
 
 
 def checkpoint_context():
     """``context_fn`` for torch.utils.checkpoint: (forward context, recompute context)."""
     masks = CheckpointMasks()
-    return masks.active(replaying=False), masks.active(replaying=True)
+    return _Active(masks, replaying=False), _Active(masks, replaying=True)
+
+
+def _rates(value) -> list[float]:
+    """Every number under a config key naming a dropout (dropout, pdrop), nested configs too."""
+    found = []
+    for key, item in value.items():
+        if isinstance(item, dict):
+            found += _rates(item)
+        elif isinstance(item, (int, float)) and not isinstance(item, bool) and ("dropout" in key or "pdrop" in key):
+            found.append(float(item))
+    return found
 
 
 def recompute_needs_rng(model) -> bool:
     """Whether a checkpointed layer's recomputation must replay random numbers: a dropout
-    left unfolded (p > 0) or a dropout rate in the model's config (attention, hidden)."""
+    module left unfolded (p > 0) or a dropout rate in the model's config. When unsure, yes."""
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         return True
-    config = getattr(model, "config", None)
-    rates = [v for k, v in vars(config).items() if "dropout" in k and isinstance(v, float)] if config else []
-    return any(rate > 0 for rate in rates)
+    try:
+        config = model.config
+        return any(rate > 0 for rate in _rates(config if isinstance(config, dict) else config.to_dict()))
+    except Exception:  # an unknown config layout: keep the RNG replay (correct, only slower)
+        return True
 
 
 class DropoutLinearFunction(torch.autograd.Function):
@@ -85,8 +110,8 @@ class DropoutLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, p: float):
-        scale, masks = 1.0 / (1.0 - p), CheckpointMasks.current
-        if masks is not None and masks.replaying:  # a checkpointed layer's recomputation
+        scale, masks = 1.0 / (1.0 - p), getattr(_ACTIVE, "masks", None)
+        if masks is not None and _ACTIVE.replaying:  # a checkpointed layer's recomputation
             kept, packed, mask_dtype = masks.take()
             mask = unpack_mask(kept, x).to(mask_dtype) if packed else kept
             dropped = torch.ops.aten.native_dropout_backward(x, mask, scale)  # the forward's values
@@ -108,10 +133,10 @@ class DropoutLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, mask, weight = ctx.saved_tensors
         if ctx.packed:
-            mask = unpack_mask(mask, x).to(ctx.mask_dtype)  # the CPU's native_dropout keeps x's dtype
+            mask = unpack_mask(mask, x).to(ctx.mask_dtype)
         want_x, want_weight = ctx.needs_input_grad[:2]
         with torch.enable_grad(), torch.autocast(ctx.device_type, ctx.autocast_dtype, enabled=ctx.autocast):
-            dropped = torch.ops.aten.native_dropout_backward(x, mask, ctx.scale).requires_grad_(want_x)
+            dropped = torch.ops.aten.native_dropout_backward(x.detach(), mask, ctx.scale).requires_grad_(want_x)
             weight = weight.detach().requires_grad_(want_weight)
             out = F.linear(dropped, weight)
             wanted = [t for t, want in ((dropped, want_x), (weight, want_weight)) if want]

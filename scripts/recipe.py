@@ -237,8 +237,8 @@ def graphs_off_reason(args, checkpoint_every: int, deferred: bool, recompute_rng
         return "fp16 needs a loss scaler between forward and backward"
     if checkpoint_every and recompute_rng:
         return (
-            f"the memory budget needs checkpointing (every {checkpoint_every}) at the longest batch, "
-            "with LoRA dropout drawn again in the recomputation (train.recompute_lora_dropout false)"
+            f"the memory budget needs checkpointing (every {checkpoint_every}) at the longest batch, whose "
+            "recomputation replays random numbers (a dropout not folded: train.recompute_lora_dropout)"
         )
     return None
 
@@ -380,6 +380,8 @@ def make_trainer(
             recompute_rng,
             train.get("cuda_graphs_max_tokens"),
         )
+    if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):
+        plan.graph_peak_factor = 1.0  # no recording will run: the eager step's budget
     if train["padding_free"]:
         # Sequences concatenated into one row with restarting position_ids: transformers
         # masks attention per example, so the maths is that of the padded batch.
