@@ -42,8 +42,10 @@ LOSS_STEPS = 50
 WARMUP = 3  # block rows: the median step after these (as gpu_recipes)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 SHAPES = {"7b": LLAMA2_7B, "tiny": dict(LLAMA2_7B, **TINY)}  # tiny: the same code path on a CPU (tests)
-REFERENCE = {"kernels": "none", "gradient_checkpointing": True, "checkpoint_every": 1, "cuda_graphs": False}
-REFERENCE["recompute_lora_dropout"] = False  # the stock path: PEFT's own dropout
+# The stock path: no Liger, every layer checkpointed, eager steps, PEFT's own dropout.
+REFERENCE = dict(
+    kernels="none", gradient_checkpointing=True, checkpoint_every=1, cuda_graphs=False, recompute_lora_dropout=False
+)
 TABLE_KEYS = ("recipe", "job", "batch", "epoch_seconds", "tokens_per_second", "vs_tutorial")
 TABLE_KEYS += ("peak_allocated_gib", "predicted_peak_gib", "status")
 COLUMNS = {"recipe": "recipe", "job": "job", "batch": "batch", "epoch_seconds": "epoch s", "speed": "tok/s (runs)"}

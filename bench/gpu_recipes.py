@@ -214,7 +214,7 @@ def run_row(row: dict) -> dict:
         "processes": processes,
         "per_gpu_peak_allocated_gib": [round(p["peak"] / GIB, 3) for p in peaks],
         "kernels": details["kernels"],
-        "folded_lora_dropouts": details.get("folded_lora_dropouts", 0),
+        "folded_lora_dropouts": folded["folded_lora_dropouts"],
         "checkpoint_every": every,
         "median_step_seconds": round(median, 4),
         "step_seconds": [round(t, 4) for t in times],

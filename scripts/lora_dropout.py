@@ -19,6 +19,7 @@ In a checkpointed layer the forward keeps the packed masks for the layer's recom
 restores the RNG to draw the same masks again: the same numbers.
 """
 
+import functools
 import threading
 
 import torch
@@ -28,15 +29,22 @@ from torch import nn
 BITS = 8
 
 
+@functools.cache
+def _shifts(device: torch.device) -> torch.Tensor:
+    """0..7, made once per device (not a kernel launch per adapter and step)."""
+    return torch.arange(BITS, dtype=torch.uint8, device=device)
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A 0/1 mask as uint8 bytes, 8 entries each (numel must divide by 8)."""
-    shifts = torch.arange(BITS, dtype=torch.uint8, device=mask.device)
-    return (mask.reshape(-1, BITS).to(torch.uint8) << shifts).sum(dim=1, dtype=torch.uint8)
+    return (mask.reshape(-1, BITS).to(torch.uint8) << _shifts(mask.device)).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack_mask(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    shifts = torch.arange(BITS, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 1).to(torch.bool).reshape(like.shape)
+def unpack_mask(kept: torch.Tensor, packed: bool, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """The mask as native_dropout returned it, from what was kept (packed or as it was)."""
+    if not packed:
+        return kept
+    return ((kept.unsqueeze(1) >> _shifts(kept.device)) & 1).to(torch.bool).reshape(like.shape).to(dtype)
 
 
 _ACTIVE = threading.local()  # .masks: the CheckpointMasks of the layer call running on this thread
@@ -113,7 +121,7 @@ class DropoutLinearFunction(torch.autograd.Function):
         scale, masks = 1.0 / (1.0 - p), getattr(_ACTIVE, "masks", None)
         if masks is not None and _ACTIVE.replaying:  # a checkpointed layer's recomputation
             kept, packed, mask_dtype = masks.take()
-            mask = unpack_mask(kept, x).to(mask_dtype) if packed else kept
+            mask = unpack_mask(kept, packed, mask_dtype, x)
             dropped = torch.ops.aten.native_dropout_backward(x, mask, scale)  # the forward's values
         else:
             dropped, mask = torch.native_dropout(x, p, True)
@@ -131,9 +139,8 @@ class DropoutLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, mask, weight = ctx.saved_tensors
-        if ctx.packed:
-            mask = unpack_mask(mask, x).to(ctx.mask_dtype)
+        x, kept, weight = ctx.saved_tensors
+        mask = unpack_mask(kept, ctx.packed, ctx.mask_dtype, x)
         want_x, want_weight = ctx.needs_input_grad[:2]
         with torch.enable_grad(), torch.autocast(ctx.device_type, ctx.autocast_dtype, enabled=ctx.autocast):
             dropped = torch.ops.aten.native_dropout_backward(x.detach(), mask, ctx.scale).requires_grad_(want_x)
@@ -153,8 +160,8 @@ class DropoutLinear(nn.Linear):
     dropout_p: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.bias is not None:
-            return F.linear(x, self.weight, self.bias)
+        if not self.training:  # folded only without a bias (recompute_lora_dropout)
+            return F.linear(x, self.weight)
         return DropoutLinearFunction.apply(x, self.weight, self.dropout_p)
 
 
