@@ -24,7 +24,7 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "scripts")]
 from epoch_rows import JOBS  # noqa: E402
-from epochs import LLAMA2_7B, WARMUP, write  # noqa: E402
+from epochs import CELL_KEYS, LLAMA2_7B, WARMUP, write  # noqa: E402
 from gpu_recipes import bench_cell  # noqa: E402
 from train_metrics import median_step_tokens_per_second  # noqa: E402
 
@@ -38,14 +38,18 @@ def planned_peak_gib(
     model_config: Path,
     folded_dropouts: bool = False,
     graph_peak_factor: float | None = None,
+    overrides: dict | None = None,
 ) -> float:
     """The plan's largest prediction over the batches of the rows file, padded as the trainer
-    pads (with the row's own LoRA dropout layout and graph headroom: the config may have
-    changed since; rows before the headroom existed had none)."""
+    pads (with the row's own LoRA dropout layout, graph headroom and train ``overrides`` (a
+    variant's budget, offloading): the config may have changed since; rows before the
+    headroom existed had none)."""
     from recipe import CheckpointPlan
 
     train = dict(yaml.safe_load(config.read_text())["train"], recompute_lora_dropout=folded_dropouts)
-    plan = CheckpointPlan([], model_config, bench_cell(), train, "liger")
+    train.update(overrides or {})
+    cell = dict(bench_cell(), **{key: train.pop(key) for key in CELL_KEYS if key in train})
+    plan = CheckpointPlan([], model_config, cell, train, "liger")
     plan.graph_peak_factor = graph_peak_factor or 1.0
     ids = json.loads(rows_file.read_text())["input_ids"]
     multiple = train["pad_to_multiple_of"] or 1
@@ -53,6 +57,12 @@ def planned_peak_gib(
         rows = ids[start : start + batch]
         plan.every_for(len(rows), math.ceil(max(map(len, rows)) / multiple) * multiple)
     return round(plan.predicted_peak_bytes() / GIB, 3)
+
+
+def memory_overrides(row: dict) -> dict:
+    """A variant row's settings the memory plan reads (its budget, offloading, quantisation)."""
+    keys = ("memory_budget_gib", "offload_checkpoints", *CELL_KEYS)
+    return {k: v for k, v in row.get("train", {}).items() if k in keys}
 
 
 def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config: Path) -> dict:
@@ -71,6 +81,7 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
                     model_config,
                     bool(row.get("folded_lora_dropouts")),
                     row.get("graph_peak_factor"),
+                    memory_overrides(row),
                 )
                 notes.append(
                     f"{row['recipe']} {row['job']}: predicted_peak_gib {was} (every layer at the longest row) -> "

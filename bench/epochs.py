@@ -46,6 +46,7 @@ SHAPES = {"7b": LLAMA2_7B, "tiny": dict(LLAMA2_7B, **TINY)}  # tiny: the same co
 REFERENCE = dict(
     kernels="none", gradient_checkpointing=True, checkpoint_every=1, cuda_graphs=False, recompute_lora_dropout=False
 )
+CELL_KEYS = ("double_quant",)  # variant keys for the grid cell, not the train section
 TABLE_KEYS = ("recipe", "job", "batch", "epoch_seconds", "tokens_per_second", "vs_tutorial")
 TABLE_KEYS += ("peak_allocated_gib", "predicted_peak_gib", "status")
 COLUMNS = {"recipe": "recipe", "job": "job", "batch": "batch", "epoch_seconds": "epoch s", "speed": "tok/s (runs)"}
@@ -92,8 +93,10 @@ def run_row(row: dict) -> dict:
     settings.update(max_steps=-1, save_steps=10**6, logging_steps=1, padding_free=False)
     if tutorial:
         settings.update(pad_to_multiple_of=None, cuda_graphs=False)  # TRL's default padding, eager steps
-    settings.update(row["train"])
-    cell = bench_cell(seed=SEED)
+    overrides = dict(row["train"])
+    cell = bench_cell(seed=SEED)  # a variant may set the cell's quantisation (CELL_KEYS)
+    cell.update({key: overrides.pop(key) for key in CELL_KEYS if key in overrides})
+    settings.update(overrides)
     set_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tutorial:
@@ -133,6 +136,8 @@ def run_row(row: dict) -> dict:
     seq = math.ceil(max(len(x) for x in ids) / multiple) * multiple  # the longest padded batch
     shape = dict(recipe="tutorial" if tutorial else "pipeline", method="qlora", targets="qv", seq=seq, batch=batch)
     shape["folded_lora_dropouts"] = details.get("folded_lora_dropouts", 0)
+    shape["offload_checkpoints"] = details.get("offloaded_checkpoints", False)
+    shape["double_quant"] = cell["double_quant"] and not tutorial
     predicted = predict_peak(
         ModelShape.from_config(model_dir), checkpoint_every=every, **prediction_recipe(shape, details["kernels"])
     )
@@ -150,6 +155,9 @@ def run_row(row: dict) -> dict:
     result.update(predicted_peak_gib=round(predicted["total"] / GIB, 3), predicted_for={"seq": seq, "batch": batch})
     result.update(kernels=details["kernels"], checkpoint_every=every, optimizer=optimizer)
     result["folded_lora_dropouts"] = shape["folded_lora_dropouts"]
+    result["offload_checkpoints"] = shape["offload_checkpoints"]  # inputs of checkpointed layers in host memory
+    result["double_quant"] = shape["double_quant"]
+    result["memory_budget_gib"] = settings.get("memory_budget_gib")
     result["checkpoint_steps_by_every"] = plan.summary() if plan else None
     result["graph_peak_factor"] = plan.graph_peak_factor if plan else None  # the plan's headroom for graphs
     result["cuda_graphs"] = trainer.graphs.summary() if getattr(trainer, "graphs", None) else None

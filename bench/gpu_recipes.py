@@ -232,11 +232,13 @@ def run_row(row: dict) -> dict:
 
 def prediction_recipe(row: dict, kernels: str) -> dict:
     """The memory model's arguments for a bench row (the tutorial's LoRA counterpart has no
-    fp32 upcast: the pipeline's layout without autocast; a row that folded its LoRA dropouts says so)."""
+    fp32 upcast: the pipeline's layout without autocast; a row that folded its LoRA dropouts,
+    offloaded its checkpointed inputs or double-quantised says so)."""
     recipe = dict(method=row["method"], rank=64, targets=row["targets"], seq=row["seq"], batch=row["batch"])
     if row["recipe"] == "tutorial" and row["method"] == "lora":
         return dict(recipe, recipe="pipeline", kernels="none", autocast=False)
-    return dict(recipe, recipe=row["recipe"], kernels=kernels, recompute_dropout=bool(row.get("folded_lora_dropouts")))
+    recipe.update(recompute_dropout=bool(row.get("folded_lora_dropouts")), double_quant=bool(row.get("double_quant")))
+    return dict(recipe, recipe=row["recipe"], kernels=kernels, offload_checkpoints=bool(row.get("offload_checkpoints")))
 
 
 def summarise(results: list[dict]) -> list[dict]:

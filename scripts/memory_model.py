@@ -13,7 +13,9 @@ they are reported apart (``paged_optimizer``) and added for a SLURM memory reque
 tensor (see ``layer_activation_bytes``); frozen base weights keep nothing for their inputs
 (PyTorch and bitsandbytes save an input only when a weight needs its gradient).
 Checkpointing every k-th layer keeps only the input of each checkpointed layer and
-recomputes the rest in the backward pass, one layer at a time.
+recomputes the rest in the backward pass, one layer at a time; with ``offload_checkpoints``
+(scripts/offload.py) those inputs wait in pinned host memory (``host_offload``, outside the
+total, like the paged optimizer state).
 
 The recipes:
 - ``pipeline``: base in the compute dtype (bf16), autocast, fp32 LoRA weights;
@@ -167,8 +169,10 @@ def predict_peak(
     paged_optimizer: bool = True,
     autocast: bool = True,
     recompute_dropout: bool = False,
+    offload_checkpoints: bool = False,
 ) -> dict:
-    """Predicted peak of torch-allocated bytes, term by term."""
+    """Predicted peak of torch-allocated bytes, term by term (``host_offload``: pinned host
+    memory, outside the total)."""
     compute = 2  # bf16/fp16
     if method == "qlora":
         linear = shape.linear_parameters()
@@ -184,8 +188,10 @@ def predict_peak(
     adapter = lora * (4 + 4 + (0 if paged_optimizer else 8))  # fp32 weights + grads (+ Adam m, v)
     tokens = seq * batch
     a_layer = layer_activation_bytes(shape, rank, targets, recipe, kernels, autocast, recompute_dropout)
-    a_input = (4 if recipe == "tutorial" else 2) * shape.hidden
-    if recompute_dropout:  # a checkpointed layer keeps its folded dropouts' 1-bit masks too
+    # A checkpointed layer keeps its input (in host memory with offload_checkpoints) ...
+    input_bytes = (4 if recipe == "tutorial" else 2) * shape.hidden
+    a_input = 0 if offload_checkpoints else input_bytes
+    if recompute_dropout:  # ... and its folded dropouts' 1-bit masks on the GPU
         a_input += sum(shape.linear_shape(m)[0] // 8 for m in TARGETS[targets])
     stored = checkpointed_layer_count(shape.layers, checkpoint_every)
     full = shape.layers - stored
@@ -201,6 +207,7 @@ def predict_peak(
         "backward_working_set": int(working),
         "total": int(total),
         "paged_optimizer": int(lora * 8) if paged_optimizer else 0,
+        "host_offload": tokens * stored * input_bytes if offload_checkpoints else 0,
         "checkpointed_layers": stored,
         "layer_activation_bytes_per_token": a_layer,
     }
@@ -235,6 +242,7 @@ def cell_recipe(cell: dict, train: dict, kernels: str) -> dict:
         double_quant=cell["double_quant"],
         paged_optimizer=train["optimizer"].startswith("paged"),
         recompute_dropout=bool(train.get("recompute_lora_dropout", False)) and cell.get("lora_dropout", 0.1) > 0,
+        offload_checkpoints=bool(train.get("offload_checkpoints", False)),
     )
 
 
@@ -269,6 +277,9 @@ if __name__ == "__main__":
     parser.add_argument("--recipe", choices=["pipeline", "tutorial"], default="pipeline")
     parser.add_argument("--kernels", choices=["none", "liger"], default="none")
     parser.add_argument("--no-autocast", action="store_true", help="LoRA matmuls in fp32 (a plain loop)")
+    parser.add_argument("--double-quant", action="store_true", help="absmax quantised to 8 bit (QLoRA)")
+    parser.add_argument("--recompute-dropout", action="store_true", help="train.recompute_lora_dropout")
+    parser.add_argument("--offload-checkpoints", action="store_true", help="train.offload_checkpoints")
     a = parser.parse_args()
     result = main(
         a.model_config,
@@ -281,5 +292,15 @@ if __name__ == "__main__":
         recipe=a.recipe,
         kernels=a.kernels,
         autocast=not a.no_autocast,
+        double_quant=a.double_quant,
+        recompute_dropout=a.recompute_dropout,
+        offload_checkpoints=a.offload_checkpoints,
     )
-    print(json.dumps({k: round(v / GIB, 3) if k not in ("checkpointed_layers",) else v for k, v in result.items()}))
+    print(
+        json.dumps(
+            {
+                k: round(v / GIB, 3) if k not in ("checkpointed_layers", "layer_activation_bytes_per_token") else v
+                for k, v in result.items()
+            }
+        )
+    )

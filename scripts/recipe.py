@@ -25,6 +25,7 @@ from cuda_graphs import GraphedSteps, attention_backends, scoring_every_position
 from lora_dropout import checkpoint_context, recompute_lora_dropout, recompute_needs_rng
 from memory_model import ModelShape, cell_recipe, choose_checkpointing, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
+from offload import offload_checkpoints
 from train_metrics import memory_stats
 
 CUDA_ONLY_OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit"}
@@ -116,10 +117,11 @@ def set_checkpointing(layers: list, every: int) -> int:
     return sum(layer.gradient_checkpointing for layer in layers)
 
 
-def enable_checkpointing(model, every: int, planned: bool = False) -> int:
+def enable_checkpointing(model, every: int, planned: bool = False, offload: bool = False) -> int:
     """Checkpoint decoder layers 0, k, 2k, ...; the others keep their activations. With
     planned=True the machinery is set up even for every=0 (a per-batch plan may switch it
-    on). Returns the number of checkpointed layers."""
+    on); with offload=True checkpointed layers keep their inputs in host memory
+    (scripts/offload.py). Returns the number of checkpointed layers."""
     if every == 0 and not planned:
         return 0
     kwargs = {"use_reentrant": False}
@@ -127,6 +129,8 @@ def enable_checkpointing(model, every: int, planned: bool = False) -> int:
         kwargs.update(context_fn=checkpoint_context, preserve_rng_state=False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
+    if offload:
+        offload_checkpoints(decoder_layers(model), kwargs)
     return set_checkpointing(decoder_layers(model), every)
 
 
@@ -208,21 +212,34 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     per_batch = train["gradient_checkpointing"] == "auto"
     details["checkpoint_every"] = every
     details["checkpoint_per_batch"] = per_batch
-    details["checkpointed_layers"] = enable_checkpointing(model, every, planned=per_batch)
+    offload = bool(train.get("offload_checkpoints", False))
+    details["checkpointed_layers"] = enable_checkpointing(model, every, planned=per_batch, offload=offload)
+    details["offloaded_checkpoints"] = offload
+    details["predicted_host_offload_bytes"] = prediction["host_offload"]
     details["predicted_peak_bytes"] = prediction["total"]
     details["predicted_paged_optimizer_bytes"] = prediction["paged_optimizer"]
     details["compiled_layers"] = compile_layers(model) if train.get("compile", False) else 0
     logger.info(
-        "gradient checkpointing: every %s layer(s) (%d checkpointed)%s; predicted peak %.2f GiB; %d layers compiled; "
-        "%d LoRA dropouts folded",
+        "gradient checkpointing: every %s layer(s) (%d checkpointed)%s%s; predicted peak %.2f GiB; "
+        "%d layers compiled; %d LoRA dropouts folded",
         every or "no",
         details["checkpointed_layers"],
         ", re-planned per batch length" if per_batch else "",
+        f", inputs in host memory ({prediction['host_offload'] / GIB:.2f} GiB)" if offload else "",
         prediction["total"] / GIB,
         details["compiled_layers"],
         details["folded_lora_dropouts"],
     )
     return model, details
+
+
+def checkpointed_eager_reason(recompute_rng: bool, offload: bool) -> str | None:
+    """Why a batch with checkpointed layers cannot be recorded (None: it can)."""
+    if recompute_rng:  # an unfolded dropout: the RNG state read and set on the host
+        return "checkpointed batch (its recomputation replays random numbers)"
+    if offload:  # a replay would copy into host buffers the recording does not own
+        return "checkpointed batch (inputs offloaded to host memory)"
+    return None
 
 
 def graphs_off_reason(args, checkpoint_every: int, deferred: bool, recompute_rng: bool = True) -> str | None:
@@ -372,12 +389,13 @@ def make_trainer(
             parameter.data = parameter.data.float()
     if train.get("cuda_graphs", False):
         recompute_rng = recompute_needs_rng(trainer.model)
+        offload = train.get("offload_checkpoints", False)
         off = graphs_off_reason(args, checkpoint_every, defer, recompute_rng)
         trainer.graphs = GraphedSteps(
             trainer.model.parameters(),
             off,
             logging.getLogger("recipe"),
-            recompute_rng,
+            checkpointed_eager_reason(recompute_rng, offload),
             train.get("cuda_graphs_max_tokens"),
         )
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):

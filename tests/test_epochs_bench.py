@@ -116,6 +116,8 @@ def test_tiny_run_trains_every_recipe_on_the_same_rows(rows_dir, tmp_path):
     command = [sys.executable, str(PROJECT / "bench" / "epochs.py"), "run", "--rows-dir", str(short)]
     command += ["--shape", "tiny", "--model-dir", str(tmp_path / "model"), "--jobs", "seed_epoch_b1"]
     command += ["--recipes", "tutorial", "reference", "unsloth", "--steps", "2", "--out", str(out)]
+    # a variant with a cell key (double quantisation) and offloaded checkpoints, as the memory rows run
+    command += ["--variant", "lean:double_quant=true,offload_checkpoints=true,kernels=none"]
     # An unsloth layer without unsloth: bench/unsloth_row.py runs and reports its own not-run row.
     env = dict(os.environ, UNSLOTH_SITE=str(tmp_path / "unsloth-site"))
     (tmp_path / "unsloth-site").mkdir()
@@ -130,6 +132,9 @@ def test_tiny_run_trains_every_recipe_on_the_same_rows(rows_dir, tmp_path):
         assert table[recipe]["capped_at_step"] == 2 and table[recipe]["epoch_seconds"] is None
         assert table[recipe]["tokens_per_second"] > 0 and table[recipe]["vs_tutorial"] is None
     assert table["unsloth"]["status"].startswith("not run: ") and "unsloth" in table["unsloth"]["status"]
+    lean, reference = ({r["recipe"]: r for r in report["rows"]}[name] for name in ("lean", "reference"))
+    assert lean["status"] == "ok" and lean["double_quant"] and lean["offload_checkpoints"]
+    assert not reference["double_quant"] and not reference["offload_checkpoints"]
     # Same initial adapter, same rows: fp16 without autocast vs fp32 on the CPU differ only by rounding.
     losses = [r["losses"] for r in report["rows"] if r["status"] == "ok"]
     assert all(len(x) == 2 for x in losses)
@@ -164,10 +169,14 @@ def test_memory_model_within_ten_percent_of_every_measured_epoch_row(rows_dir, r
         if row.get("checkpoint_steps_by_every") and "rows" in epoch_results.JOBS[row["job"]]:
             rows_file = rows_dir / epoch_results.JOBS[row["job"]]["rows"]
             folded, factor = bool(row.get("folded_lora_dropouts")), row.get("graph_peak_factor")
-            predicted = epoch_results.planned_peak_gib(rows_file, row["batch"], config, model_config, folded, factor)
+            overrides = epoch_results.memory_overrides(row)
+            predicted = epoch_results.planned_peak_gib(
+                rows_file, row["batch"], config, model_config, folded, factor, overrides
+            )
         else:
             shape = dict(recipe=row["kind"] if row["kind"] == "tutorial" else "pipeline", method="qlora", targets="qv")
             shape.update(row["predicted_for"], folded_lora_dropouts=row.get("folded_lora_dropouts", 0))
+            shape.update(offload_checkpoints=row.get("offload_checkpoints"), double_quant=row.get("double_quant"))
             total = predict_peak(
                 ModelShape.from_config(model_config),
                 checkpoint_every=row["checkpoint_every"],

@@ -42,12 +42,15 @@ TRAIN = dict(
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def build_tiny_model(folder: Path) -> Path:
     """A 2-layer Llama with random weights, its initial q/v adapter and a tokenizer for its pad id."""
     from peft import LoraConfig, get_peft_model
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     config.update(dict(num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=False))

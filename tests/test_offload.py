@@ -1,0 +1,152 @@
+"""scripts/offload.py (``train.offload_checkpoints``): checkpointed layers keep their input in
+host memory, on the tiny random Llama with a real bitsandbytes 4-bit base: the same losses and
+gradients as torch's checkpointing bit for bit, the layer inputs really released from the
+device, the memory model's term, and the graph step leaving checkpointed batches eager."""
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+
+import recipe
+from gpu_recipes import LLAMA2_7B
+from memory_model import GIB, ModelShape, choose_checkpointing, predict_peak
+from test_recipe import LENGTHS, PROJECT, build_tiny_model, train_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.mark.parametrize("folded", [True, False], ids=["folded_dropout", "peft_dropout"])
+def test_offloaded_checkpoints_train_to_the_checkpointed_numbers_bit_for_bit(tiny_model, tmp_path, folded):
+    """Six steps with every layer checkpointed: the offloaded inputs give the stock
+    checkpointed run's loss, gradient norm and token metrics, step by step."""
+    settings = dict(gradient_checkpointing=True, logging_steps=1, recompute_lora_dropout=folded)
+    offloaded, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, offload_checkpoints=True, **settings)
+    stock, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **settings)
+    layer = recipe.decoder_layers(trainer.model)[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.func.__name__ == "offloaded_checkpoint"
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert len(offloaded) == len(stock) == 6
+    for ours, theirs in zip(offloaded, stock, strict=True):
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
+def layer_inputs_alive(model, ids) -> list[bool]:
+    """After the forward (before the backward): is each decoder layer's input still held?"""
+    refs = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args: refs.append(weakref.ref(args[0])))
+        for layer in recipe.decoder_layers(model)
+    ]
+    loss = model(input_ids=ids, labels=ids).loss
+    for hook in hooks:
+        hook.remove()
+    gc.collect()
+    alive = [ref() is not None for ref in refs]
+    loss.backward()  # and the backward still runs from what was kept
+    return alive
+
+
+def test_offloaded_layer_inputs_leave_the_device_until_the_backward(tiny_model):
+    from peft import PeftModel
+
+    from modeling import load_base_model
+
+    alive = {}
+    for offload in (False, True):
+        base = load_base_model(tiny_model, "qlora", torch.float32, "nf4", False)
+        model = PeftModel.from_pretrained(base, str(tiny_model / "adapter"), is_trainable=True).train()
+        recipe.enable_checkpointing(model, every=1, offload=offload)
+        ids = torch.arange(3, 67).unsqueeze(0)
+        alive[offload] = layer_inputs_alive(model, ids)
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # Layer 0's input is the embedding output, which autograd keeps for the embedding's own
+    # gradient hook either way; layer 1's is only held for the recomputation.
+    assert alive[False] == [True, True]
+    assert alive[True] == [True, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host copies and device memory need CUDA")
+def test_offloaded_inputs_free_their_device_bytes(tiny_model):
+    """Device memory after the forward: exactly each checkpointed layer's input (bf16) less."""
+    from peft import PeftModel
+
+    from modeling import load_base_model
+
+    after_forward = {}
+    ids = torch.arange(3, 1027, device="cuda").unsqueeze(0)
+    for offload in (False, True):
+        base = load_base_model(tiny_model, "qlora", torch.bfloat16, "nf4", False)
+        model = PeftModel.from_pretrained(base, str(tiny_model / "adapter"), is_trainable=True).train()
+        recipe.enable_checkpointing(model, every=1, offload=offload)
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        after_forward[offload] = torch.cuda.memory_allocated() - start
+        loss.backward()
+        del model, base, loss
+    hidden = json.loads((tiny_model / "config.json").read_text())["hidden_size"]
+    # layer 1's input (layer 0's is the embedding output, kept by its gradient hook)
+    assert after_forward[False] - after_forward[True] == 1024 * hidden * 2
+
+
+def test_memory_model_counts_offloaded_inputs_in_host_memory():
+    shape = ModelShape.from_config(LLAMA2_7B)
+    recipe_args = dict(method="qlora", rank=64, targets="qv", kernels="liger", recompute_dropout=True)
+    on_device = predict_peak(shape, seq=2048, batch=4, checkpoint_every=1, **recipe_args)
+    offloaded = predict_peak(shape, seq=2048, batch=4, checkpoint_every=1, offload_checkpoints=True, **recipe_args)
+    inputs = 2048 * 4 * 32 * 4096 * 2  # tokens x layers x hidden x bf16: 2 GiB
+    assert on_device["total"] - offloaded["total"] == inputs == offloaded["host_offload"]
+    assert on_device["host_offload"] == 0
+    # 7.75 GiB on the device (the measured pipeline row: 7.748) becomes 5.75
+    assert round(on_device["total"] / GIB, 2) == 7.75 and round(offloaded["total"] / GIB, 2) == 5.75
+    # The plan under a 6 GiB budget: every layer checkpointed fits only with the inputs offloaded.
+    every, prediction = choose_checkpointing(shape, 6 * GIB, seq=2048, batch=4, **recipe_args)
+    assert every == 1 and prediction["total"] > 6 * GIB
+    every, prediction = choose_checkpointing(shape, 6 * GIB, seq=2048, batch=4, offload_checkpoints=True, **recipe_args)
+    assert every >= 1 and prediction["total"] <= 6 * GIB
+
+
+def test_graph_step_leaves_offloaded_checkpointed_batches_eager(tiny_model, tmp_path, monkeypatch):
+    """With gradient_checkpointing auto, short batches are recorded, batches the plan
+    checkpoints (inputs to host memory) train eagerly and say why."""
+    import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
+    shape = ModelShape.from_config(tiny_model)
+    recipe_args = dict(method="qlora", rank=8, targets="qv", kernels="none", paged_optimizer=False)
+    recipe_args.update(recompute_dropout=True, offload_checkpoints=True)
+    short = predict_peak(shape, checkpoint_every=0, seq=64, batch=2, **recipe_args)["total"]
+    long = predict_peak(shape, checkpoint_every=1, seq=320, batch=2, **recipe_args)["total"]
+    budget_gib = max(short, long) * recipe.GRAPH_PEAK_FACTOR / GIB * 1.0001
+    settings = dict(gradient_checkpointing="auto", memory_budget_gib=budget_gib, pad_to_multiple_of=16)
+    settings.update(logging_steps=1, recompute_lora_dropout=True, offload_checkpoints=True)
+    graphed, plan, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs=True, **settings)
+    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **settings)
+    assert plan.summary() == {"0": 3, "1": 3}
+    summary = trainer.graphs.summary()
+    assert summary["off_reason"] is None
+    assert summary["eager_reasons"] == {"first step": 1, "checkpointed batch (inputs offloaded to host memory)": 3}
+    assert summary["replayed_steps"] == 2
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    for ours, theirs in zip(graphed, eager, strict=True):
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
+def test_offload_with_graphs_and_every_batch_checkpointed_stops_at_config_check():
+    import yaml
+
+    from config_check import ConfigError, validate_config
+
+    config = yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())
+    config["train"].update(cuda_graphs=True, gradient_checkpointing=True, offload_checkpoints=True)
+    with pytest.raises(ConfigError, match="config key 'train.cuda_graphs': checkpointed layers with offload"):
+        validate_config(config)
+    config["train"].update(gradient_checkpointing="auto")  # short batches still recorded
+    validate_config(config)
