@@ -60,7 +60,7 @@ class HostCopy:
         self.tensor = None
 
 
-def _from_host(function, copy: HostCopy, *args):
+def _from_host(function, copy: HostCopy, device_marker: torch.Tensor, *args):
     return function(copy.get(), *args)
 
 
@@ -70,7 +70,10 @@ def offloaded_checkpoint(function, *args, **checkpoint_kwargs):
     if not args or not isinstance(args[0], torch.Tensor):  # hidden states passed by name: keep them
         return checkpoint(function, *args, **checkpoint_kwargs)
     copy = HostCopy(args[0])
-    output = checkpoint(_from_host, function, copy, *args[1:], **checkpoint_kwargs)
+    # An empty tensor on the input's device: checkpoint saves and restores the RNG state of the
+    # devices its tensor arguments live on (preserve_rng_state), and the copy is not a tensor.
+    device_marker = torch.empty(0, device=args[0].device)
+    output = checkpoint(_from_host, function, copy, device_marker, *args[1:], **checkpoint_kwargs)
     copy.release()
     return output
 

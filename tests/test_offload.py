@@ -62,7 +62,7 @@ def test_offloaded_layer_inputs_leave_the_device_until_the_backward(tiny_model):
         base = load_base_model(tiny_model, "qlora", torch.float32, "nf4", False)
         model = PeftModel.from_pretrained(base, str(tiny_model / "adapter"), is_trainable=True).train()
         recipe.enable_checkpointing(model, every=1, offload=offload)
-        ids = torch.arange(3, 67).unsqueeze(0)
+        ids = torch.arange(3, 67, device=next(model.parameters()).device).unsqueeze(0)
         alive[offload] = layer_inputs_alive(model, ids)
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     # Layer 0's input is the embedding output, which autograd keeps for the embedding's own
@@ -79,7 +79,7 @@ def test_offloaded_inputs_free_their_device_bytes(tiny_model):
     from modeling import load_base_model
 
     after_forward = {}
-    ids = torch.arange(3, 1027, device="cuda").unsqueeze(0)
+    ids = (torch.arange(1024, device="cuda") % 1000 + 3).unsqueeze(0)  # ids within the tiny vocabulary (1,024)
     for offload in (False, True):
         base = load_base_model(tiny_model, "qlora", torch.bfloat16, "nf4", False)
         model = PeftModel.from_pretrained(base, str(tiny_model / "adapter"), is_trainable=True).train()
