@@ -5,6 +5,8 @@
 # root in the background; each row is written as it ends. The rows come from
 # python bench/epochs.py prepare --out .carry/epochs (on a CPU); the unsloth rows wait for its
 # layer (bash .carry/unsloth/install.sh, a second call while the pipeline's rows run).
+# As run: `bash THIS` (first sitting), then `bash THIS graphs` (second sitting, after the
+# copies were made recordable; its rows in bench/results/epochs_h200_offload_graphs).
 #
 # The memory rows ("lean"): the inputs of checkpointed layers in host memory
 # (train.offload_checkpoints) and the base double-quantised as unsloth loads it (its rows:
@@ -16,9 +18,19 @@ rm -rf /tmp/proj /tmp/epochs && mkdir -p /tmp/proj /tmp/bgout && tar --exclude=.
 cp -r .carry/epochs /tmp/epochs && cd /tmp/proj
 E="python3 bench/epochs.py run --rows-dir /tmp/epochs --out /tmp/bgout/epochs_h200_offload --repeats-block 1"
 LEAN="offload_checkpoints=true,double_quant=true"
-# The CUDA cases: the offloaded inputs' device bytes freed; the folded dropout's (cached shifts).
+# The CUDA cases: the offloaded inputs' device bytes freed, recorded copies; the folded dropout's.
 python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_lora_dropout.py 2>&1 | tail -25 \
   | tee /tmp/bgout/pytest_offload_cuda.txt
+if [ "${1:-first}" = graphs ]; then
+  # Second sitting: the offloaded copies recorded by cuda_graphs (checkpointed batches were eager
+  # in the first), at unsloth's peaks: 4.841 GiB (batch-4 epoch) and 4.200 GiB (batch-1 epoch).
+  O="--out /tmp/bgout/epochs_h200_offload_graphs"
+  $E $O --jobs epoch_b4 --recipes --variant "lean_4.84:$LEAN,memory_budget_gib=4.84"
+  $E $O --jobs seed_epoch_b1 --recipes --variant "lean_4.2:$LEAN,memory_budget_gib=4.2" --append
+  for _ in $(seq 300); do [ -f /tmp/unsloth-site/unsloth/__init__.py ] && break; sleep 2; done
+  $E $O --jobs epoch_b4 --recipes unsloth --append
+  exit
+fi
 $E --jobs block_2048x4 --recipes pipeline --variant "lean_5.75:$LEAN,memory_budget_gib=5.75"
 $E --jobs epoch_b4 --recipes --variant "lean_4.84:$LEAN,memory_budget_gib=4.84" --append
 $E --jobs epoch_b4 --recipes pipeline --append

@@ -78,12 +78,6 @@ def _cross_key_checks(config: dict) -> None:
                 "config key 'train.cuda_graphs': a recorded step cannot restore the RNG that checkpointed "
                 "layers' LoRA dropout needs; set recompute_lora_dropout true, or gradient_checkpointing false or auto"
             )
-        if train["gradient_checkpointing"] is True and train.get("offload_checkpoints", False):
-            raise ConfigError(
-                "config key 'train.cuda_graphs': checkpointed layers with offload_checkpoints train eagerly (a "
-                "recording cannot copy to host memory), and gradient_checkpointing true checkpoints every batch; "
-                "set gradient_checkpointing auto, or one of cuda_graphs and offload_checkpoints false"
-            )
         if train["padding_free"] or train.get("compile", False):
             key = "padding_free" if train["padding_free"] else "compile"
             raise ConfigError(f"config key 'train.cuda_graphs': not with train.{key} (one or the other)")

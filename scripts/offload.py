@@ -11,9 +11,14 @@ torch's checkpoint keeps a layer's inputs through its recomputation's closure, n
 tensors, so saved-tensor hooks cannot move them; the layer's checkpoint function
 (transformers' ``_gradient_checkpointing_func``) is replaced instead, handing the checkpoint
 a ``HostCopy`` that gives the forward the GPU tensor itself and every recomputation a copy
-from the host. On a GPU the copy to the host runs on a side stream, beside the layer's
-forward; the tensor's memory is not reused before the copy has read it (``record_stream``) and
-the copy back waits for it (an event). The copy back runs on the compute stream, in order.
+from the host.
+
+Each layer copies into its own pinned buffer (``HostSlot``), reserved once for the longest
+batch and reused every step, so a CUDA graph (``train.cuda_graphs``) can record the copies:
+a replay writes and reads the addresses the recording saw. Eagerly, the copy to the host
+runs on a side stream beside the layer's forward (the tensor's memory is not reused before
+the copy has read it: ``record_stream``; the copy back waits for it: an event); inside a
+recording it runs on the recorded stream, in order.
 """
 
 import functools
@@ -27,16 +32,37 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
+class HostSlot:
+    """One decoder layer's pinned host buffer, reused every step. A larger batch than reserved
+    gets a new buffer; the old ones stay (a recording may hold their addresses)."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+        self.owner: HostCopy | None = None  # the forward whose input the buffer holds
+
+    def reserve(self, numel: int, dtype: torch.dtype, pinned: bool) -> None:
+        last = self.buffers[-1] if self.buffers else None
+        if last is None or last.numel() < numel or last.dtype != dtype:
+            if pinned and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("offload_checkpoints: a recorded batch is larger than the reserved host buffer")
+            self.buffers.append(torch.empty(numel, dtype=dtype, pin_memory=pinned))
+
+    def take(self, like: torch.Tensor, owner: "HostCopy") -> torch.Tensor:
+        self.reserve(like.numel(), like.dtype, like.is_cuda)
+        self.owner = owner
+        return self.buffers[-1][: like.numel()].view(like.shape)
+
+
 class HostCopy:
     """A checkpointed layer's input: the tensor itself for the forward, a copy in (pinned)
     host memory from then on, brought back for each recomputation."""
 
-    def __init__(self, tensor: torch.Tensor):
-        self.device = tensor.device
+    def __init__(self, tensor: torch.Tensor, slot: HostSlot):
+        self.device, self.slot = tensor.device, slot
         self.requires_grad = tensor.requires_grad
-        self.host = torch.empty_like(tensor, device="cpu", pin_memory=tensor.is_cuda)
+        self.host = slot.take(tensor, self)
         self.copied = None
-        if tensor.is_cuda:
+        if tensor.is_cuda and not torch.cuda.is_current_stream_capturing():
             stream = _copy_stream(tensor.device)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is written
             with torch.cuda.stream(stream):
@@ -44,13 +70,18 @@ class HostCopy:
                 self.copied = torch.cuda.Event()
                 self.copied.record(stream)
             tensor.record_stream(stream)
-        else:
-            self.host.copy_(tensor.detach())
+        else:  # a CPU, or a recording: on the current stream, in order
+            self.host.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
         self.tensor: torch.Tensor | None = tensor
 
     def get(self) -> torch.Tensor:
         if self.tensor is not None:  # the forward: the tensor itself, its autograd history included
             return self.tensor
+        if self.slot.owner is not self:
+            raise RuntimeError(
+                "offload_checkpoints: a layer ran forward again before the backward of its previous call "
+                "(its host buffer holds the newer input)"
+            )
         if self.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(self.copied)
         return self.host.to(self.device, non_blocking=True).requires_grad_(self.requires_grad)
@@ -64,12 +95,12 @@ def _from_host(function, copy: HostCopy, device_marker: torch.Tensor, *args):
     return function(copy.get(), *args)
 
 
-def offloaded_checkpoint(function, *args, **checkpoint_kwargs):
+def offloaded_checkpoint(function, *args, slot: HostSlot, **checkpoint_kwargs):
     """torch.utils.checkpoint.checkpoint with the first argument (a decoder layer's hidden
-    states) held in host memory between the forward and the recomputation."""
+    states) held in the layer's host slot between the forward and the recomputation."""
     if not args or not isinstance(args[0], torch.Tensor):  # hidden states passed by name: keep them
         return checkpoint(function, *args, **checkpoint_kwargs)
-    copy = HostCopy(args[0])
+    copy = HostCopy(args[0], slot)
     # An empty tensor on the input's device: checkpoint saves and restores the RNG state of the
     # devices its tensor arguments live on (preserve_rng_state), and the copy is not a tensor.
     device_marker = torch.empty(0, device=args[0].device)
@@ -78,10 +109,14 @@ def offloaded_checkpoint(function, *args, **checkpoint_kwargs):
     return output
 
 
-def offload_checkpoints(layers: list, checkpoint_kwargs: dict) -> int:
-    """Every given decoder layer checkpoints through ``offloaded_checkpoint`` when its plan
-    checkpoints it; returns how many layers were switched."""
-    function = functools.partial(offloaded_checkpoint, **checkpoint_kwargs)
+def offload_checkpoints(layers: list, checkpoint_kwargs: dict, reserve: tuple | None = None) -> int:
+    """Every given decoder layer checkpoints through ``offloaded_checkpoint`` (with its own
+    host slot) when its plan checkpoints it; ``reserve``: (numel, dtype) of the longest
+    batch's hidden states, pinned up front (a recording cannot allocate them). Returns how
+    many layers were switched."""
     for layer in layers:
-        layer._gradient_checkpointing_func = function
+        slot = HostSlot()
+        if reserve is not None and torch.cuda.is_available():
+            slot.reserve(*reserve, pinned=True)
+        layer._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, slot=slot, **checkpoint_kwargs)
     return len(layers)

@@ -117,11 +117,14 @@ def set_checkpointing(layers: list, every: int) -> int:
     return sum(layer.gradient_checkpointing for layer in layers)
 
 
-def enable_checkpointing(model, every: int, planned: bool = False, offload: bool = False) -> int:
+def enable_checkpointing(
+    model, every: int, planned: bool = False, offload: bool = False, longest_tokens: int | None = None
+) -> int:
     """Checkpoint decoder layers 0, k, 2k, ...; the others keep their activations. With
     planned=True the machinery is set up even for every=0 (a per-batch plan may switch it
     on); with offload=True checkpointed layers keep their inputs in host memory
-    (scripts/offload.py). Returns the number of checkpointed layers."""
+    (scripts/offload.py), buffers reserved for ``longest_tokens``. Returns the number of
+    checkpointed layers."""
     if every == 0 and not planned:
         return 0
     kwargs = {"use_reentrant": False}
@@ -130,7 +133,8 @@ def enable_checkpointing(model, every: int, planned: bool = False, offload: bool
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
     if offload:
-        offload_checkpoints(decoder_layers(model), kwargs)
+        reserve = (longest_tokens * model.config.hidden_size, model.dtype) if longest_tokens else None
+        offload_checkpoints(decoder_layers(model), kwargs, reserve)
     return set_checkpointing(decoder_layers(model), every)
 
 
@@ -213,7 +217,9 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     details["checkpoint_every"] = every
     details["checkpoint_per_batch"] = per_batch
     offload = bool(train.get("offload_checkpoints", False))
-    details["checkpointed_layers"] = enable_checkpointing(model, every, planned=per_batch, offload=offload)
+    multiple = train.get("pad_to_multiple_of") or 1
+    longest = train["batch_size"] * -(-max_length // multiple) * multiple  # tokens of the longest batch
+    details["checkpointed_layers"] = enable_checkpointing(model, every, per_batch, offload, longest)
     details["offloaded_checkpoints"] = offload
     details["predicted_host_offload_bytes"] = prediction["host_offload"]
     details["predicted_peak_bytes"] = prediction["total"]
@@ -231,15 +237,6 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
         details["folded_lora_dropouts"],
     )
     return model, details
-
-
-def checkpointed_eager_reason(recompute_rng: bool, offload: bool) -> str | None:
-    """Why a batch with checkpointed layers cannot be recorded (None: it can)."""
-    if recompute_rng:  # an unfolded dropout: the RNG state read and set on the host
-        return "checkpointed batch (its recomputation replays random numbers)"
-    if offload:  # a replay would copy into host buffers the recording does not own
-        return "checkpointed batch (inputs offloaded to host memory)"
-    return None
 
 
 def graphs_off_reason(args, checkpoint_every: int, deferred: bool, recompute_rng: bool = True) -> str | None:
@@ -389,13 +386,13 @@ def make_trainer(
             parameter.data = parameter.data.float()
     if train.get("cuda_graphs", False):
         recompute_rng = recompute_needs_rng(trainer.model)
-        offload = train.get("offload_checkpoints", False)
         off = graphs_off_reason(args, checkpoint_every, defer, recompute_rng)
         trainer.graphs = GraphedSteps(
             trainer.model.parameters(),
             off,
             logging.getLogger("recipe"),
-            checkpointed_eager_reason(recompute_rng, offload),
+            # an unfolded dropout: the recomputation reads and sets the RNG state on the host
+            "checkpointed batch (its recomputation replays random numbers)" if recompute_rng else None,
             train.get("cuda_graphs_max_tokens"),
         )
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):

@@ -1,7 +1,7 @@
 """scripts/offload.py (``train.offload_checkpoints``): checkpointed layers keep their input in
 host memory, on the tiny random Llama with a real bitsandbytes 4-bit base: the same losses and
 gradients as torch's checkpointing bit for bit, the layer inputs really released from the
-device, the memory model's term, and the graph step leaving checkpointed batches eager."""
+device, the memory model's term, and CUDA graphs recording the copies."""
 
 import gc
 import json
@@ -13,7 +13,7 @@ import torch
 import recipe
 from gpu_recipes import LLAMA2_7B
 from memory_model import GIB, ModelShape, choose_checkpointing, predict_peak
-from test_recipe import LENGTHS, PROJECT, build_tiny_model, train_tiny
+from test_recipe import LENGTHS, build_tiny_model, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +113,10 @@ def test_memory_model_counts_offloaded_inputs_in_host_memory():
     assert every >= 1 and prediction["total"] <= 6 * GIB
 
 
-def test_graph_step_leaves_offloaded_checkpointed_batches_eager(tiny_model, tmp_path, monkeypatch):
-    """With gradient_checkpointing auto, short batches are recorded, batches the plan
-    checkpoints (inputs to host memory) train eagerly and say why."""
+def test_graph_step_records_offloaded_checkpointed_batches(tiny_model, tmp_path, monkeypatch):
+    """With gradient_checkpointing auto, the batches the plan checkpoints (inputs to the
+    layers' host buffers) are recorded like the others (run without a device graph on the
+    CPU): the eager offloaded run's numbers."""
     import cuda_graphs
 
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
@@ -131,22 +132,35 @@ def test_graph_step_leaves_offloaded_checkpointed_batches_eager(tiny_model, tmp_
     eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **settings)
     assert plan.summary() == {"0": 3, "1": 3}
     summary = trainer.graphs.summary()
-    assert summary["off_reason"] is None
-    assert summary["eager_reasons"] == {"first step": 1, "checkpointed batch (inputs offloaded to host memory)": 3}
-    assert summary["replayed_steps"] == 2
+    assert summary["off_reason"] is None and summary["eager_reasons"] == {"first step": 1}
+    assert summary["replayed_steps"] == 5
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert len(graphed) == len(eager) == 6
     for ours, theirs in zip(graphed, eager, strict=True):
         assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
 
 
-def test_offload_with_graphs_and_every_batch_checkpointed_stops_at_config_check():
-    import yaml
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
+def test_recorded_offloaded_steps_train_to_the_recorded_on_device_numbers(tiny_model, tmp_path):
+    """Device graphs over every layer checkpointed: with the inputs copied to the host and
+    back inside the recording, the same numbers as with them kept on the device."""
+    settings = dict(gradient_checkpointing=True, pad_to_multiple_of=16, logging_steps=1, cuda_graphs=True)
+    settings.update(recompute_lora_dropout=True, compute_dtype="bfloat16")
+    offloaded, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, offload_checkpoints=True, **settings)
+    on_device, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **settings)
+    summary = trainer.graphs.summary()
+    assert summary["off_reason"] is None and summary["replayed_steps"] == 5, summary
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    for ours, theirs in zip(offloaded, on_device, strict=True):
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
 
-    from config_check import ConfigError, validate_config
 
-    config = yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())
-    config["train"].update(cuda_graphs=True, gradient_checkpointing=True, offload_checkpoints=True)
-    with pytest.raises(ConfigError, match="config key 'train.cuda_graphs': checkpointed layers with offload"):
-        validate_config(config)
-    config["train"].update(gradient_checkpointing="auto")  # short batches still recorded
-    validate_config(config)
+def test_a_second_forward_before_the_backward_is_refused():
+    """A layer's host buffer holds its latest input: an older call's recomputation says so."""
+    from offload import HostSlot, offloaded_checkpoint
+
+    linear, slot = torch.nn.Linear(8, 8), HostSlot()
+    first = offloaded_checkpoint(linear, torch.randn(4, 8, requires_grad=True) * 1, slot=slot, use_reentrant=False)
+    offloaded_checkpoint(linear, torch.randn(4, 8, requires_grad=True) * 1, slot=slot, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="a layer ran forward again before the backward of its previous call"):
+        first.sum().backward()
