@@ -1,9 +1,10 @@
 """Completes a measured bench/epochs.py results file on the CPU, and says what it changed.
 
-- ``--replan``: for pipeline rows trained with the per-batch checkpointing plan but recorded
-  before the run kept the plan's own prediction, the memory model's peak over the batches the
-  plan saw (the same CheckpointPlan on the same rows, in the same order: a pure function of the
-  shape, the config and the rows), replacing the every-layer prediction at the longest row.
+- ``--replan``: for pipeline rows trained with the per-batch checkpointing plan, the plan's
+  expected peak over the batches it saw, recomputed (the same CheckpointPlan on the same rows,
+  in the same order: a pure function of the shape, the config and the rows), where the code
+  recorded another (``--why`` says what changed; first: the every-layer prediction at the
+  longest row, recorded before the run kept the plan's own).
 - Block rows (2048 x 4) of unsloth recorded before its row measured them as every other block
   row does: tokens/s of the median step after warm-up (the recorded step times), no epoch time.
 - ``--not-run RECIPE:JOB:REASON``: a row for a (recipe, job) the call could not measure, so
@@ -29,6 +30,7 @@ from gpu_recipes import bench_cell  # noqa: E402
 from train_metrics import median_step_tokens_per_second  # noqa: E402
 
 GIB = 1024**3
+REPLAN_WHY = "every layer at the longest row -> the per-batch plan's largest prediction, replanned on the CPU"
 
 
 def planned_peak_gib(
@@ -44,7 +46,7 @@ def planned_peak_gib(
     pads (with the row's own LoRA dropout layout, graph headroom and train ``overrides`` (a
     variant's budget, offloading): the config may have changed since; rows before the
     headroom existed had none)."""
-    from recipe import CheckpointPlan
+    from checkpointing import CheckpointPlan
 
     train = dict(yaml.safe_load(config.read_text())["train"], recompute_lora_dropout=folded_dropouts)
     train.update(overrides or {})
@@ -65,7 +67,7 @@ def memory_overrides(row: dict) -> dict:
     return {k: v for k, v in row.get("train", {}).items() if k in keys}
 
 
-def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config: Path) -> dict:
+def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config: Path, why: str = REPLAN_WHY) -> dict:
     report = json.loads(results.with_suffix(".json").read_text())
     notes = report.setdefault("completed_on_cpu", [])
     if replan:
@@ -83,10 +85,10 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
                     row.get("graph_peak_factor"),
                     memory_overrides(row),
                 )
-                notes.append(
-                    f"{row['recipe']} {row['job']}: predicted_peak_gib {was} (every layer at the longest row) -> "
-                    f"{row['predicted_peak_gib']} (the per-batch plan's largest prediction, replanned on the CPU)"
-                )
+                if row["predicted_peak_gib"] != was:
+                    notes.append(
+                        f"{row['recipe']} {row['job']}: predicted_peak_gib {was} -> {row['predicted_peak_gib']} ({why})"
+                    )
         model_config.unlink()
     examples = report["rows_files"]["rows"]  # every job trains the same rows, in its own order
     for row in report["rows"]:  # runs before capped_at_step was recorded: a capped epoch row has no epoch time
@@ -122,6 +124,7 @@ if __name__ == "__main__":
     parser.add_argument("--replan", action="store_true")
     parser.add_argument("--not-run", action="append", default=[], metavar="RECIPE:JOB:REASON")
     parser.add_argument("--config", type=Path, default=BENCH.parent / "config" / "llama2-7b.yaml")
+    parser.add_argument("--why", default=REPLAN_WHY, help="--replan: what changed, for the note")
     a = parser.parse_args()
-    for note in main(a.results, a.rows_dir, a.replan, a.not_run, a.config)["completed_on_cpu"]:
+    for note in main(a.results, a.rows_dir, a.replan, a.not_run, a.config, a.why)["completed_on_cpu"]:
         print(note)

@@ -4,9 +4,9 @@ GPU benches import this one module).
 - Model: the base in its arm's precision (modeling.load_base_model), optional fused kernels,
   the cell's initial adapter, gradient checkpointing layer by layer, optionally each decoder
   layer compiled (``train.compile``).
-- Checkpointing: ``true`` = every ``checkpoint_every``-th layer; ``auto`` = the memory model's
-  fastest plan that fits ``memory_budget_gib``, re-planned for each batch's padded length,
-  so short batches skip the recomputation that only long ones need.
+- Checkpointing (scripts/checkpointing.py): ``true`` = every ``checkpoint_every``-th layer;
+  ``auto`` = the memory model's fastest plan that fits ``memory_budget_gib``, re-planned for
+  each batch's padded length, so short batches skip the recomputation only long ones need.
 - Trainer: TRL's SFTTrainer with the same example order in every arm and process count, fp32
   adapters in both arms, and TRL's per-step token metrics (entropy, accuracy, token count)
   kept on the GPU until a log line needs them: three host syncs fewer per step, the same
@@ -21,19 +21,14 @@ from pathlib import Path
 
 import torch
 
+from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
 from cuda_graphs import GraphedSteps, attention_backends, scoring_every_position
-from lora_dropout import checkpoint_context, recompute_lora_dropout, recompute_needs_rng
-from memory_model import ModelShape, cell_recipe, choose_checkpointing, plan_for_cell
+from lora_dropout import recompute_lora_dropout, recompute_needs_rng
+from memory_model import GIB, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
-from offload import offload_checkpoints
 from train_metrics import memory_stats
 
 CUDA_ONLY_OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit"}
-GIB = 1024**3
-# A recorded step's peak over the memory model's prediction, largest measured: 1.072 (7B, batch
-# 4, one H200; 1.041-1.044 at batch 1: bench/results/epochs_h200_folded). A batch the graphs
-# will serve is planned within budget / this.
-GRAPH_PEAK_FACTOR = 1.08
 
 
 def choose_optimizer(requested: str, logger) -> str:
@@ -102,83 +97,6 @@ def sft_config(
     if dropped:
         logger.warning("this transformers/TRL has no %s; running without", dropped)
     return SFTConfig(**{k: v for k, v in wanted.items() if k in known}), dropped
-
-
-def decoder_layers(model) -> list:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def set_checkpointing(layers: list, every: int) -> int:
-    """Checkpoint layers 0, k, 2k, ... (none for every=0); returns how many are checkpointed."""
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = bool(every) and index % every == 0
-    return sum(layer.gradient_checkpointing for layer in layers)
-
-
-def enable_checkpointing(
-    model, every: int, planned: bool = False, offload: bool = False, longest_tokens: int | None = None
-) -> int:
-    """Checkpoint decoder layers 0, k, 2k, ...; the others keep their activations. With
-    planned=True the machinery is set up even for every=0 (a per-batch plan may switch it
-    on); with offload=True checkpointed layers keep their inputs in host memory
-    (scripts/offload.py), buffers reserved for ``longest_tokens``. Returns the number of
-    checkpointed layers."""
-    if every == 0 and not planned:
-        return 0
-    kwargs = {"use_reentrant": False}
-    if not recompute_needs_rng(model):  # folded dropouts hand their masks to the recomputation
-        kwargs.update(context_fn=checkpoint_context, preserve_rng_state=False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
-    if offload:
-        reserve = (longest_tokens * model.config.hidden_size, model.dtype) if longest_tokens else None
-        offload_checkpoints(decoder_layers(model), kwargs, reserve)
-    return set_checkpointing(decoder_layers(model), every)
-
-
-class CheckpointPlan:
-    """``gradient_checkpointing: auto`` per batch: the memory model's fastest setting that
-    fits the budget at this batch's (batch size, padded length), cached per shape; a batch
-    that ``train.cuda_graphs`` will record keeps GRAPH_PEAK_FACTOR of headroom."""
-
-    def __init__(self, layers: list, model_config: Path, cell: dict, train: dict, kernels: str):
-        self.layers = layers
-        self.shape = ModelShape.from_config(model_config)
-        self.budget = train["memory_budget_gib"] * GIB
-        self.recipe = cell_recipe(cell, train, kernels)
-        self.graph_peak_factor = GRAPH_PEAK_FACTOR if train.get("cuda_graphs", False) else 1.0
-        self.graph_max_tokens = train.get("cuda_graphs_max_tokens")
-        self.chosen: dict[tuple[int, int], int] = {}
-        self.predicted: dict[tuple[int, int], int] = {}
-        self.steps_by_every: dict[int, int] = {}
-        self.applied: int | None = None  # the layers' current setting
-
-    def every_for(self, batch: int, seq: int) -> int:
-        if (batch, seq) not in self.chosen:
-            graphed = self.graph_max_tokens is None or batch * seq <= self.graph_max_tokens
-            budget = self.budget / (self.graph_peak_factor if graphed else 1.0)
-            every, prediction = choose_checkpointing(self.shape, budget, seq=seq, batch=batch, **self.recipe)
-            self.chosen[(batch, seq)], self.predicted[(batch, seq)] = every, prediction["total"]
-        return self.chosen[(batch, seq)]
-
-    def predicted_peak_bytes(self) -> int | None:
-        """The memory model's peak over every batch shape planned so far."""
-        return max(self.predicted.values(), default=None)
-
-    def apply(self, input_ids: torch.Tensor) -> int:
-        batch, seq = input_ids.shape[0], input_ids.shape[-1]
-        every = self.every_for(batch, seq)
-        if every != self.applied:
-            set_checkpointing(self.layers, every)
-            self.applied = every
-        self.steps_by_every[every] = self.steps_by_every.get(every, 0) + 1
-        return every
-
-    def summary(self) -> dict:
-        """Steps trained under each checkpointing setting (every k-th layer; 0 = none), for metrics.json."""
-        return {str(every): steps for every, steps in sorted(self.steps_by_every.items())}
 
 
 def compile_layers(model) -> int:

@@ -31,10 +31,11 @@ import torch
 import preemption
 import trackers
 from cell_lock import CellBusy, CellLock
+from checkpointing import CheckpointPlan, decoder_layers
 from data_parallel import gather_memory, join_processes, launch_command, per_process_accumulation, world_size
 from gpu_assign import assign_gpus
 from modeling import device
-from recipe import CheckpointPlan, choose_optimizer, decoder_layers, make_trainer, prepare_model, sft_config
+from recipe import choose_optimizer, make_trainer, prepare_model, sft_config
 from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
 from train_metrics import (
     final_loss,

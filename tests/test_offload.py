@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-import recipe
+import checkpointing
 from gpu_recipes import LLAMA2_7B
 from memory_model import GIB, ModelShape, choose_checkpointing, predict_peak
 from test_recipe import LENGTHS, build_tiny_model, train_tiny
@@ -28,7 +28,7 @@ def test_offloaded_checkpoints_train_to_the_checkpointed_numbers_bit_for_bit(tin
     settings = dict(gradient_checkpointing=True, logging_steps=1, recompute_lora_dropout=folded)
     offloaded, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, offload_checkpoints=True, **settings)
     stock, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **settings)
-    layer = recipe.decoder_layers(trainer.model)[0]
+    layer = checkpointing.decoder_layers(trainer.model)[0]
     assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.func.__name__ == "offloaded_checkpoint"
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
     assert len(offloaded) == len(stock) == 6
@@ -41,7 +41,7 @@ def layer_inputs_alive(model, ids) -> list[bool]:
     refs = []
     hooks = [
         layer.register_forward_pre_hook(lambda module, args: refs.append(weakref.ref(args[0])))
-        for layer in recipe.decoder_layers(model)
+        for layer in checkpointing.decoder_layers(model)
     ]
     loss = model(input_ids=ids, labels=ids).loss
     for hook in hooks:
@@ -61,7 +61,7 @@ def test_offloaded_layer_inputs_leave_the_device_until_the_backward(tiny_model):
     for offload in (False, True):
         base = load_base_model(tiny_model, "qlora", torch.float32, "nf4", False)
         model = PeftModel.from_pretrained(base, str(tiny_model / "adapter"), is_trainable=True).train()
-        recipe.enable_checkpointing(model, every=1, offload=offload)
+        checkpointing.enable_checkpointing(model, every=1, offload=offload)
         ids = torch.arange(3, 67, device=next(model.parameters()).device).unsqueeze(0)
         alive[offload] = layer_inputs_alive(model, ids)
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -83,7 +83,7 @@ def test_offloaded_inputs_free_their_device_bytes(tiny_model):
     for offload in (False, True):
         base = load_base_model(tiny_model, "qlora", torch.bfloat16, "nf4", False)
         model = PeftModel.from_pretrained(base, str(tiny_model / "adapter"), is_trainable=True).train()
-        recipe.enable_checkpointing(model, every=1, offload=offload)
+        checkpointing.enable_checkpointing(model, every=1, offload=offload)
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -125,7 +125,7 @@ def test_graph_step_records_offloaded_checkpointed_batches(tiny_model, tmp_path,
     recipe_args.update(recompute_dropout=True, offload_checkpoints=True)
     short = predict_peak(shape, checkpoint_every=0, seq=64, batch=2, **recipe_args)["total"]
     long = predict_peak(shape, checkpoint_every=1, seq=320, batch=2, **recipe_args)["total"]
-    budget_gib = max(short, long) * recipe.GRAPH_PEAK_FACTOR / GIB * 1.0001
+    budget_gib = max(short, long) * checkpointing.GRAPH_PEAK_FACTOR / GIB * 1.0001
     settings = dict(gradient_checkpointing="auto", memory_budget_gib=budget_gib, pad_to_multiple_of=16)
     settings.update(logging_steps=1, recompute_lora_dropout=True, offload_checkpoints=True)
     graphed, plan, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs=True, **settings)

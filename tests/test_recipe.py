@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpointing
 import recipe
 from gpu_recipes import LLAMA2_7B
 from memory_model import ModelShape, predict_peak
@@ -83,7 +84,9 @@ def train_tiny(model_dir: Path, tmp_path: Path, lengths: list[int], **settings) 
     model, details = recipe.prepare_model(model_dir, CELL, train, model_dir / "adapter", max(lengths), LOGGER)
     plan = None
     if details["checkpoint_per_batch"]:
-        plan = recipe.CheckpointPlan(recipe.decoder_layers(model), model_dir, CELL, train, details["kernels"])
+        plan = checkpointing.CheckpointPlan(
+            checkpointing.decoder_layers(model), model_dir, CELL, train, details["kernels"]
+        )
     args, _ = recipe.sft_config(train, CELL, tmp_path / "ckpt", details["compute_dtype"], "adamw_torch", 2048, LOGGER)
     args.train_sampling_strategy = "sequential"  # the rows in the given order
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -131,7 +134,7 @@ def test_plan_for_the_7b_shape_follows_the_memory_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
     cell = dict(CELL, lora_r=64)
     train = dict(TRAIN, optimizer="paged_adamw_32bit", memory_budget_gib=6, gradient_checkpointing="auto")
-    plan = recipe.CheckpointPlan([], tmp_path, cell, train, "liger")
+    plan = checkpointing.CheckpointPlan([], tmp_path, cell, train, "liger")
     choices = [plan.every_for(1, seq) for seq in range(64, 1025, 64)]
     assert choices[0] == 0 and choices[-1] >= 1  # a short row needs no recomputation, 1024 tokens do
     assert choices == sorted(choices, key=lambda every: (every != 0, -every))  # fewer recomputed layers as rows shorten
@@ -241,7 +244,7 @@ def test_cuda_graphs_record_checkpointed_layers_with_folded_dropout(tiny_model, 
     summary = trainer.graphs.summary()
     assert summary["off_reason"] is None and summary["eager_reasons"] == {"first step": 1}
     assert summary["replayed_steps"] == 5
-    layer = recipe.decoder_layers(trainer.model)[0]
+    layer = checkpointing.decoder_layers(trainer.model)[0]
     assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords["preserve_rng_state"] is False
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
     assert len(graphed) == len(stock) == 6
@@ -272,9 +275,9 @@ def test_checkpoint_plan_keeps_headroom_for_recorded_batches(tmp_path):
     train = dict(
         TRAIN, gradient_checkpointing="auto", memory_budget_gib=8, kernels="liger", recompute_lora_dropout=True
     )
-    eager = recipe.CheckpointPlan([], model_config, cell, train, "liger")
-    graphed = recipe.CheckpointPlan([], model_config, cell, dict(train, cuda_graphs=True), "liger")
-    capped = recipe.CheckpointPlan(
+    eager = checkpointing.CheckpointPlan([], model_config, cell, train, "liger")
+    graphed = checkpointing.CheckpointPlan([], model_config, cell, dict(train, cuda_graphs=True), "liger")
+    capped = checkpointing.CheckpointPlan(
         [], model_config, cell, dict(train, cuda_graphs=True, cuda_graphs_max_tokens=512), "liger"
     )
     # 7B q/v, unpaged AdamW, one row of 1,024 tokens: 7.59 GiB predicted without checkpointing (x 1.08 = 8.19)
@@ -282,6 +285,26 @@ def test_checkpoint_plan_keeps_headroom_for_recorded_batches(tmp_path):
     assert graphed.every_for(1, 1024) > 0
     shape = ModelShape.from_config(model_config)
     every = graphed.every_for(1, 1024)
+    model_peak = predict_peak(shape, checkpoint_every=every, seq=1024, batch=1, **graphed.recipe)["total"]
+    assert model_peak * 1.08 <= 8 * 1024**3
+    # the plan's expected peak carries the headroom of a recorded batch, not of an eager one
+    assert graphed.predicted_peak_bytes() == int(model_peak * 1.08)
     assert (
-        predict_peak(shape, checkpoint_every=every, seq=1024, batch=1, **graphed.recipe)["total"] * 1.08 <= 8 * 1024**3
+        capped.predicted_peak_bytes()
+        == predict_peak(shape, checkpoint_every=0, seq=1024, batch=1, **capped.recipe)["total"]
     )
+
+
+def test_checkpoint_plan_says_when_nothing_fits_the_budget(tmp_path, caplog):
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(LLAMA2_7B))
+    train = dict(TRAIN, gradient_checkpointing="auto", memory_budget_gib=4, kernels="liger", cuda_graphs=True)
+    plan = checkpointing.CheckpointPlan([], model_config, dict(CELL, lora_r=64), train, "liger")
+    with caplog.at_level("WARNING", logger="recipe"):
+        assert plan.every_for(4, 1024) == 1  # the leanest setting, over the budget
+        plan.every_for(4, 1024)  # cached: said once
+    expected = f"{plan.predicted_peak_bytes() / 1024**3:.2f} GiB even with every layer checkpointed (x 1.08 headroom"
+    assert [r.getMessage() for r in caplog.records if expected in r.getMessage()] == [
+        f"memory_budget_gib 4.00: a batch of 4 x 1024 tokens is predicted at {expected} for its CUDA graph); "
+        "it trains so"
+    ]

@@ -1,0 +1,116 @@
+"""Gradient checkpointing layer by layer (``train.gradient_checkpointing``): which decoder layers
+recompute their activations, set up once per model and, with ``auto``, re-planned per batch.
+
+- ``enable_checkpointing``: layers 0, k, 2k, ... through torch's non-reentrant checkpoint;
+  folded LoRA dropouts hand their masks to the recomputation (scripts/lora_dropout.py), and
+  with ``train.offload_checkpoints`` the layers' inputs wait in host memory (scripts/offload.py).
+- ``CheckpointPlan``: for ``auto``, the memory model's fastest setting that fits
+  ``memory_budget_gib`` at each batch's (size, padded length), with headroom for a batch a
+  CUDA graph records.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lora_dropout import checkpoint_context, recompute_needs_rng
+from memory_model import GIB, ModelShape, cell_recipe, choose_checkpointing
+from offload import offload_checkpoints
+
+# A recorded step's peak over the memory model's prediction: up to 1.072 (7B, batch 4, one H200;
+# 1.041-1.044 at batch 1: bench/results/epochs_h200_folded); with offloaded checkpoints 1.076
+# at batch 1 and 1.119 at batch 4 (bench/results/epochs_h200_offload_graphs), not covered. A
+# batch the graphs will serve is planned within budget / this, and expected at model x this.
+GRAPH_PEAK_FACTOR = 1.08
+
+
+def decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointing(layers: list, every: int) -> int:
+    """Checkpoint layers 0, k, 2k, ... (none for every=0); returns how many are checkpointed."""
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = bool(every) and index % every == 0
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
+def enable_checkpointing(
+    model, every: int, planned: bool = False, offload: bool = False, longest_tokens: int | None = None
+) -> int:
+    """Checkpoint decoder layers 0, k, 2k, ...; the others keep their activations. With
+    planned=True the machinery is set up even for every=0 (a per-batch plan may switch it
+    on); with offload=True checkpointed layers keep their inputs in host memory
+    (scripts/offload.py), buffers reserved for ``longest_tokens``. Returns the number of
+    checkpointed layers."""
+    if every == 0 and not planned:
+        return 0
+    kwargs = {"use_reentrant": False}
+    if not recompute_needs_rng(model):  # folded dropouts hand their masks to the recomputation
+        kwargs.update(context_fn=checkpoint_context, preserve_rng_state=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
+    if offload:
+        reserve = (longest_tokens * model.config.hidden_size, model.dtype) if longest_tokens else None
+        offload_checkpoints(decoder_layers(model), kwargs, reserve)
+    return set_checkpointing(decoder_layers(model), every)
+
+
+class CheckpointPlan:
+    """``gradient_checkpointing: auto`` per batch: the memory model's fastest setting that
+    fits the budget at this batch's (batch size, padded length), cached per shape; a batch
+    that ``train.cuda_graphs`` will record keeps GRAPH_PEAK_FACTOR of headroom."""
+
+    def __init__(self, layers: list, model_config: Path, cell: dict, train: dict, kernels: str):
+        self.layers = layers
+        self.shape = ModelShape.from_config(model_config)
+        self.budget = train["memory_budget_gib"] * GIB
+        self.recipe = cell_recipe(cell, train, kernels)
+        self.graph_peak_factor = GRAPH_PEAK_FACTOR if train.get("cuda_graphs", False) else 1.0
+        self.graph_max_tokens = train.get("cuda_graphs_max_tokens")
+        self.chosen: dict[tuple[int, int], int] = {}
+        self.predicted: dict[tuple[int, int], int] = {}
+        self.steps_by_every: dict[int, int] = {}
+        self.applied: int | None = None  # the layers' current setting
+
+    def every_for(self, batch: int, seq: int) -> int:
+        if (batch, seq) not in self.chosen:
+            graphed = self.graph_max_tokens is None or batch * seq <= self.graph_max_tokens
+            factor = self.graph_peak_factor if graphed else 1.0
+            every, prediction = choose_checkpointing(
+                self.shape, self.budget / factor, seq=seq, batch=batch, **self.recipe
+            )
+            # the peak this batch is expected to reach: a recorded step's headroom included
+            self.chosen[(batch, seq)], self.predicted[(batch, seq)] = every, int(prediction["total"] * factor)
+            if self.predicted[(batch, seq)] > self.budget:
+                logging.getLogger("recipe").warning(
+                    "memory_budget_gib %.2f: a batch of %d x %d tokens is predicted at %.2f GiB even with every "
+                    "layer checkpointed%s; it trains so",
+                    self.budget / GIB,
+                    batch,
+                    seq,
+                    self.predicted[(batch, seq)] / GIB,
+                    f" (x {factor} headroom for its CUDA graph)" if factor != 1.0 else "",
+                )
+        return self.chosen[(batch, seq)]
+
+    def predicted_peak_bytes(self) -> int | None:
+        """The expected peak over every batch shape planned so far (the memory model's, times
+        GRAPH_PEAK_FACTOR for a batch the graphs record)."""
+        return max(self.predicted.values(), default=None)
+
+    def apply(self, input_ids: torch.Tensor) -> int:
+        batch, seq = input_ids.shape[0], input_ids.shape[-1]
+        every = self.every_for(batch, seq)
+        if every != self.applied:
+            set_checkpointing(self.layers, every)
+            self.applied = every
+        self.steps_by_every[every] = self.steps_by_every.get(every, 0) + 1
+        return every
+
+    def summary(self) -> dict:
+        """Steps trained under each checkpointing setting (every k-th layer; 0 = none), for metrics.json."""
+        return {str(every): steps for every, steps in sorted(self.steps_by_every.items())}
