@@ -1,10 +1,10 @@
 """Completes a measured bench/epochs.py results file on the CPU, and says what it changed.
 
-- ``--replan``: for pipeline rows trained with the per-batch checkpointing plan, the plan's
-  expected peak over the batches it saw, recomputed (the same CheckpointPlan on the same rows,
-  in the same order: a pure function of the shape, the config and the rows), where the code
-  recorded another (``--why`` says what changed; first: the every-layer prediction at the
-  longest row, recorded before the run kept the plan's own).
+- ``--replan``: every measured row's prediction recomputed where the code now predicts
+  another (``--why`` says what changed; first: the every-layer prediction at the longest row,
+  recorded before the run kept the plan's own): an epoch with the per-batch checkpointing
+  plan replays the same CheckpointPlan on the same rows in the same order (a pure function of
+  the shape, the config and the rows); other rows, the memory model at their longest batch.
 - Block rows (2048 x 4) of unsloth recorded before its row measured them as every other block
   row does: tokens/s of the median step after warm-up (the recorded step times), no epoch time.
 - ``--not-run RECIPE:JOB:REASON``: a row for a (recipe, job) the call could not measure, so
@@ -61,6 +61,27 @@ def planned_peak_gib(
     return round(plan.predicted_peak_bytes() / GIB, 3)
 
 
+def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Path) -> float:
+    """A measured row's prediction, recomputed: an epoch trained with the per-batch plan
+    replays the plan over its rows; any other row, the memory model at its longest batch."""
+    from gpu_recipes import prediction_recipe
+    from memory_model import ModelShape, predict_peak
+
+    if row.get("checkpoint_steps_by_every") and "rows" in JOBS[row["job"]]:
+        rows_file = rows_dir / JOBS[row["job"]]["rows"]
+        folded = bool(row.get("folded_lora_dropouts"))
+        overrides = memory_overrides(row)
+        return planned_peak_gib(
+            rows_file, row["batch"], config, model_config, folded, row.get("graph_peak_factor"), overrides
+        )
+    shape = dict(recipe="tutorial" if row["kind"] == "tutorial" else "pipeline", method="qlora", targets="qv")
+    shape.update(row["predicted_for"], folded_lora_dropouts=row.get("folded_lora_dropouts", 0))
+    shape.update(offload_checkpoints=row.get("offload_checkpoints"), double_quant=row.get("double_quant"))
+    recipe = prediction_recipe(shape, row["kernels"])
+    total = predict_peak(ModelShape.from_config(model_config), checkpoint_every=row["checkpoint_every"], **recipe)
+    return round(total["total"] / GIB, 3)
+
+
 def memory_overrides(row: dict) -> dict:
     """A variant row's settings the memory plan reads (its budget, offloading, quantisation)."""
     keys = ("memory_budget_gib", "offload_checkpoints", *CELL_KEYS)
@@ -74,17 +95,9 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
         model_config = results.parent / "llama2-7b-shape.config.json"
         model_config.write_text(json.dumps(LLAMA2_7B))
         for row in report["rows"]:
-            if row.get("checkpoint_steps_by_every") and "rows" in JOBS[row["job"]] and row.get("status") == "ok":
+            if row.get("status") == "ok" and row["kind"] != "unsloth":
                 was = row["predicted_peak_gib"]
-                row["predicted_peak_gib"] = planned_peak_gib(
-                    rows_dir / JOBS[row["job"]]["rows"],
-                    row["batch"],
-                    config,
-                    model_config,
-                    bool(row.get("folded_lora_dropouts")),
-                    row.get("graph_peak_factor"),
-                    memory_overrides(row),
-                )
+                row["predicted_peak_gib"] = row_prediction_gib(row, rows_dir, config, model_config)
                 if row["predicted_peak_gib"] != was:
                     notes.append(
                         f"{row['recipe']} {row['job']}: predicted_peak_gib {was} -> {row['predicted_peak_gib']} ({why})"

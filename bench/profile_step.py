@@ -44,6 +44,7 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer, TrainerCallback, set_seed
 
+    import checkpointing
     import recipe
     from gpu_recipes import bench_cell
     from train_metrics import step_timer
@@ -58,7 +59,7 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
     dataset = datasets.Dataset.from_dict({"input_ids": rows})
     model, details = recipe.prepare_model(model_dir, cell, train, model_dir / "adapter_qv", 1024, logger)
     plan = (
-        recipe.CheckpointPlan(recipe.decoder_layers(model), model_dir, cell, train, details["kernels"])
+        checkpointing.CheckpointPlan(checkpointing.decoder_layers(model), model_dir, cell, train, details["kernels"])
         if details["checkpoint_per_batch"]
         else None
     )

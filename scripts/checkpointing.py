@@ -54,8 +54,10 @@ def enable_checkpointing(
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
     if offload:
-        reserve = (longest_tokens * model.config.hidden_size, model.dtype) if longest_tokens else None
-        offload_checkpoints(decoder_layers(model), kwargs, reserve)
+        hidden_dtype = model.get_input_embeddings().weight.dtype  # the residual stream's
+        longest = (longest_tokens * model.config.hidden_size, hidden_dtype) if longest_tokens else None
+        reserved = offload_checkpoints(decoder_layers(model), kwargs, longest)
+        logging.getLogger("recipe").info("offload_checkpoints: %.2f GiB of pinned host memory reserved", reserved / GIB)
     return set_checkpointing(decoder_layers(model), every)
 
 

@@ -72,6 +72,11 @@ def _cross_key_checks(config: dict) -> None:
             "config key 'train.compile': torch.compile cannot trace Liger's kernels (measured with torch 2.11); "
             "set train.kernels: none with compile, or compile: false"
         )
+    if train.get("offload_checkpoints", False) and train.get("compile", False):
+        raise ConfigError(
+            "config key 'train.offload_checkpoints': not with train.compile (the compiled layer would trace the "
+            "host copies; untested); set one of them false"
+        )
     if train.get("cuda_graphs", False):
         if train["gradient_checkpointing"] is True and not train.get("recompute_lora_dropout", False):
             raise ConfigError(

@@ -87,7 +87,7 @@ class GraphedSteps:
         parameters,
         off_reason: str | None,
         logger,
-        checkpointed_eager: str | None = "checkpointed batch",
+        checkpointed_eager_reason: str | None,
         max_tokens: int | None = None,
     ):
         self.parameters = [p for p in parameters if p.requires_grad]
@@ -99,7 +99,9 @@ class GraphedSteps:
         self.eager_steps = self.replayed_steps = 0
         self.eager_reasons: dict[str, int] = {}
         self.off_reason = off_reason
-        self.checkpointed_eager = checkpointed_eager  # why checkpointed batches train eagerly (None: recorded)
+        self.checkpointed_eager_reason = (
+            checkpointed_eager_reason  # why checkpointed batches train eagerly (None: recorded)
+        )
         self.max_tokens = max_tokens  # longer batches train eagerly (not launch-bound: no gain)
         if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
             self.off_reason = "no CUDA device"
@@ -125,13 +127,13 @@ class GraphedSteps:
         """``loss_fn(static_inputs) -> (loss, metrics)`` is what each recording runs; its
         inputs carry ``num_items`` when the trainer counted the batch's tokens.
         ``checkpointed``: the plan recomputes layers for this batch; a recording holds that
-        unless ``checkpointed_eager`` says why not (random numbers replayed, host copies)."""
+        unless ``checkpointed_eager_reason`` says why not (random numbers replayed on the host)."""
         if self.off_reason:
             return self._eager("graphs off")
         if self.max_tokens is not None and inputs["input_ids"].numel() > self.max_tokens:
             return self._eager(f"longer than cuda_graphs_max_tokens ({self.max_tokens})")
-        if checkpointed and self.checkpointed_eager:
-            return self._eager(self.checkpointed_eager)
+        if checkpointed and self.checkpointed_eager_reason:
+            return self._eager(self.checkpointed_eager_reason)
         if not self.warm:
             self.warm = True
             return self._eager("first step")

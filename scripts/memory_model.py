@@ -195,7 +195,11 @@ def predict_peak(
         a_input += sum(shape.linear_shape(m)[0] // 8 for m in TARGETS[targets])
     stored = checkpointed_layer_count(shape.layers, checkpoint_every)
     full = shape.layers - stored
+    # Offloading moves every checkpointed input but the first layer's (the embedding output,
+    # a leaf autograd keeps for its gradient).
+    offloaded = max(stored - 1, 0) if offload_checkpoints else 0
     activations = tokens * (full * a_layer + stored * a_input + (a_layer if stored else 0))
+    activations += tokens * (stored - offloaded) * input_bytes if offload_checkpoints else 0
     head = tokens * loss_head_bytes(shape, recipe, kernels, autocast)
     working = tokens * 2 * compute * (shape.intermediate + shape.hidden)  # one layer's backward grads
     total = weights + adapter + activations + head + working
@@ -207,7 +211,7 @@ def predict_peak(
         "backward_working_set": int(working),
         "total": int(total),
         "paged_optimizer": int(lora * 8) if paged_optimizer else 0,
-        "host_offload": tokens * stored * input_bytes if offload_checkpoints else 0,
+        "host_offload": tokens * offloaded * input_bytes,
         "checkpointed_layers": stored,
         "layer_activation_bytes_per_token": a_layer,
     }

@@ -11,7 +11,8 @@ torch's checkpoint keeps a layer's inputs through its recomputation's closure, n
 tensors, so saved-tensor hooks cannot move them; the layer's checkpoint function
 (transformers' ``_gradient_checkpointing_func``) is replaced instead, handing the checkpoint
 a ``HostCopy`` that gives the forward the GPU tensor itself and every recomputation a copy
-from the host.
+from the host. The first layer's input, the embedding output, stays: autograd keeps that leaf
+for its gradient anyway.
 
 Each layer copies into its own pinned buffer (``HostSlot``), reserved once for the longest
 batch and reused every step, so a CUDA graph (``train.cuda_graphs``) can record the copies:
@@ -22,6 +23,7 @@ recording it runs on the recorded stream, in order.
 """
 
 import functools
+import logging
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -33,24 +35,28 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class HostSlot:
-    """One decoder layer's pinned host buffer, reused every step. A larger batch than reserved
-    gets a new buffer; the old ones stay (a recording may hold their addresses)."""
+    """One decoder layer's pinned host buffer, reused every step. A batch that does not fit
+    (longer than reserved, or in another dtype) gets a new buffer of at least ``longest``
+    elements; the old ones stay (a recording may hold their addresses)."""
 
-    def __init__(self):
+    def __init__(self, longest: int = 0):
+        self.longest = longest
         self.buffers: list[torch.Tensor] = []
         self.owner: HostCopy | None = None  # the forward whose input the buffer holds
 
-    def reserve(self, numel: int, dtype: torch.dtype, pinned: bool) -> None:
+    def reserve(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
         last = self.buffers[-1] if self.buffers else None
         if last is None or last.numel() < numel or last.dtype != dtype:
             if pinned and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("offload_checkpoints: a recorded batch is larger than the reserved host buffer")
-            self.buffers.append(torch.empty(numel, dtype=dtype, pin_memory=pinned))
+            last = torch.empty(max(numel, self.longest), dtype=dtype, pin_memory=pinned)
+            self.buffers.append(last)
+        return last
 
     def take(self, like: torch.Tensor, owner: "HostCopy") -> torch.Tensor:
-        self.reserve(like.numel(), like.dtype, like.is_cuda)
+        buffer = self.reserve(like.numel(), like.dtype, like.is_cuda)
         self.owner = owner
-        return self.buffers[-1][: like.numel()].view(like.shape)
+        return buffer[: like.numel()].view(like.shape)
 
 
 class HostCopy:
@@ -98,8 +104,11 @@ def _from_host(function, copy: HostCopy, device_marker: torch.Tensor, *args):
 def offloaded_checkpoint(function, *args, slot: HostSlot, **checkpoint_kwargs):
     """torch.utils.checkpoint.checkpoint with the first argument (a decoder layer's hidden
     states) held in the layer's host slot between the forward and the recomputation."""
-    if not args or not isinstance(args[0], torch.Tensor):  # hidden states passed by name: keep them
+    if not args or not isinstance(args[0], torch.Tensor):
+        _warn_once("offload_checkpoints: this model passes its hidden states by name; its layers keep them on the GPU")
         return checkpoint(function, *args, **checkpoint_kwargs)
+    if args[0].grad_fn is None and args[0].requires_grad:  # a leaf (the embedding output): autograd
+        return checkpoint(function, *args, **checkpoint_kwargs)  # keeps it for its gradient anyway
     copy = HostCopy(args[0], slot)
     # An empty tensor on the input's device: checkpoint saves and restores the RNG state of the
     # devices its tensor arguments live on (preserve_rng_state), and the copy is not a tensor.
@@ -109,14 +118,20 @@ def offloaded_checkpoint(function, *args, slot: HostSlot, **checkpoint_kwargs):
     return output
 
 
-def offload_checkpoints(layers: list, checkpoint_kwargs: dict, reserve: tuple | None = None) -> int:
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.getLogger("offload").warning(message)
+
+
+def offload_checkpoints(layers: list, checkpoint_kwargs: dict, longest: tuple | None = None) -> int:
     """Every given decoder layer checkpoints through ``offloaded_checkpoint`` (with its own
-    host slot) when its plan checkpoints it; ``reserve``: (numel, dtype) of the longest
-    batch's hidden states, pinned up front (a recording cannot allocate them). Returns how
-    many layers were switched."""
+    host slot) when its plan checkpoints it. ``longest``: (numel, dtype) of the longest
+    batch's hidden states, pinned up front on a GPU (a recording cannot allocate them).
+    Returns the pinned bytes reserved."""
+    reserved = 0
     for layer in layers:
-        slot = HostSlot()
-        if reserve is not None and torch.cuda.is_available():
-            slot.reserve(*reserve, pinned=True)
+        slot = HostSlot(longest[0] if longest else 0)
+        if longest is not None and torch.cuda.is_available():
+            reserved += slot.reserve(*longest, pinned=True).nbytes
         layer._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, slot=slot, **checkpoint_kwargs)
-    return len(layers)
+    return reserved

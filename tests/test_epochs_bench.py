@@ -165,8 +165,6 @@ def test_memory_model_within_ten_percent_of_every_measured_epoch_row(rows_dir, r
     the rows and the config (the per-batch plan replayed over the same batches, with the row's
     dropout layout and graph headroom), is within 10 % of its measured peak."""
     import epoch_results
-    from gpu_recipes import prediction_recipe
-    from memory_model import ModelShape, predict_peak
 
     report = json.loads((PROJECT / "bench" / "results" / results).read_text())
     config = PROJECT / "config" / "llama2-7b.yaml"
@@ -175,23 +173,7 @@ def test_memory_model_within_ten_percent_of_every_measured_epoch_row(rows_dir, r
     measured = [r for r in report["rows"] if r["status"] == "ok" and r["kind"] != "unsloth"]  # its own model
     assert {(r["recipe"], r["job"]) for r in measured} >= RESULTS[results]
     for row in measured:
-        if row.get("checkpoint_steps_by_every") and "rows" in epoch_results.JOBS[row["job"]]:
-            rows_file = rows_dir / epoch_results.JOBS[row["job"]]["rows"]
-            folded, factor = bool(row.get("folded_lora_dropouts")), row.get("graph_peak_factor")
-            overrides = epoch_results.memory_overrides(row)
-            predicted = epoch_results.planned_peak_gib(
-                rows_file, row["batch"], config, model_config, folded, factor, overrides
-            )
-        else:
-            shape = dict(recipe=row["kind"] if row["kind"] == "tutorial" else "pipeline", method="qlora", targets="qv")
-            shape.update(row["predicted_for"], folded_lora_dropouts=row.get("folded_lora_dropouts", 0))
-            shape.update(offload_checkpoints=row.get("offload_checkpoints"), double_quant=row.get("double_quant"))
-            total = predict_peak(
-                ModelShape.from_config(model_config),
-                checkpoint_every=row["checkpoint_every"],
-                **prediction_recipe(shape, row["kernels"]),
-            )["total"]
-            predicted = total / 1024**3
+        predicted = epoch_results.row_prediction_gib(row, rows_dir, config, model_config)
         assert predicted == pytest.approx(row["predicted_peak_gib"], abs=1e-3), row["recipe"]
         assert abs(predicted - row["peak_allocated_gib"]) / row["peak_allocated_gib"] < 0.10, row["recipe"]
 
