@@ -99,11 +99,20 @@ def run_id(output: str) -> str:
     return match.group(1)
 
 
-def sacct(*selection: str) -> list[dict]:
-    """One row per job allocation (no steps) from Slurm's accounting database."""
+def sacct(*selection: str, settle_s: float = 30) -> list[dict]:
+    """One row per job allocation (no steps) from Slurm's accounting database, once no selected
+    job reads as pending or running there: slurmdbd records a job's end a moment after
+    slurmctld (a `sbatch --wait` that had returned read PENDING in sacct)."""
     command = ["sacct", "-X", "-n", "-P", "-S", "2020-01-01", "-o", ",".join(SACCT_FIELDS), *selection]
-    lines = subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()
-    return [dict(zip(SACCT_FIELDS, line.split("|"), strict=True)) for line in lines]
+    deadline = time.monotonic() + settle_s
+    while True:
+        lines = subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()
+        rows = [dict(zip(SACCT_FIELDS, line.split("|"), strict=True)) for line in lines]
+        if not any(row["State"] in ("PENDING", "RUNNING", "COMPLETING") for row in rows):
+            return rows
+        if time.monotonic() > deadline:
+            return rows  # the callers' state assertions name what is still unfinished
+        time.sleep(0.5)
 
 
 def squeue_ids() -> dict[str, str]:
