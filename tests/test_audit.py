@@ -135,7 +135,7 @@ def test_audit_names_config_keys_that_differ(pipeline_run, tmp_path):
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config["evaluate"]["max_new_tokens"] += 1
     config["results_dir"] = "elsewhere"  # where results live is not part of the study
-    config["resources"]["threads"] = 1
+    config["resources"]["threads"] += 1
     path = tmp_path / "other.yaml"
     path.write_text(yaml.safe_dump(config))
     result = make_audit(pipeline_run, path)

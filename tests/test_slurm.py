@@ -1,5 +1,5 @@
-"""SLURM: the tiny grid through profiles/slurm on a real one-node cluster; a training job that
-is requeued, then hits its time limit, resumes each time; duplicates are refused.
+"""SLURM: a grid of both arms through profiles/slurm on a real one-node cluster; a training job
+that is requeued, then hits its time limit, resumes each time; duplicates are refused.
 
 tests/slurm/cluster.sh starts munge, MariaDB, slurmdbd, slurmctld and slurmd (two fake GPUs,
 partitions cpu and gpu) for this module and always stops them afterwards.
@@ -34,6 +34,10 @@ LOCAL_RULES |= {"report"}
 # The test cluster's partition names and the account sacctmgr gives root.
 CPU_PARTITION, GPU_PARTITION, ACCOUNT = "cpu", "gpu", "root"
 SACCT_FIELDS = ["JobID", "JobName", "Partition", "Account", "State", "Comment", "ReqTRES", "AllocTRES"]
+# The tiny grid at one of its learning rates: both arms, so every rule kind of the tiny grid
+# (both bases, train, merge, every evaluation) goes through sbatch, at half the jobs. The
+# local run (conftest's pipeline_run) covers the tiny grid's other cells.
+SLURM_GRID = {"learning_rate": [2e-4]}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,12 @@ def profile_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def slurm_cells() -> set[str]:
+    """The cells (train/<cell>/) of SLURM_GRID."""
+    grid = {**yaml.safe_load(TINY_CONFIG.read_text())["grid"], **SLURM_GRID}
+    return set(Paramspace(grid_table(grid), filename_params="*").instance_patterns)
+
+
 def slurm_config(path: Path, results: Path, **changes) -> Path:
     """The tiny CI config asking one GPU per model job and one thread, so two jobs share the node."""
     config = yaml.safe_load(TINY_CONFIG.read_text())
@@ -89,11 +99,20 @@ def run_id(output: str) -> str:
     return match.group(1)
 
 
-def sacct(*selection: str) -> list[dict]:
-    """One row per job allocation (no steps) from Slurm's accounting database."""
+def sacct(*selection: str, settle_s: float = 30) -> list[dict]:
+    """One row per job allocation (no steps) from Slurm's accounting database, once no selected
+    job reads as pending or running there: slurmdbd records a job's end a moment after
+    slurmctld (a `sbatch --wait` that had returned read PENDING in sacct)."""
     command = ["sacct", "-X", "-n", "-P", "-S", "2020-01-01", "-o", ",".join(SACCT_FIELDS), *selection]
-    lines = subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()
-    return [dict(zip(SACCT_FIELDS, line.split("|"), strict=True)) for line in lines]
+    deadline = time.monotonic() + settle_s
+    while True:
+        lines = subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()
+        rows = [dict(zip(SACCT_FIELDS, line.split("|"), strict=True)) for line in lines]
+        if not any(row["State"] in ("PENDING", "RUNNING", "COMPLETING") for row in rows):
+            return rows
+        if time.monotonic() > deadline:
+            return rows  # the callers' state assertions name what is still unfinished
+        time.sleep(0.5)
 
 
 def squeue_ids() -> dict[str, str]:
@@ -112,6 +131,16 @@ def job_stats(output: str) -> Counter:
     """Snakemake's planned 'Job stats' table: jobs per rule."""
     table = output.split("Job stats:", 1)[1].split("total", 1)[0]
     return Counter({m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)})
+
+
+def of_cells(name: str, cells: set[str]) -> bool:
+    """Whether an artifact path belongs to one of these cells (train/<cell>/..., eval/adapter/<cell>.csv, ...)."""
+    return any(part == cell or part.startswith(f"{cell}.") for part in name.split("/") for cell in cells)
+
+
+def rules_run(results: Path) -> set[str]:
+    """The rule of every job manifest in a results folder."""
+    return {read_json(path)["rule"] for path in results.rglob("*.provenance.json")}
 
 
 def artifacts(results: Path) -> set[str]:
@@ -141,29 +170,31 @@ def test_profile_sends_every_gpu_rule_to_the_gpu_partition():
 
 @pytest.fixture(scope="module")
 def slurm_run(cluster, profile_dir, tmp_path_factory):
-    """The whole tiny grid through the profile: its results folder and snakemake's output."""
+    """SLURM_GRID through the profile: its results folder and snakemake's output."""
     folder = tmp_path_factory.mktemp("slurm_grid")
-    config = slurm_config(folder / "config.yaml", folder / "results")
+    config = slurm_config(folder / "config.yaml", folder / "results", grid=SLURM_GRID)
     started = time.monotonic()
-    # A hang guard, not a budget: the grid took 470-490 s on this machine under load 3-4 and
-    # 896 s under load 8-9 (issue 17).
+    # A hang guard, not a budget: the whole tiny grid (4 cells) took 470-490 s on this machine
+    # under load 3-4 and 896 s under load 8-9 (issue 17).
     result = run_profile(profile_dir, config, limit=1800)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"snakemake through Slurm failed:\n{output[-6000:]}"
-    print(f"\ntiny grid through Slurm: {time.monotonic() - started:.1f} s")
+    print(f"\ngrid through Slurm: {time.monotonic() - started:.1f} s")
     return folder / "results", output
 
 
 def test_tiny_grid_runs_every_job_through_sbatch(slurm_run):
     results, output = slurm_run
     planned = job_stats(output)
-    assert planned["train"] == 4 and planned["all"] == 1
+    assert planned["train"] == 2 and planned["evaluate_base"] == 2 and planned["all"] == 1  # both arms and bases
     del planned["all"]  # the target rule runs no code: no job
     assert LOCAL_RULES - {"push_to_hub"} <= set(planned)  # the push is off in the tiny config
     jobs = sacct("--name", run_id(output))
     submitted = Counter(rule_of(job["Comment"], planned) for job in jobs)
     assert submitted == {rule: count for rule, count in planned.items() if rule not in LOCAL_RULES}
-    assert submitted["train"] == 4 and submitted["prepare_data"] == 1
+    assert submitted["train"] == 2 and submitted["prepare_data"] == 1
+    trained = {job["Comment"].split("_wildcards_", 1)[1] for job in jobs if rule_of(job["Comment"], planned) == "train"}
+    assert trained == slurm_cells() and {cell.split("_")[0] for cell in trained} == {"method~lora", "method~qlora"}
     for job in jobs:
         assert job["State"] == "COMPLETED", job
         assert job["Account"] == ACCOUNT, job
@@ -179,11 +210,17 @@ def test_tiny_grid_runs_every_job_through_sbatch(slurm_run):
 def test_slurm_artifacts_match_a_local_run(slurm_run, pipeline_run):
     results, _ = slurm_run
     produced = artifacts(results)
-    # The Slurm grid leaves evaluate.lm_eval off (tests/test_downstream.py covers it locally).
-    local = {name for name in artifacts(pipeline_run) if "downstream" not in name}
+    # The Slurm grid leaves evaluate.lm_eval off (tests/test_downstream.py covers it locally)
+    # and runs two of the tiny grid's four cells: the local run's files less the other cells'.
+    cells, local_cells = slurm_cells(), {path.name for path in (pipeline_run / "train").iterdir()}
+    assert len(local_cells) == 4 and cells < local_cells
+    local = artifacts(pipeline_run)
+    local = {name for name in local if "downstream" not in name and not of_cells(name, local_cells - cells)}
     assert produced == local
-    assert sum(name.endswith("metrics.json") for name in produced) == 4
-    # Same seeds and data: the first step's loss agrees (thread counts differ, so not bit for bit).
+    assert sum(name.endswith("metrics.json") for name in produced) == 2
+    # Every rule kind the local run ran (lm-eval's aside) ran here too.
+    assert rules_run(results) == {rule for rule in rules_run(pipeline_run) if not rule.startswith("downstream")}
+    # Same seeds and data: the first step's loss agrees (to 1e-3: thread counts may differ).
     for metrics in (results / "train").glob("*/loss_curve.csv"):
         with metrics.open() as a, (pipeline_run / metrics.relative_to(results)).open() as b:
             first = [float(next(csv.DictReader(handle))["loss"]) for handle in (a, b)]

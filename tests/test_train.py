@@ -129,8 +129,9 @@ def _copy_upstream(src, dst):
 def test_killed_training_resumes_from_its_checkpoint(pipeline_run, tiny_config, tmp_path):
     config = dict(
         tiny_config,
-        train=dict(tiny_config["train"], max_steps=12, save_steps=2),
+        train=dict(tiny_config["train"], max_steps=8, save_steps=2),
         grid=dict(tiny_config["grid"], method=["qlora"], learning_rate=[2e-4]),
+        resources=dict(tiny_config["resources"], threads=2),  # the only job: both cores
     )
     config_path = tmp_path / "resume.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -160,17 +161,17 @@ def test_killed_training_resumes_from_its_checkpoint(pipeline_run, tiny_config, 
     job.wait()
     assert not metrics_file.exists()
     saved = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
-    assert 4 <= saved < 12
+    assert 4 <= saved < 8
 
     snakemake("--unlock", config=config_path, results_dir=results)
     snakemake("--cores", "2", "--rerun-incomplete", str(metrics_file), config=config_path, results_dir=results)
     metrics = read_json(metrics_file)
     assert metrics["resumed_from_step"] >= 4
-    assert metrics["global_steps"] == 12
+    assert metrics["global_steps"] == 8
     log = (results / "logs" / "train" / f"{target}.log").read_text()
     assert "resuming from" in log
     with (results / "train" / target / "loss_curve.csv").open() as handle:
-        assert [int(r["step"]) for r in csv.DictReader(handle)] == list(range(1, 13))
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == list(range(1, 9))
 
 
 def test_same_cell_same_seed_gives_identical_loss_curve(pipeline_run, tiny_config, tmp_path):
