@@ -188,18 +188,16 @@ def predict_peak(
     adapter = lora * (4 + 4 + (0 if paged_optimizer else 8))  # fp32 weights + grads (+ Adam m, v)
     tokens = seq * batch
     a_layer = layer_activation_bytes(shape, rank, targets, recipe, kernels, autocast, recompute_dropout)
-    # A checkpointed layer keeps its input (in host memory with offload_checkpoints) ...
+    # A checkpointed layer keeps its input and its folded dropouts' 1-bit masks; with
+    # offload_checkpoints every input but the first layer's (the embedding output, a leaf
+    # autograd keeps for its gradient) waits in host memory instead.
     input_bytes = (4 if recipe == "tutorial" else 2) * shape.hidden
-    a_input = 0 if offload_checkpoints else input_bytes
-    if recompute_dropout:  # ... and its folded dropouts' 1-bit masks on the GPU
-        a_input += sum(shape.linear_shape(m)[0] // 8 for m in TARGETS[targets])
+    masks = sum(shape.linear_shape(m)[0] // 8 for m in TARGETS[targets]) if recompute_dropout else 0
     stored = checkpointed_layer_count(shape.layers, checkpoint_every)
     full = shape.layers - stored
-    # Offloading moves every checkpointed input but the first layer's (the embedding output,
-    # a leaf autograd keeps for its gradient).
     offloaded = max(stored - 1, 0) if offload_checkpoints else 0
-    activations = tokens * (full * a_layer + stored * a_input + (a_layer if stored else 0))
-    activations += tokens * (stored - offloaded) * input_bytes if offload_checkpoints else 0
+    kept = stored * (input_bytes + masks) - offloaded * input_bytes
+    activations = tokens * (full * a_layer + kept + (a_layer if stored else 0))
     head = tokens * loss_head_bytes(shape, recipe, kernels, autocast)
     working = tokens * 2 * compute * (shape.intermediate + shape.hidden)  # one layer's backward grads
     total = weights + adapter + activations + head + working
