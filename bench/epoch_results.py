@@ -25,7 +25,7 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "scripts")]
 from epoch_rows import JOBS  # noqa: E402
-from epochs import CELL_KEYS, LLAMA2_7B, WARMUP, write  # noqa: E402
+from epochs import CELL_KEYS, LLAMA2_7B, WARMUP, split_cell_keys, write  # noqa: E402
 from gpu_recipes import bench_cell  # noqa: E402
 from train_metrics import median_step_tokens_per_second  # noqa: E402
 
@@ -48,10 +48,10 @@ def planned_peak_gib(
     headroom existed had none)."""
     from checkpointing import CheckpointPlan
 
+    cell_keys, train_overrides = split_cell_keys(overrides or {})
     train = dict(yaml.safe_load(config.read_text())["train"], recompute_lora_dropout=folded_dropouts)
-    train.update(overrides or {})
-    cell = dict(bench_cell(), **{key: train.pop(key) for key in CELL_KEYS if key in train})
-    plan = CheckpointPlan([], model_config, cell, train, "liger")
+    train.update(train_overrides)
+    plan = CheckpointPlan([], model_config, dict(bench_cell(), **cell_keys), train, "liger")
     plan.graph_peak_factor = graph_peak_factor or 1.0
     ids = json.loads(rows_file.read_text())["input_ids"]
     multiple = train["pad_to_multiple_of"] or 1
@@ -74,10 +74,9 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
         return planned_peak_gib(
             rows_file, row["batch"], config, model_config, folded, row.get("graph_peak_factor"), overrides
         )
-    shape = dict(recipe="tutorial" if row["kind"] == "tutorial" else "pipeline", method="qlora", targets="qv")
-    shape.update(row["predicted_for"], folded_lora_dropouts=row.get("folded_lora_dropouts", 0))
-    shape.update(offload_checkpoints=row.get("offload_checkpoints"), double_quant=row.get("double_quant"))
-    recipe = prediction_recipe(shape, row["kernels"])
+    # the row records what the prediction reads (folded dropouts, offloading, double quantisation)
+    shape = dict(row, **row["predicted_for"], recipe="tutorial" if row["kind"] == "tutorial" else "pipeline")
+    recipe = prediction_recipe(dict(shape, method="qlora", targets="qv"), row["kernels"])
     total = predict_peak(ModelShape.from_config(model_config), checkpoint_every=row["checkpoint_every"], **recipe)
     return round(total["total"] / GIB, 3)
 

@@ -65,6 +65,14 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def split_cell_keys(overrides: dict) -> tuple[dict, dict]:
+    """A variant's settings: (those of the grid cell (CELL_KEYS), those of the train section)."""
+    return (
+        {k: v for k, v in overrides.items() if k in CELL_KEYS},
+        {k: v for k, v in overrides.items() if k not in CELL_KEYS},
+    )
+
+
 def run_row(row: dict) -> dict:
     """One (job, recipe) in this process: build, train in the file's order, measure."""
     import logging
@@ -93,9 +101,8 @@ def run_row(row: dict) -> dict:
     settings.update(max_steps=-1, save_steps=10**6, logging_steps=1, padding_free=False)
     if tutorial:
         settings.update(pad_to_multiple_of=None, cuda_graphs=False)  # TRL's default padding, eager steps
-    overrides = dict(row["train"])
-    cell = bench_cell(seed=SEED)  # a variant may set the cell's quantisation (CELL_KEYS)
-    cell.update({key: overrides.pop(key) for key in CELL_KEYS if key in overrides})
+    cell_keys, overrides = split_cell_keys(row["train"])  # a variant may set the cell's quantisation
+    cell = dict(bench_cell(seed=SEED), **cell_keys)
     settings.update(overrides)
     set_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

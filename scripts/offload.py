@@ -34,6 +34,14 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
+@functools.cache
+def _device_marker(device: torch.device) -> torch.Tensor:
+    """An empty tensor on the device, made once: torch's checkpoint saves and restores the RNG
+    state of the devices its tensor arguments live on (preserve_rng_state), and a HostCopy is
+    not a tensor."""
+    return torch.empty(0, device=device)
+
+
 class HostSlot:
     """One decoder layer's pinned host buffer, reused every step. A batch that does not fit
     (longer than reserved, or in another dtype) gets a new buffer of at least ``longest``
@@ -110,10 +118,8 @@ def offloaded_checkpoint(function, *args, slot: HostSlot, **checkpoint_kwargs):
     if args[0].grad_fn is None and args[0].requires_grad:  # a leaf (the embedding output): autograd
         return checkpoint(function, *args, **checkpoint_kwargs)  # keeps it for its gradient anyway
     copy = HostCopy(args[0], slot)
-    # An empty tensor on the input's device: checkpoint saves and restores the RNG state of the
-    # devices its tensor arguments live on (preserve_rng_state), and the copy is not a tensor.
-    device_marker = torch.empty(0, device=args[0].device)
-    output = checkpoint(_from_host, function, copy, device_marker, *args[1:], **checkpoint_kwargs)
+    marker = _device_marker(args[0].device)
+    output = checkpoint(_from_host, function, copy, marker, *args[1:], **checkpoint_kwargs)
     copy.release()
     return output
 
