@@ -34,6 +34,7 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 PROJECT = BENCH.parent
 sys.path[:0] = [str(BENCH), str(PROJECT / "scripts")]
+import memory_peak  # noqa: E402
 from epoch_rows import DATA, JOBS, MAX_LENGTH, SEED, VOCAB, prepare  # noqa: E402
 from gpu_recipes import LLAMA2_7B, bench_cell, build_model, prediction_recipe, token_rows, tutorial_model  # noqa: E402
 
@@ -134,6 +135,8 @@ def run_row(row: dict) -> dict:
             raise RuntimeError(f"the train sampler is {type(sampler).__name__}, not sequential")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        history = row.get("memory_history") and torch.cuda.is_available()
+        baseline = memory_peak.start() if history else None
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
@@ -170,6 +173,8 @@ def run_row(row: dict) -> dict:
     result["cuda_graphs"] = trainer.graphs.summary() if getattr(trainer, "graphs", None) else None
     if plan:  # per-batch checkpointing: the largest prediction among the batches it planned
         result["predicted_peak_gib"] = round(plan.predicted_peak_bytes() / GIB, 3)
+    if history:  # what was alive at the peak, by allocation site (bench/memory_peak.py)
+        result["memory_at_peak"] = memory_peak.peak_breakdown(memory_peak.stop(), baseline)
     result["losses"] = [losses[s] for s in sorted(losses)][:LOSS_STEPS]
     result["learning_rates"] = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e][:LOSS_STEPS]
     return result
@@ -331,6 +336,7 @@ def main(a: argparse.Namespace, command: str) -> dict:
                 continue  # an epoch is measured once
             for name, (kind, train) in specs.items():
                 row = dict(recipe=name, kind=kind, job=job, repeat=repeat, steps=a.steps, train=train)
+                row["memory_history"] = a.memory_history
                 row.update(model_dir=str(a.model_dir), config=str(a.config))
                 if "rows" in JOBS[job]:
                     row["rows_file"] = str(a.rows_dir / JOBS[job]["rows"])
@@ -372,6 +378,7 @@ if __name__ == "__main__":
     r.add_argument(
         "--steps", type=int, help="cap every job at this many steps (an epoch's first steps, its schedule kept)"
     )
+    r.add_argument("--memory-history", action="store_true", help="what is alive at each row's peak (GPU)")
     r.add_argument("--shape", choices=list(SHAPES), default="7b")
     r.add_argument("--config", type=Path, default=PROJECT / "config" / "llama2-7b.yaml")
     r.add_argument("--model-dir", type=Path, help="default: /tmp/llama2-7b-shape (7b), a temp folder (tiny)")

@@ -39,7 +39,27 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, model_dir: Path) -> dict:
+KERNEL_KINDS = (  # device time by kernel family, first match wins (lower-case substrings of kernel names)
+    ("attention", ("flash", "fmha", "attention")),
+    ("4-bit dequantise", ("dequant", "kdequantize")),
+    ("matmul", ("gemm", "xmma", "cutlass", "sm90", "matmul", "_mm_")),
+    ("liger / triton", ("liger", "_rms_norm", "swiglu", "rope", "triton", "_forward_kernel", "_backward_kernel")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "foreach")),
+)
+
+
+def kernel_kinds(kernels) -> dict:
+    """Seconds of device time per kernel family (KERNEL_KINDS; the rest under "other")."""
+    seconds: dict[str, float] = {}
+    for event in kernels:
+        name = event.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        seconds[kind] = seconds.get(kind, 0.0) + event.device_time / 1e6
+    return {k: round(v, 4) for k, v in sorted(seconds.items(), key=lambda item: -item[1])}
+
+
+def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, model_dir: Path, batch: int = 1) -> dict:
     import datasets
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer, TrainerCallback, set_seed
@@ -52,12 +72,14 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
     logger = logging.getLogger("profile")
     train = yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())["train"]
     train.update(max_steps=steps, save_steps=10**6, logging_steps=1, group_by_length=False, **VARIANTS[name])
+    train["batch_size"] = batch
+    max_length = max(1024, *lengths[: steps * batch])
     cell = bench_cell()
     set_seed(1)
     generator = torch.Generator().manual_seed(0)
-    rows = [torch.randint(3, 32000, (n,), generator=generator).tolist() for n in lengths[:steps]]
+    rows = [torch.randint(3, 32000, (n,), generator=generator).tolist() for n in lengths[: steps * batch]]
     dataset = datasets.Dataset.from_dict({"input_ids": rows})
-    model, details = recipe.prepare_model(model_dir, cell, train, model_dir / "adapter_qv", 1024, logger)
+    model, details = recipe.prepare_model(model_dir, cell, train, model_dir / "adapter_qv", max_length, logger)
     plan = (
         checkpointing.CheckpointPlan(checkpointing.decoder_layers(model), model_dir, cell, train, details["kernels"])
         if details["checkpoint_per_batch"]
@@ -79,7 +101,7 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
 
     with tempfile.TemporaryDirectory() as scratch:
         args, _ = recipe.sft_config(
-            train, cell, Path(scratch), details["compute_dtype"], train["optimizer"], 1024, logger
+            train, cell, Path(scratch), details["compute_dtype"], train["optimizer"], max_length, logger
         )
         timer = step_timer()
         trainer = recipe.make_trainer(
@@ -102,6 +124,7 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
     result = {
         "variant": name,
         "settings": VARIANTS[name],
+        "batch": batch,
         "steps": len(steps_done),
         "train_seconds": round(seconds, 2),
         "first_step_seconds": round(steps_done[0][1]["step_seconds"], 2),
@@ -125,6 +148,7 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
             "wall_seconds": round(wall, 4),
             "gpu_kernel_seconds": round(kernel_us / 1e6, 4),
             "kernel_launches": len(kernels),
+            "kernel_seconds_by_kind": kernel_kinds(kernels),
             "gpu_busy_share": round(kernel_us / 1e6 / wall, 3) if wall else None,
         }
         table = traces["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
@@ -135,7 +159,15 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
     return result
 
 
-def main(variants: list[str], lengths_path: Path, steps: int, profile_from: int, model_dir: Path, out: Path) -> None:
+def main(
+    variants: list[str],
+    lengths_path: Path | list[int],
+    steps: int,
+    profile_from: int,
+    model_dir: Path,
+    out: Path,
+    batch: int = 1,
+) -> None:
     from gpu_recipes import build_model
 
     t0 = time.time()
@@ -144,7 +176,14 @@ def main(variants: list[str], lengths_path: Path, steps: int, profile_from: int,
     results = []
     for name in variants:
         row = json.dumps(
-            dict(name=name, lengths=str(lengths_path), steps=steps, profile_from=profile_from, model_dir=str(model_dir))
+            dict(
+                name=name,
+                lengths=lengths_path if isinstance(lengths_path, list) else str(lengths_path),
+                steps=steps,
+                profile_from=profile_from,
+                model_dir=str(model_dir),
+                batch=batch,
+            )
         )
         t0 = time.time()
         done = subprocess.run([sys.executable, __file__, "--child", row], capture_output=True, text=True)
@@ -158,9 +197,11 @@ def main(variants: list[str], lengths_path: Path, steps: int, profile_from: int,
         print(json.dumps(brief), flush=True)
         if "profile" in results[-1]:
             p = results[-1]["profile"]
-            print({k: p[k] for k in ("wall_seconds", "gpu_kernel_seconds", "kernel_launches", "gpu_busy_share")})
+            keys = ("wall_seconds", "gpu_kernel_seconds", "kernel_launches", "gpu_busy_share", "kernel_seconds_by_kind")
+            print({k: p[k] for k in keys})
             print(p["top_cpu"][:4000], flush=True)
-        out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "results": results}, indent=1))
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        out.write_text(json.dumps({"device": device, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
@@ -168,6 +209,8 @@ if __name__ == "__main__":
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["base"])
     parser.add_argument("--lengths", type=Path, default=PROJECT / ".carry" / "gpu" / "lengths.json")
+    parser.add_argument("--batch", type=int, default=1, help="rows per step (in the lengths file's order)")
+    parser.add_argument("--block", type=int, help="every row this many tokens (e.g. 2048), not --lengths")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--profile-from", type=int, default=20)
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "llama2-7b-shape")
@@ -175,10 +218,9 @@ if __name__ == "__main__":
     a = parser.parse_args()
     if a.child:
         c = json.loads(a.child)
-        lengths = json.loads(Path(c["lengths"]).read_text())
-        print(
-            "ROW " + json.dumps(run_variant(c["name"], lengths, c["steps"], c["profile_from"], Path(c["model_dir"]))),
-            flush=True,
-        )
+        lengths = c["lengths"] if isinstance(c["lengths"], list) else json.loads(Path(c["lengths"]).read_text())
+        result = run_variant(c["name"], lengths, c["steps"], c["profile_from"], Path(c["model_dir"]), c["batch"])
+        print("ROW " + json.dumps(result), flush=True)
     else:
-        main(a.variants, a.lengths, a.steps, a.profile_from, a.model_dir, a.out)
+        lengths = [a.block] * (a.steps * a.batch) if a.block else a.lengths
+        main(a.variants, lengths, a.steps, a.profile_from, a.model_dir, a.out, a.batch)

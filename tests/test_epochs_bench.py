@@ -197,3 +197,33 @@ def test_block_rows_are_measured_by_their_median_step(tmp_path, rows_dir):
     assert table["epoch_seconds"] is None
     assert table["tokens_per_second"] == round(2048 * 4 / 0.71, 1)  # the median of the steps after 3
     assert "unsloth block_2048x4: tokens_per_second 6183.1" in done["completed_on_cpu"][0]
+
+
+def test_memory_peak_replays_the_allocator_history_to_its_peak():
+    """bench/memory_peak.py: the level after each event (allocations up, free requests down),
+    the peak, and the blocks live there by their innermost frames outside torch."""
+    import memory_peak
+
+    def frames(*names):
+        return [{"filename": f"/x/site-packages/{n}", "line": 1, "name": n.split("/")[-1][:-3]} for n in names]
+
+    trace = [
+        dict(action="alloc", addr=1, size=100, frames=frames("torch/nn/functional.py", "peft/lora.py")),
+        dict(action="alloc", addr=2, size=50, frames=frames("trl/utils.py")),
+        dict(action="free_requested", addr=1, size=100),
+        dict(action="free_completed", addr=1, size=100),
+        dict(action="alloc", addr=3, size=80, frames=frames("peft/lora.py")),
+        dict(action="alloc", addr=4, size=30, frames=frames("peft/lora.py")),
+        dict(action="free_requested", addr=9, size=40),  # a block allocated before the recording
+    ]
+    gib = 1024**3
+    scaled = [dict(e, size=e["size"] * gib // 1000) for e in trace]
+    breakdown = memory_peak.peak_breakdown({"device_traces": [scaled]}, baseline=10 * gib // 1000)
+    # levels: 110, 160, 60, 60, 140, 170 (peak), 130
+    assert breakdown["peak_gib"] == round(170 * (gib // 1000) / gib, 3)
+    assert breakdown["peak_event"] == 5
+    assert [(s["site"], s["blocks"]) for s in breakdown["by_site"]] == [
+        ("peft/lora.py:1:lora", 2),
+        ("trl/utils.py:1:utils", 1),
+    ]
+    assert breakdown["traced_live_at_peak_gib"] == round(160 * (gib // 1000) / gib, 3)
