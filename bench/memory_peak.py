@@ -68,3 +68,19 @@ def peak_breakdown(snapshot: dict, baseline: int, top: int = 30, device: int = 0
         ],
         "other_sites_gib": round(sum(g[0] for _, g in ranked[top:]) / GIB, 4),
     }
+
+
+def step_levels():
+    """A Trainer callback: after every step, the running peak and the allocated bytes (GiB);
+    a recipe whose peak grows over the run shows at which steps."""
+    from transformers import TrainerCallback
+
+    class StepLevels(TrainerCallback):
+        def __init__(self):
+            self.levels: list[list] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            peak, now = torch.cuda.max_memory_allocated() / GIB, torch.cuda.memory_allocated() / GIB
+            self.levels.append([state.global_step, round(peak, 3), round(now, 3)])
+
+    return StepLevels()

@@ -7,15 +7,23 @@
 #     recorded, then replayed) in the lean setting at unsloth's peak (4.84 GiB), recorded and
 #     eager, with the allocator's history: what is alive at each run's peak, by allocation site
 #     (bench/memory_peak.py) -> graph_memory_h200.{json,md}.
+#     Both ran eagerly (4 x 1024 tokens is over cuda_graphs_max_tokens): hence a second call,
+#     `bash THIS recorded`: the first 80 steps of the lean batch-4 epoch, recorded, with the
+#     history and the peak after every step -> graph_memory_h200_recorded.{json,md}.
 #  3. A profile of the pipeline's 2048 x 4 step (every layer checkpointed at the 8 GiB budget,
 #     eager): device time by kernel family against the wall -> profile_step_h200_block.json.
 set -u
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 rm -rf /tmp/proj /tmp/epochs && mkdir -p /tmp/proj /tmp/bgout && tar --exclude=./.carry -c . | tar -x -C /tmp/proj
 cp -r .carry/epochs /tmp/epochs && cd /tmp/proj
+LEAN="offload_checkpoints=true,double_quant=true,memory_budget_gib=4.84"
+if [ "${1:-first}" = recorded ]; then
+  python3 bench/epochs.py run --rows-dir /tmp/epochs --out /tmp/bgout/graph_memory_h200_recorded --repeats-block 1 \
+    --memory-history --steps 80 --jobs epoch_b4 --recipes --variant "lean_graphs:$LEAN"
+  exit
+fi
 python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_lora_dropout.py 2>&1 | tail -25 \
   | tee /tmp/bgout/pytest_offload_cuda.txt
-LEAN="offload_checkpoints=true,double_quant=true,memory_budget_gib=4.84"
 python3 bench/epochs.py run --rows-dir /tmp/epochs --out /tmp/bgout/graph_memory_h200 --repeats-block 1 \
   --memory-history --steps 6 --jobs epoch_b4 --recipes \
   --variant "lean_graphs:$LEAN" --variant "lean_eager:$LEAN,cuda_graphs=false"
