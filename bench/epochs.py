@@ -124,7 +124,7 @@ def run_row(row: dict) -> dict:
         timer = step_timer()
         callbacks = [timer] + ([stop_at(cap)] if cap and "rows" in job else [])
         history = row.get("memory_history") and torch.cuda.is_available()
-        levels = memory_peak.step_levels() if history else None
+        levels = memory_peak.step_levels() if torch.cuda.is_available() else None
         callbacks += [levels] if levels else []
         plan = None
         if details.get("checkpoint_per_batch"):  # the train stage's per-batch checkpointing plan
@@ -177,6 +177,7 @@ def run_row(row: dict) -> dict:
         result["predicted_peak_gib"] = round(plan.predicted_peak_bytes() / GIB, 3)
     if history:  # what was alive at the peak, by allocation site (bench/memory_peak.py)
         result["memory_at_peak"] = memory_peak.peak_breakdown(memory_peak.stop(), baseline)
+    if levels:
         result["memory_by_step"] = levels.levels  # [step, running peak GiB, allocated GiB]
     result["losses"] = [losses[s] for s in sorted(losses)][:LOSS_STEPS]
     result["learning_rates"] = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e][:LOSS_STEPS]

@@ -185,7 +185,10 @@ class GraphedSteps:
         def forward_backward():
             loss, metrics = loss_fn(static)
             loss.backward()
-            return loss, metrics
+            # Keep the values, not the autograd graph behind the loss: with checkpointing it ends
+            # at the embedding output (a leaf made to require grad), which it would keep alive with
+            # its gradient, two hidden-state tensors per recorded shape.
+            return loss.detach(), metrics
 
         if not torch.cuda.is_available():  # replay_on_cpu (tests): the function is the recording
 
