@@ -11,7 +11,12 @@ a recorded CUDA-graph step peaked ~0.55 GiB above the eager step's plan at batch
 import torch
 
 GIB = 1024**3
-SKIP = ("/torch/", "<frozen", "/contextlib.py", "/functools.py")  # frames that name no owner
+SKIP = ("<frozen", "/contextlib.py", "/functools.py")  # frames that name no owner, with torch's own
+
+
+def torch_frame(filename: str) -> bool:
+    """A frame of the torch package itself (the installation's own path may contain "/torch/")."""
+    return filename.rpartition("-packages/")[2].startswith("torch/")
 
 
 def start(max_entries: int = 3_000_000) -> int:
@@ -28,7 +33,7 @@ def stop() -> dict:
 
 def site(frames: list[dict], depth: int = 3) -> str:
     """The ``depth`` innermost frames outside torch's own modules, innermost first."""
-    owners = [f for f in frames if not any(s in f["filename"] for s in SKIP)]
+    owners = [f for f in frames if not torch_frame(f["filename"]) and not any(s in f["filename"] for s in SKIP)]
     return " < ".join(f"{'/'.join(f['filename'].rsplit('/', 2)[-2:])}:{f['line']}:{f['name']}" for f in owners[:depth])
 
 

@@ -156,6 +156,7 @@ RESULTS = {  # each file's rows that must be there
     "epochs_h200_folded.json": EPOCH_ROWS,
     "epochs_h200_offload.json": {("pipeline", "epoch_b4"), ("lean_4.84", "epoch_b4"), ("lean_5.75", "block_2048x4")},
     "epochs_h200_offload_graphs.json": {("lean_4.84", "epoch_b4"), ("lean_4.2", "seed_epoch_b1")},
+    "epochs_h200_unsloth_peak.json": {("lean_4.84", "epoch_b4"), ("lean_4.2", "seed_epoch_b1")},
 }
 
 
@@ -204,8 +205,8 @@ def test_memory_peak_replays_the_allocator_history_to_its_peak():
     the peak, and the blocks live there by their innermost frames outside torch."""
     import memory_peak
 
-    def frames(*names):
-        return [{"filename": f"/x/site-packages/{n}", "line": 1, "name": n.split("/")[-1][:-3]} for n in names]
+    def frames(*names):  # an installation whose own path contains "/torch/"
+        return [{"filename": f"/opt/torch/site-packages/{n}", "line": 1, "name": n.split("/")[-1][:-3]} for n in names]
 
     trace = [
         dict(action="alloc", addr=1, size=100, frames=frames("torch/nn/functional.py", "peft/lora.py")),
