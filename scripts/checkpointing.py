@@ -18,10 +18,13 @@ from lora_dropout import checkpoint_context, recompute_needs_rng
 from memory_model import GIB, ModelShape, cell_recipe, choose_checkpointing
 from offload import offload_checkpoints
 
-# A recorded step's peak over the memory model's prediction: up to 1.072 (7B, batch 4, one H200;
-# 1.041-1.044 at batch 1: bench/results/epochs_h200_folded); with offloaded checkpoints 1.076
-# at batch 1 and 1.119 at batch 4 (bench/results/epochs_h200_offload_graphs), not covered. A
-# batch the graphs will serve is planned within budget / this, and expected at model x this.
+# A recorded step's peak over the memory model's prediction. Measured on one H200 (7B shape):
+# 1.041-1.072 (bench/results/epochs_h200_folded) and 1.076-1.119 with offloaded checkpoints
+# (epochs_h200_offload_graphs) while every recording kept its autograd graph (fixed since);
+# after the fix 1.023-1.048 (epochs_h200_unsloth_peak, graph_memory_h200_b1): a fixed ~0.19 GiB
+# (the gradient buffers the graphs write into, and 0.06 GiB more) rather than a share. Kept at
+# 1.08 until the larger budgets are re-measured. A batch the graphs will serve is planned
+# within budget / this, and expected at model x this.
 GRAPH_PEAK_FACTOR = 1.08
 
 
