@@ -15,17 +15,8 @@ from pathlib import Path
 import torch
 
 from lora_dropout import checkpoint_context, recompute_needs_rng
-from memory_model import GIB, ModelShape, cell_recipe, choose_checkpointing
+from memory_model import GIB, GRAPH_PEAK_FACTOR, ModelShape, cell_recipe, planned_batch
 from offload import offload_checkpoints
-
-# A recorded step's peak over the memory model's prediction. Measured on one H200 (7B shape):
-# 1.041-1.072 (bench/results/epochs_h200_folded) and 1.076-1.119 with offloaded checkpoints
-# (epochs_h200_offload_graphs) while every recording kept its autograd graph (fixed since);
-# after the fix 1.023-1.048 (epochs_h200_unsloth_peak, graph_memory_h200_b1): a fixed ~0.19 GiB
-# (the gradient buffers the graphs write into, and 0.06 GiB more) rather than a share. Kept at
-# 1.08 until the larger budgets are re-measured. A batch the graphs will serve is planned
-# within budget / this, and expected at model x this.
-GRAPH_PEAK_FACTOR = 1.08
 
 
 def decoder_layers(model) -> list:
@@ -85,11 +76,9 @@ class CheckpointPlan:
         if (batch, seq) not in self.chosen:
             graphed = self.graph_max_tokens is None or batch * seq <= self.graph_max_tokens
             factor = self.graph_peak_factor if graphed else 1.0
-            every, prediction = choose_checkpointing(
-                self.shape, self.budget / factor, seq=seq, batch=batch, **self.recipe
-            )
             # the peak this batch is expected to reach: a recorded step's headroom included
-            self.chosen[(batch, seq)], self.predicted[(batch, seq)] = every, int(prediction["total"] * factor)
+            every, expected = planned_batch(self.shape, self.budget, self.recipe, batch, seq, factor)
+            self.chosen[(batch, seq)], self.predicted[(batch, seq)] = every, expected
             if self.predicted[(batch, seq)] > self.budget:
                 logging.getLogger("recipe").warning(
                     "memory_budget_gib %.2f: a batch of %d x %d tokens is predicted at %.2f GiB even with every "

@@ -37,6 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 1024**3
+# A step recorded by train.cuda_graphs peaks above this model's prediction. Measured on one H200
+# (7B shape): 1.041-1.072 (bench/results/epochs_h200_folded) and 1.076-1.119 with offloaded
+# checkpoints (epochs_h200_offload_graphs) while every recording kept its autograd graph (fixed
+# since); after the fix 1.023-1.048 (epochs_h200_unsloth_peak, graph_memory_h200_b1): a fixed
+# ~0.19 GiB (the gradient buffers the graphs write into, and 0.06 GiB more) rather than a share.
+# Kept at 1.08 until the larger budgets are re-measured. A batch the graphs will record is
+# planned within budget / this and expected at the prediction x this (scripts/checkpointing.py).
+GRAPH_PEAK_FACTOR = 1.08
 QLORA_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weights
 DOUBLE_QUANT_BLOCK = 256  # double quantisation: absmax in 8 bit, one fp32 per 256 of them
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -260,6 +268,35 @@ def plan_for_cell(model_config, cell: dict, train: dict, max_length: int, kernel
         return choose_checkpointing(shape, train["memory_budget_gib"] * GIB, **recipe)
     every = train["checkpoint_every"] if setting else 0
     return every, predict_peak(shape, checkpoint_every=every, **recipe)
+
+
+def planned_batch(shape: ModelShape, budget_bytes: float, recipe: dict, batch: int, seq: int, factor: float = 1.0):
+    """``auto`` for one batch shape: the fastest setting within budget / ``factor`` (a recorded
+    step's headroom, 1 for an eager one) and the peak it is expected at (prediction x factor)."""
+    every, prediction = choose_checkpointing(shape, budget_bytes / factor, seq=seq, batch=batch, **recipe)
+    return every, int(prediction["total"] * factor)
+
+
+def expected_peak_bytes(model_config, cell: dict, train: dict, max_length: int, kernels: str, graphs: bool) -> int:
+    """The largest peak a run of this cell is expected to reach over every padded batch length
+    it can see, each planned as the train stage plans it (``auto``: per batch, within budget,
+    scripts/checkpointing.py) and, where CUDA graphs will run (``graphs``) and record the batch,
+    with GRAPH_PEAK_FACTOR of headroom. The train rule's request."""
+    shape = ModelShape.from_config(model_config)
+    recipe = cell_recipe(cell, train, kernels)
+    batch, multiple = train["batch_size"], train.get("pad_to_multiple_of") or 1
+    records, limit = graphs and train.get("cuda_graphs", False), train.get("cuda_graphs_max_tokens")
+    step = multiple if multiple > 1 else 64  # unpadded lengths: every 64th, and the longest
+    peaks = []
+    for seq in sorted({*range(step, max_length + 1, step), max_length}):
+        factor = GRAPH_PEAK_FACTOR if records and (limit is None or batch * seq <= limit) else 1.0
+        if train["gradient_checkpointing"] == "auto":
+            peaks.append(planned_batch(shape, train["memory_budget_gib"] * GIB, recipe, batch, seq, factor)[1])
+        else:
+            every = train["checkpoint_every"] if train["gradient_checkpointing"] else 0
+            prediction = predict_peak(shape, checkpoint_every=every, seq=seq, batch=batch, **recipe)
+            peaks.append(int(prediction["total"] * factor))
+    return max(peaks)
 
 
 def main(config: Path, **recipe) -> dict:
