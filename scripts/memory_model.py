@@ -270,7 +270,9 @@ def plan_for_cell(model_config, cell: dict, train: dict, max_length: int, kernel
     return every, predict_peak(shape, checkpoint_every=every, **recipe)
 
 
-def planned_batch(shape: ModelShape, budget_bytes: float, recipe: dict, batch: int, seq: int, factor: float = 1.0):
+def planned_batch(
+    shape: ModelShape, budget_bytes: float, recipe: dict, batch: int, seq: int, factor: float = 1.0
+) -> tuple[int, int]:
     """``auto`` for one batch shape: the fastest setting within budget / ``factor`` (a recorded
     step's headroom, 1 for an eager one) and the peak it is expected at (prediction x factor)."""
     every, prediction = choose_checkpointing(shape, budget_bytes / factor, seq=seq, batch=batch, **recipe)
