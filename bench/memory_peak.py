@@ -5,7 +5,8 @@ row (``torch.cuda.memory._record_memory_history``, Python stacks at each allocat
 module replays it: the allocated bytes after every event (allocations up, free requests down,
 as ``torch.cuda.memory_allocated`` counts them), the peak, and the blocks live at the peak by
 the innermost frames outside torch. It answers why one recipe peaks above another (issue 15:
-a recorded CUDA-graph step peaked ~0.55 GiB above the eager step's plan at batch 4).
+recorded CUDA-graph steps peaked ~0.55 GiB above the eager plan at batch 4, because every
+recording kept the autograd graph behind its loss: bench/results/graph_memory_h200_recorded).
 """
 
 import torch
