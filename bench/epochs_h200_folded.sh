@@ -5,10 +5,7 @@
 # python bench/epochs.py prepare --out .carry/epochs (on a CPU).
 # As run: the rows up to the pipeline's batch-1 epoch, then (after the fix of the recording of
 # checkpointed layers: the recomputation ran another attention kernel) `bash THIS rest`.
-set -u
-export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-rm -rf /tmp/proj /tmp/epochs && mkdir -p /tmp/proj /tmp/bgout && tar --exclude=./.carry -c . | tar -x -C /tmp/proj
-cp -r .carry/epochs /tmp/epochs && cd /tmp/proj
+. bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 E="python3 bench/epochs.py run --rows-dir /tmp/epochs --out /tmp/bgout/epochs_h200_folded --repeats-block 1"
 if [ "${1:-all}" = all ]; then
   # The folded dropout's CUDA cases: the stock numbers bit for bit in bf16, the saved bytes counted.

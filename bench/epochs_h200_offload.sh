@@ -12,10 +12,7 @@
 # (train.offload_checkpoints) and the base double-quantised as unsloth loads it (its rows:
 # NF4 with double quantisation), under a memory_budget_gib equal to unsloth's measured peak
 # in bench/results/epochs_h200 (5.754 GiB on 2048 x 4 blocks, 4.841 GiB for the batch-4 epoch).
-set -u
-export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-rm -rf /tmp/proj /tmp/epochs && mkdir -p /tmp/proj /tmp/bgout && tar --exclude=./.carry -c . | tar -x -C /tmp/proj
-cp -r .carry/epochs /tmp/epochs && cd /tmp/proj
+. bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 E="python3 bench/epochs.py run --rows-dir /tmp/epochs --out /tmp/bgout/epochs_h200_offload --repeats-block 1"
 LEAN="offload_checkpoints=true,double_quant=true"
 # The CUDA cases: the offloaded inputs' device bytes freed, recorded copies; the folded dropout's.

@@ -7,10 +7,7 @@
 # a second call). The rows come from python bench/epochs.py prepare --out .carry/epochs.
 # Lean: checkpointed layers' inputs in host memory, the base double-quantised as unsloth loads
 # it, memory_budget_gib = unsloth's measured peak (4.841 GiB batch 4, 4.200 GiB batch 1).
-set -u
-export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-rm -rf /tmp/proj /tmp/epochs && mkdir -p /tmp/proj /tmp/bgout && tar --exclude=./.carry -c . | tar -x -C /tmp/proj
-cp -r .carry/epochs /tmp/epochs && cd /tmp/proj
+. bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 python3 -m pytest -q -p no:cacheprovider tests/test_offload.py -k "recorded or device_bytes" 2>&1 | tail -5 \
   | tee /tmp/bgout/pytest_offload_cuda.txt
 E="python3 bench/epochs.py run --rows-dir /tmp/epochs --repeats-block 1"

@@ -12,10 +12,7 @@
 #     history and the peak after every step -> graph_memory_h200_recorded.{json,md}.
 #  3. A profile of the pipeline's 2048 x 4 step (every layer checkpointed at the 8 GiB budget,
 #     eager): device time by kernel family against the wall -> profile_step_h200_block.json.
-set -u
-export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-rm -rf /tmp/proj /tmp/epochs && mkdir -p /tmp/proj /tmp/bgout && tar --exclude=./.carry -c . | tar -x -C /tmp/proj
-cp -r .carry/epochs /tmp/epochs && cd /tmp/proj
+. bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 LEAN="offload_checkpoints=true,double_quant=true,memory_budget_gib=4.84"
 if [ "${1:-first}" = recorded ]; then
   python3 bench/epochs.py run --rows-dir /tmp/epochs --out /tmp/bgout/graph_memory_h200_recorded --repeats-block 1 \

@@ -11,7 +11,7 @@ from snakemake.utils import Paramspace
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from config_check import ConfigError, push_settings, validate_config  # noqa: E402
 from grid import base_model_description, base_model_names, grid_table  # noqa: E402
-from memory_model import expected_peak_bytes, plan_for_cell  # noqa: E402
+from memory_model import expected_peak  # noqa: E402
 from job_resources import LIGHT_MEM_MB, LIGHT_RUNTIME_MIN, train_runtime_min  # noqa: E402
 from preemption import sbatch_options  # noqa: E402
 from site_check import (  # noqa: E402
@@ -95,11 +95,9 @@ def train_gpu_mem_mb(wildcards, input):
         return 0
     kernels = config["train"]["kernels"] if RES["gpu"] else "none"
     cell = cell_params(wildcards)
-    train, max_length = config["train"], config["data"]["max_length"]
-    _, prediction = plan_for_cell(model_config, cell, train, max_length, kernels)
     graphs = bool(RES["gpu"])  # train.cuda_graphs records steps on a GPU only
-    peak = expected_peak_bytes(model_config, cell, train, max_length, kernels, graphs)
-    return math.ceil((peak + prediction["paged_optimizer"]) / 1e6)
+    peak = expected_peak(model_config, cell, config["train"], config["data"]["max_length"], kernels, graphs)
+    return math.ceil((peak["expected"] + peak["paged_optimizer"]) / 1e6)
 
 
 def base_description(wildcards):

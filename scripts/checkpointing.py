@@ -77,8 +77,8 @@ class CheckpointPlan:
             graphed = self.graph_max_tokens is None or batch * seq <= self.graph_max_tokens
             factor = self.graph_peak_factor if graphed else 1.0
             # the peak this batch is expected to reach: a recorded step's headroom included
-            every, expected = planned_batch(self.shape, self.budget, self.recipe, batch, seq, factor)
-            self.chosen[(batch, seq)], self.predicted[(batch, seq)] = every, expected
+            every, prediction = planned_batch(self.shape, self.budget, self.recipe, batch, seq, factor)
+            self.chosen[(batch, seq)], self.predicted[(batch, seq)] = every, prediction["expected"]
             if self.predicted[(batch, seq)] > self.budget:
                 logging.getLogger("recipe").warning(
                     "memory_budget_gib %.2f: a batch of %d x %d tokens is predicted at %.2f GiB even with every "

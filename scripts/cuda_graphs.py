@@ -99,9 +99,8 @@ class GraphedSteps:
         self.eager_steps = self.replayed_steps = 0
         self.eager_reasons: dict[str, int] = {}
         self.off_reason = off_reason
-        self.checkpointed_eager_reason = (
-            checkpointed_eager_reason  # why checkpointed batches train eagerly (None: recorded)
-        )
+        # why checkpointed batches train eagerly (None: they are recorded too)
+        self.checkpointed_eager_reason = checkpointed_eager_reason
         self.max_tokens = max_tokens  # longer batches train eagerly (not launch-bound: no gain)
         if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
             self.off_reason = "no CUDA device"

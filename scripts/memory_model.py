@@ -272,33 +272,36 @@ def plan_for_cell(model_config, cell: dict, train: dict, max_length: int, kernel
 
 def planned_batch(
     shape: ModelShape, budget_bytes: float, recipe: dict, batch: int, seq: int, factor: float = 1.0
-) -> tuple[int, int]:
+) -> tuple[int, dict]:
     """``auto`` for one batch shape: the fastest setting within budget / ``factor`` (a recorded
-    step's headroom, 1 for an eager one) and the peak it is expected at (prediction x factor)."""
+    step's headroom, 1 for an eager one) and its prediction, with the peak it is expected at
+    (``expected``: the total x factor)."""
     every, prediction = choose_checkpointing(shape, budget_bytes / factor, seq=seq, batch=batch, **recipe)
-    return every, int(prediction["total"] * factor)
+    return every, dict(prediction, expected=int(prediction["total"] * factor))
 
 
-def expected_peak_bytes(model_config, cell: dict, train: dict, max_length: int, kernels: str, graphs: bool) -> int:
-    """The largest peak a run of this cell is expected to reach over every padded batch length
-    it can see, each planned as the train stage plans it (``auto``: per batch, within budget,
-    scripts/checkpointing.py) and, where CUDA graphs will run (``graphs``) and record the batch,
-    with GRAPH_PEAK_FACTOR of headroom. The train rule's request."""
+def expected_peak(model_config, cell: dict, train: dict, max_length: int, kernels: str, graphs: bool) -> dict:
+    """The prediction of the batch with the largest peak a run of this cell is expected to
+    reach (``expected``) over every padded batch length it can see, each planned as the train
+    stage plans it (``auto``: per batch, within budget, scripts/checkpointing.py) and, where
+    CUDA graphs will run (``graphs``) and record the batch, with GRAPH_PEAK_FACTOR of headroom.
+    The train rule's request (plus its ``paged_optimizer``)."""
     shape = ModelShape.from_config(model_config)
     recipe = cell_recipe(cell, train, kernels)
     batch, multiple = train["batch_size"], train.get("pad_to_multiple_of") or 1
     records, limit = graphs and train.get("cuda_graphs", False), train.get("cuda_graphs_max_tokens")
     step = multiple if multiple > 1 else 64  # unpadded lengths: every 64th, and the longest
-    peaks = []
+    predictions = []
     for seq in sorted({*range(step, max_length + 1, step), max_length}):
         factor = GRAPH_PEAK_FACTOR if records and (limit is None or batch * seq <= limit) else 1.0
         if train["gradient_checkpointing"] == "auto":
-            peaks.append(planned_batch(shape, train["memory_budget_gib"] * GIB, recipe, batch, seq, factor)[1])
+            _, prediction = planned_batch(shape, train["memory_budget_gib"] * GIB, recipe, batch, seq, factor)
         else:
             every = train["checkpoint_every"] if train["gradient_checkpointing"] else 0
             prediction = predict_peak(shape, checkpoint_every=every, seq=seq, batch=batch, **recipe)
-            peaks.append(int(prediction["total"] * factor))
-    return max(peaks)
+            prediction["expected"] = int(prediction["total"] * factor)
+        predictions.append(prediction)
+    return max(predictions, key=lambda prediction: prediction["expected"])
 
 
 def main(config: Path, **recipe) -> dict:

@@ -131,7 +131,7 @@ def test_train_jobs_request_the_predicted_gpu_memory(pipeline_run, tiny_config):
 
 @pytest.mark.parametrize(("batch", "lean"), [(4, None), (4, "lean_4.84"), (1, "lean_4.2")])
 def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch, lean):
-    """The train rule's gpu_mem_mb (expected_peak_bytes): with CUDA graphs, the largest peak the
+    """The train rule's gpu_mem_mb (memory_model.expected_peak): with CUDA graphs, the largest peak the
     per-batch plan expects over every padded batch length of the run (a recorded batch planned
     within budget / headroom and expected at prediction x headroom); without, the prediction at
     the longest batch. Lean: the rows measured at unsloth's peak, whose plans expected what the
@@ -141,7 +141,7 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
     from checkpointing import CheckpointPlan
     from gpu_recipes import LLAMA2_7B as CONFIG
     from gpu_recipes import bench_cell
-    from memory_model import expected_peak_bytes
+    from memory_model import expected_peak
 
     model_config = tmp_path / "config.json"
     model_config.write_text(json.dumps(CONFIG))
@@ -151,7 +151,7 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
         train.update(offload_checkpoints=True, memory_budget_gib=float(lean.split("_")[1]))
         cell.update(double_quant=True)
     assert train["cuda_graphs"] and train["gradient_checkpointing"] == "auto"
-    requested = expected_peak_bytes(model_config, cell, train, 1024, "liger", graphs=True)
+    requested = expected_peak(model_config, cell, train, 1024, "liger", graphs=True)["expected"]
     plan = CheckpointPlan([], model_config, cell, train, "liger")
     for seq in range(64, 1025, train["pad_to_multiple_of"]):
         plan.every_for(batch, seq)
@@ -160,7 +160,9 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
     eager.graph_peak_factor = 1.0  # what the train stage sets where no recording will run
     for seq in range(64, 1025, train["pad_to_multiple_of"]):
         eager.every_for(batch, seq)
-    assert expected_peak_bytes(model_config, cell, train, 1024, "liger", graphs=False) == eager.predicted_peak_bytes()
+    assert expected_peak(model_config, cell, train, 1024, "liger", graphs=False)["expected"] == (
+        eager.predicted_peak_bytes()
+    )
     if lean:  # nothing fits unsloth's peak: every layer checkpointed, the recorded batch's headroom on top
         measured = json.loads((BENCH / "epochs_h200_unsloth_peak.json").read_text())["table"]
         row = next(r for r in measured if r["recipe"] == lean)
