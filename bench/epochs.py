@@ -49,9 +49,10 @@ REFERENCE = dict(
 )
 CELL_KEYS = ("double_quant",)  # variant keys for the grid cell, not the train section
 TABLE_KEYS = ("recipe", "job", "batch", "epoch_seconds", "tokens_per_second", "vs_tutorial")
-TABLE_KEYS += ("peak_allocated_gib", "predicted_peak_gib", "status")
+TABLE_KEYS += ("peak_allocated_gib", "peak_reserved_gib", "predicted_peak_gib", "status")
 COLUMNS = {"recipe": "recipe", "job": "job", "batch": "batch", "epoch_seconds": "epoch s", "speed": "tok/s (runs)"}
-COLUMNS.update(vs_tutorial="x tutorial", peak_allocated_gib="peak alloc GiB", predicted_peak_gib="predicted GiB")
+COLUMNS.update(vs_tutorial="x tutorial", peak_allocated_gib="peak alloc GiB", peak_reserved_gib="peak reserved GiB")
+COLUMNS.update(predicted_peak_gib="predicted GiB (alloc)")
 COLUMNS.update(loss_max_abs_diff_vs_reference_50="loss gap vs reference (50 steps)", status="status")
 
 
@@ -74,6 +75,15 @@ def split_cell_keys(overrides: dict) -> tuple[dict, dict]:
     )
 
 
+def split_environment(settings: dict) -> tuple[dict, dict]:
+    """A recipe's settings: (the train section's, environment variables of its process). Upper-case
+    keys are variables (CUBLAS_WORKSPACE_CONFIG=:4096:2:16:8), set before the child starts."""
+    return (
+        {k: v for k, v in settings.items() if not k.isupper()},
+        {k: str(v) for k, v in settings.items() if k.isupper()},
+    )
+
+
 def run_row(row: dict) -> dict:
     """One (job, recipe) in this process: build, train in the file's order, measure."""
     import logging
@@ -86,6 +96,7 @@ def run_row(row: dict) -> dict:
     from transformers import AutoTokenizer, set_seed
 
     from memory_model import ModelShape, predict_peak
+    from runtime import set_cuda_allocator
     from train_metrics import median_step_tokens_per_second, steady_tokens_per_second, step_timer
 
     logging.basicConfig(level=logging.INFO)
@@ -105,6 +116,8 @@ def run_row(row: dict) -> dict:
     cell_keys, overrides = split_cell_keys(row["train"])  # a variant may set the cell's quantisation
     cell = dict(bench_cell(seed=SEED), **cell_keys)
     settings.update(overrides)
+    # The tutorial ran with torch's default allocator; the pipeline sets its own as the train stage does.
+    allocator = set_cuda_allocator(False if tutorial else settings.get("expandable_segments", True))
     set_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tutorial:
@@ -173,6 +186,7 @@ def run_row(row: dict) -> dict:
     result["checkpoint_steps_by_every"] = plan.summary() if plan else None
     result["graph_peak_factor"] = plan.graph_peak_factor if plan else None  # the plan's headroom for graphs
     result["cuda_graphs"] = trainer.graphs.summary() if getattr(trainer, "graphs", None) else None
+    result["cuda_allocator"] = dict(memory_peak.allocator_state(), set=allocator) if cuda else allocator
     if plan:  # per-batch checkpointing: the largest prediction among the batches it planned
         result["predicted_peak_gib"] = round(plan.predicted_peak_bytes() / GIB, 3)
     if history:  # what was alive at the peak, by allocation site (bench/memory_peak.py)
@@ -255,9 +269,13 @@ def summarise(results: list[dict]) -> list[dict]:
 
         first = ok[0] if ok else {}
         peaks = [r["peak_allocated_gib"] for r in ok if r.get("peak_allocated_gib") is not None]
+        reserved = [r["peak_reserved_gib"] for r in ok if r.get("peak_reserved_gib") is not None]
         row = dict(recipe=recipe, job=job, batch=JOBS[job]["batch"], epoch_seconds=median("epoch_seconds"))
         row.update(tokens_per_second=median("tokens_per_second"), vs_tutorial=None)
-        row.update(peak_allocated_gib=max(peaks) if peaks else None, predicted_peak_gib=first.get("predicted_peak_gib"))
+        row.update(
+            peak_allocated_gib=max(peaks) if peaks else None, peak_reserved_gib=max(reserved) if reserved else None
+        )
+        row["predicted_peak_gib"] = first.get("predicted_peak_gib")
         row.update(status="ok" if ok else runs[0]["status"], steps=first.get("steps"), tokens=first.get("tokens"))
         row.update(steady_tokens_per_second=median("steady_tokens_per_second"), loss_max_abs_diff_vs_reference_50=None)
         row.update(repeats=len(ok), runs_tokens_per_second=[r["tokens_per_second"] for r in ok])
@@ -338,8 +356,9 @@ def main(a: argparse.Namespace, command: str) -> dict:
         for job in a.jobs:
             if repeat and "rows" in JOBS[job]:
                 continue  # an epoch is measured once
-            for name, (kind, train) in specs.items():
-                row = dict(recipe=name, kind=kind, job=job, repeat=repeat, steps=a.steps, train=train)
+            for name, (kind, settings) in specs.items():
+                train, env = split_environment(settings)
+                row = dict(recipe=name, kind=kind, job=job, repeat=repeat, steps=a.steps, train=train, env=env)
                 row["memory_history"] = a.memory_history
                 row.update(model_dir=str(a.model_dir), config=str(a.config))
                 if "rows" in JOBS[job]:
@@ -349,7 +368,7 @@ def main(a: argparse.Namespace, command: str) -> dict:
                     result = unsloth_row(row)
                 else:
                     child = [sys.executable, __file__, "child", json.dumps(row)]
-                    result = child_result(subprocess.run(child, capture_output=True, text=True))
+                    result = child_result(subprocess.run(child, capture_output=True, text=True, env=os.environ | env))
                 result = {
                     **row,
                     "batch": JOBS[job]["batch"],

@@ -90,3 +90,16 @@ def step_levels():
             self.levels.append([state.global_step, round(peak, 3), round(now, 3)])
 
     return StepLevels()
+
+
+def allocator_state() -> dict:
+    """The allocator settings in force and whether its segments are expandable (the snapshot's
+    word; None where this torch's snapshot does not say), so a row shows what it ran with."""
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    segments = torch.cuda.memory_snapshot()
+    flags = [s["is_expandable"] for s in segments if "is_expandable" in s]
+    return {
+        "settings": getter() if getter else None,
+        "segments": len(segments),
+        "expandable_segments": sum(flags) if flags else None,
+    }

@@ -30,6 +30,8 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "scripts"))
+from runtime import ALLOCATOR_VARIABLES  # noqa: E402
+
 GIB = 1024**3
 BLOCK_WARMUP = 3  # block rows: the median step after these (bench/epochs.py's WARMUP)
 PACKAGES = "unsloth unsloth_zoo trl transformers peft torch bitsandbytes xformers datasets triton accelerate".split()
@@ -130,6 +132,7 @@ def fitting_model_dir(model_dir: Path, vocab: int, scratch: Path) -> tuple[Path,
 def run_row(row: dict, notes: list[str], scratch: Path) -> dict:
     # isort: off
     import unsloth  # first: it patches transformers, TRL and PEFT on import
+    from memory_peak import allocator_state  # imports torch: after unsloth has set the allocator
     from unsloth import FastLanguageModel
 
     # isort: on
@@ -222,6 +225,8 @@ def run_row(row: dict, notes: list[str], scratch: Path) -> dict:
         "sft_config_dropped": dropped,
         "device": torch.cuda.get_device_name(0),
         "unsloth_version": getattr(unsloth, "__version__", None),
+        # unsloth sets the allocator's settings on import (expandable segments): what it ran with.
+        "cuda_allocator": dict(allocator_state(), set={k: os.environ.get(k) for k in ALLOCATOR_VARIABLES}),
     }
 
 

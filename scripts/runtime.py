@@ -59,6 +59,34 @@ def setup_logging(log_path: str | Path | None, name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
+# torch >= 2.10 reads the first; the second is its older name, still read when the first is unset.
+ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+
+
+def set_cuda_allocator(expandable_segments: bool) -> str:
+    """Sets this process's (and its children's) CUDA caching allocator settings; says which apply.
+
+    With expandable segments the allocator grows one mapped range instead of caching blocks of
+    every size it was asked for, so what the job holds on the card (reserved) stays close to
+    what its tensors use (allocated); unsloth sets the same on import. A setting already in the
+    environment wins. Call it before the model loads: it shapes the segments made after it.
+    """
+    for name in ALLOCATOR_VARIABLES:
+        if os.environ.get(name):
+            return f"{name}={os.environ[name]} (from the environment)"
+    if not expandable_segments:
+        return "torch's default"
+    os.environ[ALLOCATOR_VARIABLES[0]] = EXPANDABLE_SEGMENTS  # this process's children
+    # torch reads the variable once (an import, e.g. bitsandbytes', may already have started
+    # CUDA): its own setter applies it to this process from here on.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        (setter or torch.cuda.memory._set_allocator_settings)(EXPANDABLE_SEGMENTS)
+    return f"{ALLOCATOR_VARIABLES[0]}={EXPANDABLE_SEGMENTS}"
+
+
 def log_arguments(logger: logging.Logger, **arguments: Any) -> None:
     """First lines of every log: the resolved arguments of main()."""
     logger.info("resolved arguments:\n%s", json.dumps(arguments, indent=2, default=str, sort_keys=True))

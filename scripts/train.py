@@ -36,7 +36,15 @@ from data_parallel import gather_memory, join_processes, launch_command, per_pro
 from gpu_assign import assign_gpus
 from modeling import device
 from recipe import choose_optimizer, make_trainer, prepare_model, sft_config
-from runtime import hardware, log_arguments, package_versions, setup_logging, sha256_file, write_provenance
+from runtime import (
+    hardware,
+    log_arguments,
+    package_versions,
+    set_cuda_allocator,
+    setup_logging,
+    sha256_file,
+    write_provenance,
+)
 from train_metrics import (
     final_loss,
     loss_curve,
@@ -141,6 +149,7 @@ def main(
         arguments_file.unlink()
         return json.loads(Path(metrics_path).read_text())
 
+    cuda_allocator = set_cuda_allocator(train.get("expandable_segments", True))  # before the model loads
     processes, rank = join_processes()
 
     import datasets
@@ -166,6 +175,7 @@ def main(
         checkpoint_dir=checkpoint_dir,
         threads=threads,
         processes=processes,
+        cuda_allocator=cuda_allocator,
     )
     train = dict(train, gradient_accumulation_steps=per_process_accumulation(train, processes))
     torch.set_num_threads(max(1, threads // processes))
@@ -285,6 +295,7 @@ def main(
         "plan_predicted_peak_bytes": plan.predicted_peak_bytes() if plan else None,
         "metric_sync_deferred": trainer.metric_sync_deferred,
         "cuda_graphs": trainer.graphs.summary() if trainer.graphs else None,
+        "cuda_allocator": cuda_allocator,
         "optimizer_state_bytes": optimizer_bytes,
         "optimizer_paged": optimizer_paged,
         "rss_at_train_start_bytes": rss_at_train_start,

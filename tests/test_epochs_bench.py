@@ -51,7 +51,9 @@ def test_prepare_orders_the_real_rows(rows_dir):
     assert (rows_dir / "tokenizer" / "tokenizer.json").is_file()
 
 
-def child(recipe: str, job: str, tokens_per_second: float | None, losses=None, status="ok", repeat=0) -> dict:
+def child(
+    recipe: str, job: str, tokens_per_second: float | None, losses=None, status="ok", repeat=0, reserved=10.5
+) -> dict:
     measured = status == "ok"
     return {
         "recipe": recipe,
@@ -62,6 +64,7 @@ def child(recipe: str, job: str, tokens_per_second: float | None, losses=None, s
         "tokens_per_second": tokens_per_second,
         "steady_tokens_per_second": tokens_per_second,
         "peak_allocated_gib": 10.0 if measured else None,
+        "peak_reserved_gib": reserved if measured else None,
         "predicted_peak_gib": 11.0 if measured else None,
         "steps": 250 if measured else None,
         "tokens": 1000 if measured else None,
@@ -80,10 +83,11 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
         child("tutorial", "block_2048x4", 3000.0, repeat=0),
         child("pipeline", "block_2048x4", 6000.0, repeat=0),
         child("tutorial", "block_2048x4", 3200.0, repeat=1),
-        child("pipeline", "block_2048x4", 6600.0, repeat=1),
+        child("pipeline", "block_2048x4", 6600.0, repeat=1, reserved=12.25),
     ]
     table = {(r["recipe"], r["job"]): r for r in epochs.summarise(results)}
-    assert list(table["pipeline", "epoch_b4"])[:9] == list(epochs.TABLE_KEYS)
+    assert list(table["pipeline", "epoch_b4"])[: len(epochs.TABLE_KEYS)] == list(epochs.TABLE_KEYS)
+    assert table["pipeline", "block_2048x4"]["peak_reserved_gib"] == 12.25  # the larger of the repeats
     assert table["pipeline", "epoch_b4"]["vs_tutorial"] == 2.5
     assert table["tutorial", "epoch_b4"]["vs_tutorial"] == 1.0
     assert table["pipeline", "epoch_b4"]["loss_max_abs_diff_vs_reference_50"] == 0.25
@@ -99,7 +103,8 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
     assert block["loss_max_abs_diff_vs_reference_50"] is None  # no reference row for blocks
     report = {"device": "cpu", "command": "python bench/epochs.py run", "versions": {}, "table": list(table.values())}
     text = epochs.markdown(report)
-    assert "| unsloth | epoch_b4 | 4 | - | - | - | - | - | - | not run: /tmp/unsloth-site is missing |" in text
+    assert "| unsloth | epoch_b4 | 4 | - | - | - | - | - | - | - | not run: /tmp/unsloth-site is missing |" in text
+    assert "| 2.03 | 10.0 | 12.25 | 11.0 |" in text  # allocated, reserved, predicted
     assert "| pipeline | epoch_b4 | 4 | 0.4 | 2,500 (2,500) | 2.5 |" in text
 
 

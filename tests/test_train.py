@@ -69,6 +69,7 @@ def test_tiny_grid_trains_both_arms(pipeline_run, tiny_config):
         assert metrics["optimizer"] == "adamw_torch" and metrics["optimizer_requested"] == "paged_adamw_32bit"
         # TRL casts a quantised model's adapters to bf16; the stage keeps both arms in fp32.
         assert metrics["adapter_dtypes"] == ["float32"]
+        assert metrics["cuda_allocator"] == "PYTORCH_ALLOC_CONF=expandable_segments:True"  # the schema's default
     by_key = {(m["method"], m["learning_rate"]): m for m in trained}
     for lr in tiny_config["grid"]["learning_rate"]:
         lora, qlora = by_key[("lora", lr)], by_key[("qlora", lr)]
@@ -271,3 +272,43 @@ def test_two_processes_train_on_the_same_examples_as_one_with_accumulation(pipel
         assert tokens_one == tokens_two  # the same examples in each optimizer step
         assert abs(loss_one - loss_two) <= 1e-3 * loss_one
     assert '"processes": 2' in (tmp_path / "p2" / "train.log").read_text()  # the first process wrote the log
+
+
+ALLOCATOR_PROBE = """
+import sys, torch
+sys.path.insert(0, "scripts")
+from runtime import set_cuda_allocator
+print(set_cuda_allocator(sys.argv[1] == "on"))
+print(torch._C._accelerator_getAllocatorSettings())
+"""
+
+
+@pytest.mark.parametrize(
+    "environment, expandable, said, in_force",
+    [
+        ({}, "on", "PYTORCH_ALLOC_CONF=expandable_segments:True", "expandable_segments:True"),
+        ({}, "off", "torch's default", ""),
+        # A user's setting, under either name, is left alone.
+        ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}, "on", "(from the environment)", "max_split_size_mb:64"),
+        (
+            {"PYTORCH_ALLOC_CONF": "expandable_segments:False"},
+            "on",
+            "(from the environment)",
+            "expandable_segments:False",
+        ),
+    ],
+)
+def test_allocator_settings_reach_torch_unless_the_user_set_them(environment, expandable, said, in_force):
+    """train.expandable_segments: torch's allocator (imported first, as in the stage) ends up with the
+    setting, in a fresh process as the stage's own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", ALLOCATOR_PROBE, expandable],
+        env=env | environment,
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    answer, settings = done.stdout.splitlines()
+    assert said in answer and settings == in_force
