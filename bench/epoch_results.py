@@ -82,8 +82,9 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
 
 
 def memory_overrides(row: dict) -> dict:
-    """A variant row's settings the memory plan reads (its budget, offloading, quantisation)."""
-    keys = ("memory_budget_gib", "offload_checkpoints", *CELL_KEYS)
+    """A variant row's settings the memory plan reads (its budget, offloading, which batches it
+    records, quantisation)."""
+    keys = ("memory_budget_gib", "offload_checkpoints", "cuda_graphs_max_tokens", *CELL_KEYS)
     return {k: v for k, v in row.get("train", {}).items() if k in keys}
 
 

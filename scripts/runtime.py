@@ -87,6 +87,22 @@ def set_cuda_allocator(expandable_segments: bool) -> str:
     return f"{ALLOCATOR_VARIABLES[0]}={EXPANDABLE_SEGMENTS}"
 
 
+def set_cublas_workspace(config: str | None) -> str:
+    """Sets cuBLAS's workspace size (CUBLAS_WORKSPACE_CONFIG, torch's own variable); says which applies.
+
+    cuBLAS keeps one workspace per thread and stream: torch's default is 32 MiB on Hopper, and
+    the recorded steps add the capture stream's in both the main and the autograd thread. torch
+    reads it when it makes its first workspace (the first matmul), so this runs before the model
+    loads. A setting already in the environment wins.
+    """
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        return f"CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']} (from the environment)"
+    if not config:
+        return "torch's default"
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = config
+    return f"CUBLAS_WORKSPACE_CONFIG={config}"
+
+
 def log_arguments(logger: logging.Logger, **arguments: Any) -> None:
     """First lines of every log: the resolved arguments of main()."""
     logger.info("resolved arguments:\n%s", json.dumps(arguments, indent=2, default=str, sort_keys=True))

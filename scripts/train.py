@@ -40,6 +40,7 @@ from runtime import (
     hardware,
     log_arguments,
     package_versions,
+    set_cublas_workspace,
     set_cuda_allocator,
     setup_logging,
     sha256_file,
@@ -149,7 +150,9 @@ def main(
         arguments_file.unlink()
         return json.loads(Path(metrics_path).read_text())
 
-    cuda_allocator = set_cuda_allocator(train.get("expandable_segments", True))  # before the model loads
+    # Before the model loads: torch reads both once.
+    cuda_allocator = set_cuda_allocator(train.get("expandable_segments", False))
+    cublas_workspace = set_cublas_workspace(train.get("cublas_workspace_config"))
     processes, rank = join_processes()
 
     import datasets
@@ -176,6 +179,7 @@ def main(
         threads=threads,
         processes=processes,
         cuda_allocator=cuda_allocator,
+        cublas_workspace=cublas_workspace,
     )
     train = dict(train, gradient_accumulation_steps=per_process_accumulation(train, processes))
     torch.set_num_threads(max(1, threads // processes))
@@ -296,6 +300,7 @@ def main(
         "metric_sync_deferred": trainer.metric_sync_deferred,
         "cuda_graphs": trainer.graphs.summary() if trainer.graphs else None,
         "cuda_allocator": cuda_allocator,
+        "cublas_workspace": cublas_workspace,
         "optimizer_state_bytes": optimizer_bytes,
         "optimizer_paged": optimizer_paged,
         "rss_at_train_start_bytes": rss_at_train_start,

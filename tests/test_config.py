@@ -1,12 +1,14 @@
 """The config schema: shipped configs pass; typos and bad values stop the run naming the key."""
 
 import copy
+import re
+import subprocess
 
 import pytest
 import yaml
 
 from config_check import ConfigError, load_schema, validate_config
-from conftest import PROJECT, TINY_CONFIG, snakemake
+from conftest import BIN, PROJECT, TINY_CONFIG, snakemake
 from grid import grid_table
 
 SHIPPED = ["config/config.yaml", "config/smollm2-full.yaml", "config/llama2-7b.yaml", "tests/config/config.yaml"]
@@ -47,6 +49,7 @@ def _set(config: dict, dotted: str, value) -> dict:
         ("train.gradient_checkpointing", "sometimes", "train.gradient_checkpointing"),
         ("train.kernels", "triton", "train.kernels"),
         ("train.checkpoint_every", 0, "train.checkpoint_every"),
+        ("train.cublas_workspace_config", "4096:8", "train.cublas_workspace_config"),  # no leading colon
     ],
 )
 def test_schema_names_the_bad_key(dotted, value, named):
@@ -189,3 +192,42 @@ def test_grid_exclude_leaves_out_matching_rows_and_rejects_a_typo():
     grid["exclude"] = [{"quant_type": "fp8"}]
     with pytest.raises(ValueError, match=r"config key 'grid.exclude': \{'quant_type': 'fp8'\} matches no grid row"):
         grid_table(grid)
+
+
+def test_lean_overlay_changes_only_the_memory_settings_of_the_7b_study():
+    """config/lean.yaml over config/llama2-7b.yaml, merged as Snakemake merges --configfile files:
+    valid, the lean settings and nothing else change, and Snakemake plans the study from both."""
+    from snakemake.utils import update_config
+
+    base, merged = load("config/llama2-7b.yaml"), load("config/llama2-7b.yaml")
+    update_config(merged, load("config/lean.yaml"))
+    validate_config(merged)
+    changed = {f"{s}.{k}" for s in ("grid", "train") for k in merged[s] if merged[s][k] != base[s].get(k)}
+    assert changed == {
+        "grid.double_quant",
+        "train.memory_budget_gib",
+        "train.offload_checkpoints",
+        "train.cuda_graphs_max_tokens",
+        "train.expandable_segments",
+        "train.cublas_workspace_config",
+    }
+    assert merged["train"]["cuda_graphs_max_tokens"] is None  # null: every batch recorded
+    configs = [str(PROJECT / "config" / name) for name in ("llama2-7b.yaml", "lean.yaml")]
+    done = subprocess.run(
+        [
+            str(BIN / "snakemake"),
+            "--configfile",
+            *configs,
+            "--config",
+            "train={kernels: none}",
+            "-n",
+            "--quiet",
+            "rules",
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"^train\s+8$", done.stdout, flags=re.M)  # 2 methods x 2 lr x 2 seeds

@@ -162,6 +162,11 @@ RESULTS = {  # each file's rows that must be there
     "epochs_h200_offload.json": {("pipeline", "epoch_b4"), ("lean_4.84", "epoch_b4"), ("lean_5.75", "block_2048x4")},
     "epochs_h200_offload_graphs.json": {("lean_4.84", "epoch_b4"), ("lean_4.2", "seed_epoch_b1")},
     "epochs_h200_unsloth_peak.json": {("lean_4.84", "epoch_b4"), ("lean_4.2", "seed_epoch_b1")},
+    "epochs_h200_allocator.json": {
+        ("lean_4.84_torch_default", "epoch_b4"),
+        ("lean_4.2_workspace_8mib", "seed_epoch_b1"),
+    },
+    "epochs_h200_allocator_b4_100steps.json": {("lean_4.84_workspace_8mib_all_recorded", "epoch_b4")},
 }
 
 

@@ -129,7 +129,7 @@ def test_train_jobs_request_the_predicted_gpu_memory(pipeline_run, tiny_config):
     assert all(mb > 0 for mb in requested)
 
 
-@pytest.mark.parametrize(("batch", "lean"), [(4, None), (4, "lean_4.84"), (1, "lean_4.2")])
+@pytest.mark.parametrize(("batch", "lean"), [(4, None), (4, "lean_4.84"), (1, "lean_4.2"), (4, "config/lean.yaml")])
 def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch, lean):
     """The train rule's gpu_mem_mb (memory_model.expected_peak): with CUDA graphs, the largest peak the
     per-batch plan expects over every padded batch length of the run (a recorded batch planned
@@ -147,7 +147,11 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
     model_config.write_text(json.dumps(CONFIG))
     train = dict(yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())["train"], batch_size=batch)
     cell = bench_cell()
-    if lean:
+    if lean == "config/lean.yaml":  # the overlay: every batch recorded, so every one gets the headroom
+        overlay = yaml.safe_load((PROJECT / lean).read_text())
+        train.update(overlay["train"])
+        cell.update(double_quant=overlay["grid"]["double_quant"][0])
+    elif lean:
         train.update(offload_checkpoints=True, memory_budget_gib=float(lean.split("_")[1]))
         cell.update(double_quant=True)
     assert train["cuda_graphs"] and train["gradient_checkpointing"] == "auto"
@@ -164,7 +168,10 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
         eager.predicted_peak_bytes()
     )
     if lean:  # nothing fits unsloth's peak: every layer checkpointed, the recorded batch's headroom on top
-        measured = json.loads((BENCH / "epochs_h200_unsloth_peak.json").read_text())["table"]
-        row = next(r for r in measured if r["recipe"] == lean)
+        measured_in, recipe = "epochs_h200_unsloth_peak.json", lean
+        if lean == "config/lean.yaml":  # its 100 steps saw all 16 padded lengths
+            measured_in, recipe = "epochs_h200_allocator_b4_100steps.json", "lean_4.84_workspace_8mib_all_recorded"
+        measured = json.loads((BENCH / measured_in).read_text())["table"]
+        row = next(r for r in measured if r["recipe"] == recipe)
         assert round(requested / GIB, 3) == row["predicted_peak_gib"]
         assert requested > eager.predicted_peak_bytes()
