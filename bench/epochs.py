@@ -36,10 +36,10 @@ PROJECT = BENCH.parent
 sys.path[:0] = [str(BENCH), str(PROJECT / "scripts")]
 import memory_peak  # noqa: E402
 from epoch_rows import DATA, JOBS, MAX_LENGTH, SEED, VOCAB, prepare  # noqa: E402
+from epoch_table import LOSS_STEPS, markdown, write  # noqa: E402
 from gpu_recipes import LLAMA2_7B, bench_cell, build_model, prediction_recipe, token_rows, tutorial_model  # noqa: E402
 
 GIB = 1024**3
-LOSS_STEPS = 50
 WARMUP = 3  # block rows: the median step after these (as gpu_recipes)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 SHAPES = {"7b": LLAMA2_7B, "tiny": dict(LLAMA2_7B, **TINY)}  # tiny: the same code path on a CPU (tests)
@@ -48,12 +48,6 @@ REFERENCE = dict(
     kernels="none", gradient_checkpointing=True, checkpoint_every=1, cuda_graphs=False, recompute_lora_dropout=False
 )
 CELL_KEYS = ("double_quant",)  # variant keys for the grid cell, not the train section
-TABLE_KEYS = ("recipe", "job", "batch", "epoch_seconds", "tokens_per_second", "vs_tutorial")
-TABLE_KEYS += ("peak_allocated_gib", "peak_reserved_gib", "predicted_peak_gib", "status")
-COLUMNS = {"recipe": "recipe", "job": "job", "batch": "batch", "epoch_seconds": "epoch s", "speed": "tok/s (runs)"}
-COLUMNS.update(vs_tutorial="x tutorial", peak_allocated_gib="peak alloc GiB", peak_reserved_gib="peak reserved GiB")
-COLUMNS.update(predicted_peak_gib="predicted GiB (alloc)")
-COLUMNS.update(loss_max_abs_diff_vs_reference_50="loss gap vs reference (50 steps)", status="status")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -253,78 +247,6 @@ def recipe_specs(recipes: list[str], overrides: dict, variants: list[str]) -> di
             raise SystemExit(f"--variant {variant!r} is not NAME:KEY=VALUE,KEY=VALUE")
         specs[name] = ("pipeline", dict(overrides, **parse_overrides(items.split(","))))
     return specs
-
-
-def summarise(results: list[dict]) -> list[dict]:
-    """One row per (recipe, job): the median over repeats; ratios to the tutorial of the job;
-    the first losses' largest gap to the reference recipe of the job."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["recipe"], r["job"]), []).append(r)
-    table = []
-    for (recipe, job), runs in groups.items():
-        ok = [r for r in runs if r["status"] == "ok"]
-
-        def median(key, ok=ok):
-            values = [r[key] for r in ok if r.get(key) is not None]
-            return round(statistics.median(values), 2) if values else None
-
-        first = ok[0] if ok else {}
-        peaks = [r["peak_allocated_gib"] for r in ok if r.get("peak_allocated_gib") is not None]
-        reserved = [r["peak_reserved_gib"] for r in ok if r.get("peak_reserved_gib") is not None]
-        row = dict(recipe=recipe, job=job, batch=JOBS[job]["batch"], epoch_seconds=median("epoch_seconds"))
-        row.update(tokens_per_second=median("tokens_per_second"), vs_tutorial=None)
-        row.update(
-            peak_allocated_gib=max(peaks) if peaks else None, peak_reserved_gib=max(reserved) if reserved else None
-        )
-        row["predicted_peak_gib"] = first.get("predicted_peak_gib")
-        row.update(status="ok" if ok else runs[0]["status"], steps=first.get("steps"), tokens=first.get("tokens"))
-        row.update(steady_tokens_per_second=median("steady_tokens_per_second"), loss_max_abs_diff_vs_reference_50=None)
-        row.update(repeats=len(ok), runs_tokens_per_second=[r["tokens_per_second"] for r in ok])
-        row["capped_at_step"] = first.get("capped_at_step")
-        table.append(dict(row, losses=first.get("losses")))
-    for row in table:
-        same = {t["recipe"]: t for t in table if t["job"] == row["job"]}
-        tutorial, reference = same.get("tutorial"), same.get("reference")
-        comparable = not row.get("capped_at_step") and tutorial and not tutorial.get("capped_at_step")
-        if comparable and tutorial["tokens_per_second"] and row["tokens_per_second"]:
-            row["vs_tutorial"] = round(row["tokens_per_second"] / tutorial["tokens_per_second"], 2)
-        if reference and reference is not row and reference["losses"] and row["losses"]:
-            pairs = zip(row["losses"][:LOSS_STEPS], reference["losses"][:LOSS_STEPS], strict=False)
-            row["loss_max_abs_diff_vs_reference_50"] = round(max(abs(a - b) for a, b in pairs), 6)
-    for row in table:
-        del row["losses"]
-    return table
-
-
-def markdown(report: dict) -> str:
-    rows = report.get("rows_files", {})
-    lines = [f"Card: {report['device']}. Llama-2-7B shape, random weights, QLoRA q/v r64, lr 2e-4.", ""]
-    lines += ["| " + " | ".join(COLUMNS.values()) + " |", "|---" * len(COLUMNS) + "|"]
-    for r in report["table"]:
-        runs = ", ".join(f"{t:,.0f}" for t in r["runs_tokens_per_second"])
-        cells = dict(r, speed=f"{r['tokens_per_second']:,.0f} ({runs})" if r["tokens_per_second"] else None)
-        lines.append("| " + " | ".join("-" if cells[k] is None else str(cells[k]) for k in COLUMNS) + " |")
-    lines += ["", f"Command: `{report['command']}`", "", f"Versions: {json.dumps(report['versions'])}"]
-    if rows:
-        lines.append(
-            f"Row lengths: {rows['rows']} rows, {rows['tokens']:,} tokens (median {rows['median_length']}), "
-            f"tokenized with {rows['tokenizer']} (tokenizer.json sha256 {rows['tokenizer_json_sha256'][:12]}), "
-            f"ids mapped by {rows['vocab_map']}, truncated at {rows['max_length']}."
-        )
-    lines += [f"Note: {note}" for note in report.get("notes", [])]
-    lines += [
-        f"Completed on the CPU afterwards (bench/epoch_results.py): {note}"
-        for note in report.get("completed_on_cpu", [])
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def write(report: dict, out: Path) -> None:
-    report["table"] = summarise(report["rows"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
 
 
 def rows_summary(rows_dir: Path) -> dict:

@@ -73,7 +73,7 @@ def child(
 
 
 def test_summarise_ratios_loss_gap_and_not_run_rows():
-    import epochs
+    import epoch_table
 
     results = [
         child("tutorial", "epoch_b4", 1000.0, [10.0, 9.0]),
@@ -85,8 +85,8 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
         child("tutorial", "block_2048x4", 3200.0, repeat=1),
         child("pipeline", "block_2048x4", 6600.0, repeat=1, reserved=12.25),
     ]
-    table = {(r["recipe"], r["job"]): r for r in epochs.summarise(results)}
-    assert list(table["pipeline", "epoch_b4"])[: len(epochs.TABLE_KEYS)] == list(epochs.TABLE_KEYS)
+    table = {(r["recipe"], r["job"]): r for r in epoch_table.summarise(results)}
+    assert list(table["pipeline", "epoch_b4"])[: len(epoch_table.TABLE_KEYS)] == list(epoch_table.TABLE_KEYS)
     assert table["pipeline", "block_2048x4"]["peak_reserved_gib"] == 12.25  # the larger of the repeats
     assert table["pipeline", "epoch_b4"]["vs_tutorial"] == 2.5
     assert table["tutorial", "epoch_b4"]["vs_tutorial"] == 1.0
@@ -102,7 +102,7 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
     assert block["vs_tutorial"] == round(6300 / 3100, 2) and block["epoch_seconds"] is None
     assert block["loss_max_abs_diff_vs_reference_50"] is None  # no reference row for blocks
     report = {"device": "cpu", "command": "python bench/epochs.py run", "versions": {}, "table": list(table.values())}
-    text = epochs.markdown(report)
+    text = epoch_table.markdown(report)
     assert "| unsloth | epoch_b4 | 4 | - | - | - | - | - | - | - | not run: /tmp/unsloth-site is missing |" in text
     assert "| 2.03 | 10.0 | 12.25 | 11.0 |" in text  # allocated, reserved, predicted
     assert "| pipeline | epoch_b4 | 4 | 0.4 | 2,500 (2,500) | 2.5 |" in text
