@@ -6,6 +6,8 @@
 # effect, same sitting); the lean batch-1 epoch, and again with 8 MiB cuBLAS workspaces instead
 # of 32 (is the 0.062 GiB a recording adds the capture stream's workspaces?); unsloth's two
 # epochs; the shipped 8 GiB batch-4 epoch after the recording fix, and the tutorial's (goal 2).
+# As run, its rows up to unsloth's batch-4 epoch completed: the card was handed back between two
+# calls during unsloth's batch-1 epoch (bench/epochs_h200_allocator_b4.sh followed on a fresh one).
 # ~22 min from the repo root in the background; the unsloth rows wait for their layer
 # (bash .carry/unsloth/install.sh, a second call). Rows: python bench/epochs.py prepare --out .carry/epochs.
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
