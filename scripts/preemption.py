@@ -10,7 +10,7 @@ asks Slurm for the time left.
 
 On the warning the job saves a checkpoint at the end of the step it is in and stops with an
 error: work after that save would be lost at the kill anyway. Snakemake's retry asks twice
-the time (rules: ``attempt``) and resumes from the checkpoint (train.prepare_checkpoints).
+the time (rules: ``attempt``) and resumes from the checkpoint (resume.prepare_checkpoints).
 """
 
 import os

@@ -11,12 +11,11 @@ time, losses, device and card, dtypes, versions; how each is measured:
 
 Checkpoints go to a folder outside the rule's outputs: a job killed by SIGTERM/SIGKILL
 (a SLURM time limit, preemption) resumes from its last checkpoint on the next run and
-ends with the same total step count. A checkpoint written under other settings is
+ends with the same total step count (resume.py). A checkpoint written under other settings is
 discarded, never resumed.
 """
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -36,6 +35,7 @@ from data_parallel import gather_memory, join_processes, launch_command, per_pro
 from gpu_assign import assign_gpus
 from modeling import device
 from recipe import choose_optimizer, make_trainer, prepare_model, sft_config
+from resume import prepare_checkpoints, progress_at
 from runtime import (
     hardware,
     log_arguments,
@@ -55,6 +55,7 @@ from train_metrics import (
     reset_peak_rss,
     steady_tokens_per_second,
     step_timer,
+    write_loss_curve,
 )
 
 PATH_ARGUMENTS = {
@@ -69,38 +70,8 @@ PATH_ARGUMENTS = {
     "provenance_path",
     "log_path",
 }
-SIGNATURE_FILE = "run_signature.json"
 STEADY_FROM_STEP = 4  # steps 1-3 set up kernels for their shapes: steady speed counts from step 4
 GIB = 1024**3
-
-
-def checkpoint_is_complete(checkpoint: Path) -> bool:
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def prepare_checkpoints(checkpoint_dir: Path, signature: dict, logger) -> str | None:
-    """The checkpoint to resume from, if one exists for exactly these settings."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    signature_path = checkpoint_dir / SIGNATURE_FILE
-    if checkpoint_dir.is_dir():
-        previous = json.loads(signature_path.read_text()) if signature_path.is_file() else None
-        if previous != signature:
-            logger.warning("checkpoints in %s were made with other settings: discarded", checkpoint_dir)
-            shutil.rmtree(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    signature_path.write_text(json.dumps(signature, indent=2, sort_keys=True))
-    # A kill during a save leaves a partial checkpoint: trainer_state.json is written last.
-    while (last := get_last_checkpoint(str(checkpoint_dir))) and not checkpoint_is_complete(Path(last)):
-        logger.warning("discarding incomplete checkpoint %s (killed while saving)", last)
-        shutil.rmtree(last)
-    if last:
-        logger.info("resuming from %s", last)
-    return last
 
 
 def adapter_dtypes(model) -> list[str]:
@@ -240,11 +211,7 @@ def main(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss_at_train_start = reset_peak_rss()  # the CPU's training-phase peak starts here
-    tokens_before = 0
-    if resume_from:
-        tokens_before = json.loads((Path(resume_from) / "trainer_state.json").read_text()).get(
-            "num_input_tokens_seen", 0
-        )
+    tokens_before, step_before = progress_at(resume_from)
     train_started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     preemption.exit_if_stopped()  # Slurm's time-limit warning: checkpoint saved, no outputs
@@ -263,26 +230,11 @@ def main(
     Path(adapter_dir).mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(str(adapter_dir))
     curve = loss_curve(trainer.state.log_history, timer.steps)
-    with Path(loss_curve_path).open("w", newline="") as handle:
-        writer = csv.DictWriter(
-            handle,
-            fieldnames=[
-                "step",
-                "epoch",
-                "loss",
-                "learning_rate",
-                "grad_norm",
-                "step_seconds",
-                "step_tokens",
-                "interval_tokens",
-            ],
-        )
-        writer.writeheader()
-        writer.writerows(curve)
+    write_loss_curve(curve, Path(loss_curve_path))
 
     final_train_loss, final_loss_steps = final_loss(curve, trainer.state.global_step)
     tokens_this_run = trainer.state.num_input_tokens_seen - tokens_before
-    steps_this_run = trainer.state.global_step - (int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
+    steps_this_run = trainer.state.global_step - step_before
     samples_this_run = steps_this_run * train["batch_size"] * train["gradient_accumulation_steps"] * processes
     metrics = {
         **cell,
@@ -312,7 +264,7 @@ def main(
         "trainable_parameters": trainable,
         "total_parameters": total,
         "global_steps": trainer.state.global_step,
-        "resumed_from_step": int(Path(resume_from).name.split("-")[-1]) if resume_from else None,
+        "resumed_from_step": step_before if resume_from else None,
         "train_tokens_seen": trainer.state.num_input_tokens_seen,
         "train_seconds_this_run": round(train_seconds, 3),
         "tokens_per_second": round(tokens_this_run / train_seconds, 2) if train_seconds else None,

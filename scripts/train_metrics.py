@@ -15,6 +15,7 @@
   during training, model weights resident included, loading's transient peak excluded.
 """
 
+import csv
 import statistics
 import time
 from pathlib import Path
@@ -127,6 +128,18 @@ def loss_curve(log_history: list[dict], steps: dict[int, dict]) -> list[dict]:
         )
         previous = step
     return curve
+
+
+LOSS_CURVE_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "step_seconds", "step_tokens"]
+LOSS_CURVE_COLUMNS += ["interval_tokens"]
+
+
+def write_loss_curve(curve: list[dict], path: Path) -> None:
+    """loss_curve.csv: one row per logged step (loss_curve's rows)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOSS_CURVE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(curve)
 
 
 def final_loss(curve: list[dict], total_steps: int, share: float = FINAL_LOSS_SHARE) -> tuple[float | None, int]:

@@ -13,6 +13,7 @@ import torch
 import yaml
 from snakemake.utils import Paramspace
 
+import resume
 import train
 from conftest import BIN, PROJECT, read_json, snakemake
 from grid import grid_table
@@ -216,16 +217,17 @@ def test_partial_checkpoint_is_discarded(tmp_path):
 
     signature = {"cell": "x"}
     checkpoints = tmp_path / "ckpt"
-    train.prepare_checkpoints(checkpoints, signature, logging.getLogger("test"))
+    resume.prepare_checkpoints(checkpoints, signature, logging.getLogger("test"))
     (checkpoints / "checkpoint-2").mkdir()
     (checkpoints / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     (checkpoints / "checkpoint-4").mkdir()  # killed mid-save
     (checkpoints / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"partial")
-    resume = train.prepare_checkpoints(checkpoints, signature, logging.getLogger("test"))
-    assert resume and resume.endswith("checkpoint-2")
+    resumed = resume.prepare_checkpoints(checkpoints, signature, logging.getLogger("test"))
+    assert resumed and resumed.endswith("checkpoint-2")
+    assert resume.progress_at(resumed) == (0, 2) and resume.progress_at(None) == (0, 0)  # (tokens, step)
     assert not (checkpoints / "checkpoint-4").exists()
     # Checkpoints made under other settings are discarded, never resumed.
-    assert train.prepare_checkpoints(checkpoints, {"cell": "y"}, logging.getLogger("test")) is None
+    assert resume.prepare_checkpoints(checkpoints, {"cell": "y"}, logging.getLogger("test")) is None
 
 
 def test_launch_command_runs_one_process_per_gpu(tmp_path):
