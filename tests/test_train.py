@@ -281,7 +281,8 @@ import sys, torch
 sys.path.insert(0, "scripts")
 from runtime import set_cuda_allocator
 print(set_cuda_allocator(sys.argv[1] == "on"))
-print(torch._C._accelerator_getAllocatorSettings())
+getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)  # absent in torch 2.11
+print(getter() if getter else "(this torch does not say)")
 """
 
 
@@ -313,4 +314,6 @@ def test_allocator_settings_reach_torch_unless_the_user_set_them(environment, ex
         check=True,
     )
     answer, settings = done.stdout.splitlines()
+    if settings == "(this torch does not say)":
+        pytest.skip(f"torch {torch.__version__} has no getter for its allocator's settings")
     assert said in answer and settings == in_force
