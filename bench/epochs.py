@@ -90,7 +90,7 @@ def run_row(row: dict) -> dict:
     from transformers import AutoTokenizer, set_seed
 
     from memory_model import ModelShape, predict_peak
-    from runtime import set_cublas_workspace, set_cuda_allocator
+    from runtime import set_cuda_memory
     from train_metrics import median_step_tokens_per_second, steady_tokens_per_second, step_timer
 
     logging.basicConfig(level=logging.INFO)
@@ -111,8 +111,7 @@ def run_row(row: dict) -> dict:
     cell = dict(bench_cell(seed=SEED), **cell_keys)
     settings.update(overrides)
     # The tutorial ran with torch's default allocator; the pipeline sets its own as the train stage does.
-    allocator = set_cuda_allocator(False if tutorial else settings.get("expandable_segments", False))
-    workspace = set_cublas_workspace(None if tutorial else settings.get("cublas_workspace_config"))
+    cuda_memory = set_cuda_memory({} if tutorial else settings)
     set_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tutorial:
@@ -181,8 +180,9 @@ def run_row(row: dict) -> dict:
     result["checkpoint_steps_by_every"] = plan.summary() if plan else None
     result["graph_peak_factor"] = plan.graph_peak_factor if plan else None  # the plan's headroom for graphs
     result["cuda_graphs"] = trainer.graphs.summary() if getattr(trainer, "graphs", None) else None
-    result["cuda_allocator"] = dict(memory_peak.allocator_state(), set=allocator) if cuda else allocator
-    result["cublas_workspace"] = workspace
+    result.update(cuda_memory)
+    if cuda:  # what the allocator ran with
+        result["cuda_allocator"] = dict(memory_peak.allocator_state(), set=cuda_memory["cuda_allocator"])
     if plan:  # per-batch checkpointing: the largest prediction among the batches it planned
         result["predicted_peak_gib"] = round(plan.predicted_peak_bytes() / GIB, 3)
     if history:  # what was alive at the peak, by allocation site (bench/memory_peak.py)

@@ -161,7 +161,7 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
 
 def main(
     variants: list[str],
-    lengths_path: Path | list[int],
+    lengths: list[int],
     steps: int,
     profile_from: int,
     model_dir: Path,
@@ -178,7 +178,7 @@ def main(
         row = json.dumps(
             dict(
                 name=name,
-                lengths=lengths_path if isinstance(lengths_path, list) else str(lengths_path),
+                lengths=lengths[: steps * batch],
                 steps=steps,
                 profile_from=profile_from,
                 model_dir=str(model_dir),
@@ -218,9 +218,8 @@ if __name__ == "__main__":
     a = parser.parse_args()
     if a.child:
         c = json.loads(a.child)
-        lengths = c["lengths"] if isinstance(c["lengths"], list) else json.loads(Path(c["lengths"]).read_text())
-        result = run_variant(c["name"], lengths, c["steps"], c["profile_from"], Path(c["model_dir"]), c["batch"])
+        result = run_variant(c["name"], c["lengths"], c["steps"], c["profile_from"], Path(c["model_dir"]), c["batch"])
         print("ROW " + json.dumps(result), flush=True)
     else:
-        lengths = [a.block] * (a.steps * a.batch) if a.block else a.lengths
+        lengths = [a.block] * (a.steps * a.batch) if a.block else json.loads(a.lengths.read_text())
         main(a.variants, lengths, a.steps, a.profile_from, a.model_dir, a.out, a.batch)

@@ -104,6 +104,15 @@ def set_cublas_workspace(config: str | None) -> str:
     return f"CUBLAS_WORKSPACE_CONFIG={config}"
 
 
+def set_cuda_memory(train: dict) -> dict[str, str]:
+    """The train section's CUDA memory settings (expandable_segments, cublas_workspace_config),
+    applied before the model loads; what applies, as the train metrics and bench rows record it."""
+    return {
+        "cuda_allocator": set_cuda_allocator(train.get("expandable_segments", False)),
+        "cublas_workspace": set_cublas_workspace(train.get("cublas_workspace_config")),
+    }
+
+
 def log_arguments(logger: logging.Logger, **arguments: Any) -> None:
     """First lines of every log: the resolved arguments of main()."""
     logger.info("resolved arguments:\n%s", json.dumps(arguments, indent=2, default=str, sort_keys=True))

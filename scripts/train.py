@@ -40,8 +40,7 @@ from runtime import (
     hardware,
     log_arguments,
     package_versions,
-    set_cublas_workspace,
-    set_cuda_allocator,
+    set_cuda_memory,
     setup_logging,
     sha256_file,
     write_provenance,
@@ -121,9 +120,7 @@ def main(
         arguments_file.unlink()
         return json.loads(Path(metrics_path).read_text())
 
-    # Before the model loads: torch reads both once.
-    cuda_allocator = set_cuda_allocator(train.get("expandable_segments", False))
-    cublas_workspace = set_cublas_workspace(train.get("cublas_workspace_config"))
+    cuda_memory = set_cuda_memory(train)  # before the model loads: torch reads these once
     processes, rank = join_processes()
 
     import datasets
@@ -149,8 +146,7 @@ def main(
         checkpoint_dir=checkpoint_dir,
         threads=threads,
         processes=processes,
-        cuda_allocator=cuda_allocator,
-        cublas_workspace=cublas_workspace,
+        cuda_memory=cuda_memory,
     )
     train = dict(train, gradient_accumulation_steps=per_process_accumulation(train, processes))
     torch.set_num_threads(max(1, threads // processes))
@@ -251,8 +247,7 @@ def main(
         "plan_predicted_peak_bytes": plan.predicted_peak_bytes() if plan else None,
         "metric_sync_deferred": trainer.metric_sync_deferred,
         "cuda_graphs": trainer.graphs.summary() if trainer.graphs else None,
-        "cuda_allocator": cuda_allocator,
-        "cublas_workspace": cublas_workspace,
+        **cuda_memory,
         "optimizer_state_bytes": optimizer_bytes,
         "optimizer_paged": optimizer_paged,
         "rss_at_train_start_bytes": rss_at_train_start,
