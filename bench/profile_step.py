@@ -36,6 +36,8 @@ VARIANTS = {
     "compile_auto8": {"compile": True, "gradient_checkpointing": "auto", "memory_budget_gib": 8},
     "compile_noliger": {"compile": True, "kernels": "none"},
     "noliger": {"kernels": "none"},
+    "graphs_all": {"cuda_graphs_max_tokens": None},  # long batches recorded too
+    "eager": {"cuda_graphs": False},
 }
 
 
@@ -59,7 +61,9 @@ def kernel_kinds(kernels) -> dict:
     return {k: round(v, 4) for k, v in sorted(seconds.items(), key=lambda item: -item[1])}
 
 
-def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, model_dir: Path, batch: int = 1) -> dict:
+def run_variant(
+    name: str, lengths: list[int], steps: int, profile_from: int, model_dir: Path, batch: int = 1, trace: str = ""
+) -> dict:
     import datasets
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer, TrainerCallback, set_seed
@@ -129,6 +133,7 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
         "train_seconds": round(seconds, 2),
         "first_step_seconds": round(steps_done[0][1]["step_seconds"], 2),
         "median_step_seconds": round(statistics.median(s["step_seconds"] for s in after), 4),
+        "step_seconds": [round(s["step_seconds"], 4) for _, s in steps_done],
         "steady_tokens_per_second": round(
             sum(s["step_tokens"] for s in after) / sum(s["step_seconds"] for s in after), 1
         ),
@@ -156,6 +161,9 @@ def run_variant(name: str, lengths: list[int], steps: int, profile_from: int, mo
         result["profile"]["top_cuda"] = (
             traces["prof"].key_averages().table(sort_by="self_device_time_total", row_limit=12)
         )
+        if trace:  # the timeline (chrome://tracing, Perfetto), gzipped
+            traces["prof"].export_chrome_trace(trace)
+            subprocess.run(["gzip", "-f", trace], check=True)
     return result
 
 
@@ -167,6 +175,7 @@ def main(
     model_dir: Path,
     out: Path,
     batch: int = 1,
+    trace_dir: Path | None = None,
 ) -> None:
     from gpu_recipes import build_model
 
@@ -183,6 +192,7 @@ def main(
                 profile_from=profile_from,
                 model_dir=str(model_dir),
                 batch=batch,
+                trace=str(trace_dir / f"trace_{out.stem}_{name}.json") if trace_dir else "",
             )
         )
         t0 = time.time()
@@ -215,11 +225,14 @@ if __name__ == "__main__":
     parser.add_argument("--profile-from", type=int, default=20)
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "llama2-7b-shape")
     parser.add_argument("--out", type=Path, default=Path("profile_step.json"))
+    parser.add_argument("--trace-dir", type=Path, help="write each profiled window's timeline here (gzipped)")
     a = parser.parse_args()
     if a.child:
         c = json.loads(a.child)
-        result = run_variant(c["name"], c["lengths"], c["steps"], c["profile_from"], Path(c["model_dir"]), c["batch"])
+        result = run_variant(
+            c["name"], c["lengths"], c["steps"], c["profile_from"], Path(c["model_dir"]), c["batch"], c["trace"]
+        )
         print("ROW " + json.dumps(result), flush=True)
     else:
         lengths = [a.block] * (a.steps * a.batch) if a.block else json.loads(a.lengths.read_text())
-        main(a.variants, lengths, a.steps, a.profile_from, a.model_dir, a.out, a.batch)
+        main(a.variants, lengths, a.steps, a.profile_from, a.model_dir, a.out, a.batch, a.trace_dir)

@@ -59,6 +59,37 @@ def attention_backends():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+@contextlib.contextmanager
+def causal_flag_while_recording():
+    """SDPA's causal flag instead of a causal mask tensor while a graph records (no padding mask).
+
+    transformers up to 5.17 counts a CUDA stream capture as tracing and then builds the causal
+    mask as a tensor, even with no padding mask to read (5.24 checks only a mask it would read).
+    Flash attention takes no mask, so the recorded attention ran the memory-efficient kernel on
+    a mask: 87 against 12 ms of a 4 x 1024 step's attention on an H200
+    (bench/results/profile_step_h200_b4_1024.json). Without a padding mask there is nothing to
+    read, and the decision is the untraced one (the same values: pads sit after every real token)."""
+    import transformers.masking_utils as masking
+
+    original = masking._ignore_causal_mask_sdpa
+
+    def ignore_causal_mask(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
+        if padding_mask is None and not torch.is_tensor(q_offset) and capturing():
+            if local_attention_size is not None and kv_length >= local_attention_size:
+                return False
+            return q_length == 1 or kv_length == q_length or q_offset == 0
+        return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
+
+    def capturing() -> bool:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+    masking._ignore_causal_mask_sdpa = ignore_causal_mask
+    try:
+        yield
+    finally:
+        masking._ignore_causal_mask_sdpa = original
+
+
 def right_padded(inputs: dict) -> bool:
     """Every row's mask is ones then zeros, and every masked position has label -100."""
     mask, labels = inputs["attention_mask"], inputs["labels"]

@@ -5,7 +5,7 @@ per layer the input once and each mask as bits (autograd's saved tensors, counte
 import pytest
 import torch
 
-from lora_dropout import recompute_lora_dropout
+from lora_dropout import pack_mask, recompute_lora_dropout, unpack_mask
 from memory_model import ModelShape, layer_activation_bytes
 from modeling import load_base_model
 
@@ -118,6 +118,22 @@ def test_dropout_output_recomputed_from_its_mask_is_the_same(device, dtype):
     x = torch.randn(4, 96, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     dropped, mask = torch.native_dropout(x, 0.1, True)
     assert torch.equal(torch.ops.aten.native_dropout_backward(x, mask, 1 / (1 - 0.1)), dropped)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32])
+def test_packed_mask_holds_entry_i_in_bit_i_and_unpacks_to_the_mask(device, dtype):
+    """Every byte value (the top bit too: its word's product wraps negative) round-trips, and
+    each byte is the sum of its 8 entries shifted by their place."""
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # byte value v's 8 entries
+    drawn = torch.rand(96 * 64, generator=torch.Generator().manual_seed(0)) > 0.1  # as native_dropout keeps
+    mask = torch.cat([bits.flatten().bool(), drawn]).to(device, dtype)
+    packed = pack_mask(mask)
+    by_definition = (mask.reshape(-1, 8).long().cpu() << torch.arange(8)).sum(dim=1)
+    assert packed.dtype == torch.uint8 and torch.equal(packed.long().cpu(), by_definition)
+    assert torch.equal(packed[:256].long().cpu(), torch.arange(256))
+    unpacked = unpack_mask(packed, True, dtype, mask.reshape(128, 64))
+    assert unpacked.dtype == dtype and torch.equal(unpacked, mask.reshape(128, 64))
 
 
 def saved_bytes(tensors: list, parameters: set) -> int:

@@ -226,6 +226,50 @@ def test_graph_step_needs_right_padding():
     assert not cuda_graphs.right_padded(unmasked)  # a pad with a label would change the loss
 
 
+def test_recording_attends_by_the_causal_flag_not_a_mask_tensor(tiny_model, monkeypatch):
+    """While a graph records, SDPA gets no mask tensor (its flash kernel takes none) when no padding
+    mask was passed: transformers 5.17's masking decides as under tracing there (stubbed here as
+    it answers), which built a mask and ran the slower memory-efficient kernel on the card."""
+    import transformers.masking_utils as masking
+    from transformers import LlamaForCausalLM
+
+    import cuda_graphs
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+    padded = torch.ones_like(ids)
+    padded[0, 12:] = 0
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)  # 5.17 under capture
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def attention(**inputs) -> set:
+        calls.clear()
+        with torch.no_grad():
+            logits = model(input_ids=ids, **inputs).logits
+        return set(calls), logits
+
+    unmasked, reference = attention()
+    assert unmasked == {(False, False)}  # without the context: a mask tensor, as 5.17 recorded
+    with cuda_graphs.causal_flag_while_recording():
+        flagged, logits = attention()
+        with_padding, _ = attention(attention_mask=padded)
+    assert flagged == {(True, True)} and torch.allclose(logits, reference, atol=1e-5)
+    assert with_padding == {(False, False)}  # a padding mask is the library's to read
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with cuda_graphs.causal_flag_while_recording():
+        assert attention()[0] == {(False, False)}  # eager steps: the library decides
+    assert masking._ignore_causal_mask_sdpa.__name__ == "<lambda>"  # restored on exit
+
+
 def test_cuda_graphs_with_checkpointing_stop_at_config_check():
     import yaml
 
