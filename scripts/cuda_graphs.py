@@ -52,11 +52,15 @@ def scoring_every_position():
 
 
 def attention_backends():
-    """Flash (then memory-efficient) attention: no per-shape plan to build on the host,
-    which cuDNN's attention does at each new length."""
+    """cuDNN's attention first, as eager steps run it on a Hopper GPU, then flash, memory-efficient
+    and math: a recording ran PyTorch's memory-efficient kernel (7x slower at 4 x 1,024 tokens on
+    an H200, bench/results/profile_step_h200_b4_2048_recorded.json) when cuDNN was left out.
+    A checkpointed layer's recomputation runs under the same list (the forward's kernel)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel(
+        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    )
 
 
 @contextlib.contextmanager
@@ -73,15 +77,15 @@ def causal_flag_while_recording():
 
     original = masking._ignore_causal_mask_sdpa
 
+    def capturing() -> bool:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
     def ignore_causal_mask(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
         if padding_mask is None and not torch.is_tensor(q_offset) and capturing():
             if local_attention_size is not None and kv_length >= local_attention_size:
                 return False
             return q_length == 1 or kv_length == q_length or q_offset == 0
         return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
-
-    def capturing() -> bool:
-        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
     masking._ignore_causal_mask_sdpa = ignore_causal_mask
     try:
