@@ -17,6 +17,7 @@
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -35,18 +36,16 @@ REPLAN_WHY = "every layer at the longest row -> the per-batch plan's largest pre
 
 
 def planned_peak_gib(
-    rows_file: Path,
-    batch: int,
+    batches: list[tuple[int, int]],
     config: Path,
     model_config: Path,
     folded_dropouts: bool = False,
     graph_peak_factor: float | None = None,
     overrides: dict | None = None,
 ) -> float:
-    """The plan's largest prediction over the batches of the rows file, padded as the trainer
-    pads (with the row's own LoRA dropout layout, graph headroom and train ``overrides`` (a
-    variant's budget, offloading): the config may have changed since; rows before the
-    headroom existed had none)."""
+    """The plan's largest prediction over ``batches`` ((rows, padded length) per step), with the
+    row's own LoRA dropout layout, graph headroom and train ``overrides`` (a variant's budget,
+    offloading): the config may have changed since; rows before the headroom existed had none."""
     from checkpointing import CheckpointPlan
 
     cell_keys, train_overrides = split_cell_keys(overrides or {})
@@ -54,26 +53,34 @@ def planned_peak_gib(
     train.update(train_overrides)
     plan = CheckpointPlan([], model_config, dict(bench_cell(), **cell_keys), train, "liger")
     plan.graph_peak_factor = graph_peak_factor or 1.0
-    ids = json.loads(rows_file.read_text())["input_ids"]
-    multiple = train["pad_to_multiple_of"] or 1
-    for start in range(0, len(ids), batch):
-        rows = ids[start : start + batch]
-        plan.every_for(len(rows), math.ceil(max(map(len, rows)) / multiple) * multiple)
+    for rows, seq in batches:
+        plan.every_for(rows, seq)
     return round(plan.predicted_peak_bytes() / GIB, 3)
 
 
+def padded_batches(rows_file: Path, batch: int, config: Path) -> list[tuple[int, int]]:
+    """(rows, padded length) of every step over the rows file, padded as the trainer pads."""
+    multiple = yaml.safe_load(config.read_text())["train"]["pad_to_multiple_of"] or 1
+    ids = json.loads(rows_file.read_text())["input_ids"]
+    steps = (ids[start : start + batch] for start in range(0, len(ids), batch))
+    return [(len(rows), math.ceil(max(map(len, rows)) / multiple) * multiple) for rows in steps]
+
+
 def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Path) -> float:
-    """A measured row's prediction, recomputed: an epoch trained with the per-batch plan
-    replays the plan over its rows; any other row, the memory model at its longest batch."""
+    """A measured row's prediction, recomputed: a row trained with the per-batch plan replays
+    the plan over its batches (an epoch's rows, or its one block shape); any other row, the
+    memory model at its longest batch."""
     from gpu_recipes import prediction_recipe
     from memory_model import ModelShape, predict_peak
 
-    if row.get("checkpoint_steps_by_every") and "rows" in JOBS[row["job"]]:
-        rows_file = rows_dir / JOBS[row["job"]]["rows"]
+    if row.get("checkpoint_steps_by_every"):
+        if "rows" in JOBS[row["job"]]:
+            batches = padded_batches(rows_dir / JOBS[row["job"]]["rows"], row["batch"], config)
+        else:
+            batches = [(row["predicted_for"]["batch"], row["predicted_for"]["seq"])]
         folded = bool(row.get("folded_lora_dropouts"))
-        overrides = memory_overrides(row)
         return planned_peak_gib(
-            rows_file, row["batch"], config, model_config, folded, row.get("graph_peak_factor"), overrides
+            batches, config, model_config, folded, row.get("graph_peak_factor"), memory_overrides(row)
         )
     # the row records what the prediction reads (folded dropouts, offloading, double quantisation)
     shape = dict(row, **row["predicted_for"], recipe="tutorial" if row["kind"] == "tutorial" else "pipeline")
@@ -86,7 +93,14 @@ def memory_overrides(row: dict) -> dict:
     """A variant row's settings the memory plan reads (its budget, offloading, which batches it
     records, quantisation)."""
     keys = ("memory_budget_gib", "offload_checkpoints", "cuda_graphs_max_tokens", *CELL_KEYS)
-    return {k: v for k, v in row.get("train", {}).items() if k in keys}
+    overrides = {k: v for k, v in row.get("train", {}).items() if k in keys}
+    graphs = row.get("cuda_graphs") or {}
+    if graphs.get("enabled") and "cuda_graphs_max_tokens" not in overrides:
+        # The config's limit as the row ran with it, named by the batches it left eager; where it
+        # left none, no batch reached it and no limit plans the same (the shipped value moves).
+        limits = [re.search(r"cuda_graphs_max_tokens \((\d+)\)", reason) for reason in graphs.get("eager_reasons", {})]
+        overrides["cuda_graphs_max_tokens"] = next((int(m.group(1)) for m in limits if m), None)
+    return overrides
 
 
 def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config: Path, why: str = REPLAN_WHY) -> dict:

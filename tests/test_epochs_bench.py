@@ -167,6 +167,14 @@ RESULTS = {  # each file's rows that must be there
         ("lean_4.2_workspace_8mib", "seed_epoch_b1"),
     },
     "epochs_h200_allocator_b4_100steps.json": {("lean_4.84_workspace_8mib_all_recorded", "epoch_b4")},
+    "epochs_h200_recorded.json": {
+        ("pipeline", "epoch_b4"),
+        ("all_recorded", "epoch_b4"),
+        ("all_recorded", "block_2048x4"),
+        ("lean_yaml", "epoch_b4"),
+        ("lean_yaml_5.75", "block_2048x4"),
+    },
+    "epochs_h200_cudnn.json": {("all_recorded", "epoch_b4"), ("all_recorded", "block_2048x4")},
 }
 
 
