@@ -16,8 +16,8 @@ What the graph step changes, and why the numbers stay the same:
 - Gradients accumulate into fixed buffers (a graph writes to fixed addresses); the trainer's
   optimizer step, clipping and scheduler run as usual between replays.
 Batches longer than ``train.cuda_graphs_max_tokens`` train eagerly: there the step is bound by
-arithmetic, and a recorded 7B step measured slower than the eager one from ~3,800 tokens
-(bench/results/epochs_h200_folded against epochs_h200, the same batches).
+arithmetic, and recorded 2,048 x 4 blocks of the 7B shape trained at 11,534 tok/s against
+12,732 eager on an H200 (bench/results/epochs_h200_cudnn, epochs_h200_recorded).
 Checkpointed layers are recorded too where their recomputation draws no random numbers
 (folded LoRA dropouts hand it their masks: scripts/lora_dropout.py); with PEFT's own dropout
 the recomputation restores the RNG state on the host, and those batches train eagerly.
@@ -68,11 +68,11 @@ def causal_flag_while_recording():
     """SDPA's causal flag instead of a causal mask tensor while a graph records (no padding mask).
 
     transformers up to 5.17 counts a CUDA stream capture as tracing and then builds the causal
-    mask as a tensor, even with no padding mask to read (5.24 checks only a mask it would read).
-    Flash attention takes no mask, so the recorded attention ran the memory-efficient kernel on
-    a mask: 87 against 12 ms of a 4 x 1024 step's attention on an H200
-    (bench/results/profile_step_h200_b4_1024.json). Without a padding mask there is nothing to
-    read, and the decision is the untraced one (the same values: pads sit after every real token)."""
+    mask as a tensor, even with no padding mask to read (5.24 checks only a mask it would read),
+    and flash attention takes no mask. Without a padding mask there is nothing to read, and the
+    decision is the untraced one (the same values: pads sit after every real token). Alone it
+    changed little on an H200 (2,048 x 4 blocks: 9,279 against 9,023 tok/s); the kernel that
+    mattered is attention_backends' (bench/results/epochs_h200_recorded)."""
     import transformers.masking_utils as masking
 
     original = masking._ignore_causal_mask_sdpa
