@@ -139,6 +139,7 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
     import yaml
 
     from checkpointing import CheckpointPlan
+    from epoch_results import memory_overrides
     from gpu_recipes import LLAMA2_7B as CONFIG
     from gpu_recipes import bench_cell
     from memory_model import expected_peak
@@ -154,6 +155,10 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
     elif lean:
         train.update(offload_checkpoints=True, memory_budget_gib=float(lean.split("_")[1]))
         cell.update(double_quant=True)
+        row = next(
+            r for r in json.loads((BENCH / "epochs_h200_unsloth_peak.json").read_text())["rows"] if r["recipe"] == lean
+        )
+        train.update(cuda_graphs_max_tokens=memory_overrides(row)["cuda_graphs_max_tokens"])  # as the row ran
     assert train["cuda_graphs"] and train["gradient_checkpointing"] == "auto"
     requested = expected_peak(model_config, cell, train, 1024, "liger", graphs=True)["expected"]
     plan = CheckpointPlan([], model_config, cell, train, "liger")
