@@ -37,7 +37,7 @@ REPLAN_WHY = "every layer at the longest row -> the per-batch plan's largest pre
 
 def planned_peak_gib(
     batches: list[tuple[int, int]],
-    config: Path,
+    train: dict,
     model_config: Path,
     folded_dropouts: bool = False,
     graph_peak_factor: float | None = None,
@@ -49,8 +49,7 @@ def planned_peak_gib(
     from checkpointing import CheckpointPlan
 
     cell_keys, train_overrides = split_cell_keys(overrides or {})
-    train = dict(yaml.safe_load(config.read_text())["train"], recompute_lora_dropout=folded_dropouts)
-    train.update(train_overrides)
+    train = {**train, "recompute_lora_dropout": folded_dropouts, **train_overrides}
     plan = CheckpointPlan([], model_config, dict(bench_cell(), **cell_keys), train, "liger")
     plan.graph_peak_factor = graph_peak_factor or 1.0
     for rows, seq in batches:
@@ -58,9 +57,8 @@ def planned_peak_gib(
     return round(plan.predicted_peak_bytes() / GIB, 3)
 
 
-def padded_batches(rows_file: Path, batch: int, config: Path) -> list[tuple[int, int]]:
+def padded_batches(rows_file: Path, batch: int, multiple: int) -> list[tuple[int, int]]:
     """(rows, padded length) of every step over the rows file, padded as the trainer pads."""
-    multiple = yaml.safe_load(config.read_text())["train"]["pad_to_multiple_of"] or 1
     ids = json.loads(rows_file.read_text())["input_ids"]
     steps = (ids[start : start + batch] for start in range(0, len(ids), batch))
     return [(len(rows), math.ceil(max(map(len, rows)) / multiple) * multiple) for rows in steps]
@@ -74,13 +72,16 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
     from memory_model import ModelShape, predict_peak
 
     if row.get("checkpoint_steps_by_every"):
+        train = yaml.safe_load(config.read_text())["train"]
         if "rows" in JOBS[row["job"]]:
-            batches = padded_batches(rows_dir / JOBS[row["job"]]["rows"], row["batch"], config)
+            batches = padded_batches(
+                rows_dir / JOBS[row["job"]]["rows"], row["batch"], train["pad_to_multiple_of"] or 1
+            )
         else:
             batches = [(row["predicted_for"]["batch"], row["predicted_for"]["seq"])]
         folded = bool(row.get("folded_lora_dropouts"))
         return planned_peak_gib(
-            batches, config, model_config, folded, row.get("graph_peak_factor"), memory_overrides(row)
+            batches, train, model_config, folded, row.get("graph_peak_factor"), memory_overrides(row)
         )
     # the row records what the prediction reads (folded dropouts, offloading, double quantisation)
     shape = dict(row, **row["predicted_for"], recipe="tutorial" if row["kind"] == "tutorial" else "pipeline")

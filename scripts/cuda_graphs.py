@@ -218,8 +218,11 @@ class GraphedSteps:
             static["num_items"] = torch.as_tensor(num_items, device=inputs["input_ids"].device).clone()
 
         def forward_backward():
-            loss, metrics = loss_fn(static)
-            loss.backward()
+            # The backward too: a checkpointed layer's recomputation must run the forward's
+            # attention kernel (its saved tensors' shapes).
+            with attention_backends(), causal_flag_while_recording():
+                loss, metrics = loss_fn(static)
+                loss.backward()
             # Keep the values, not the autograd graph behind the loss: with checkpointing it ends
             # at the embedding output (a leaf made to require grad), which it would keep alive with
             # its gradient, two hidden-state tensors per recorded shape.

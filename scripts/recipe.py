@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
-from cuda_graphs import GraphedSteps, attention_backends, causal_flag_while_recording, scoring_every_position
+from cuda_graphs import GraphedSteps, scoring_every_position
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
 from memory_model import GIB, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
@@ -230,10 +230,7 @@ def make_trainer(
                 model.train()
                 inputs = self._prepare_inputs(inputs)
                 loss_fn = functools.partial(self._graph_loss, model)
-                # The recording's backward too: a checkpointed layer's recomputation must run the
-                # forward's attention kernel (its saved tensors' shapes).
-                with attention_backends(), causal_flag_while_recording():
-                    replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, checkpointed=bool(every))
+                replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, checkpointed=bool(every))
                 if replayed is not None:
                     loss, metrics = replayed
                     self._pending_metrics.append(metrics)
