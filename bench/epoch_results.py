@@ -92,9 +92,11 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
 
 def memory_overrides(row: dict) -> dict:
     """A variant row's settings the memory plan reads (its budget, offloading, which batches it
-    records, quantisation)."""
+    records, quantisation, optimizer)."""
     keys = ("memory_budget_gib", "offload_checkpoints", "cuda_graphs_max_tokens", *CELL_KEYS)
     overrides = {k: v for k, v in row.get("train", {}).items() if k in keys}
+    if row.get("optimizer"):  # the optimizer it ran (a paged one's state is outside the allocator's peak)
+        overrides["optimizer"] = row["optimizer"]
     graphs = row.get("cuda_graphs") or {}
     if graphs.get("enabled") and "cuda_graphs_max_tokens" not in overrides:
         # The config's limit as the row ran with it, named by the batches it left eager; where it

@@ -104,9 +104,9 @@ def run_row(row: dict) -> dict:
         max_length = job["seq"]
         ids = token_rows(batch * min(cap or job["steps"], job["steps"]), max_length, VOCAB)["input_ids"]
     settings = dict(yaml.safe_load(Path(row["config"]).read_text())["train"], batch_size=batch, epochs=1)
-    settings.update(max_steps=-1, save_steps=10**6, logging_steps=1, padding_free=False)
-    if tutorial:
-        settings.update(pad_to_multiple_of=None, cuda_graphs=False)  # TRL's default padding, eager steps
+    settings.update(max_steps=-1, save_steps=10**6, padding_free=False)  # losses: the trainer's step_losses
+    if tutorial:  # TRL's default padding, eager steps, the tutorial's optimizer and log cadence
+        settings.update(pad_to_multiple_of=None, cuda_graphs=False, optimizer="paged_adamw_32bit", logging_steps=25)
     cell_keys, overrides = split_cell_keys(row["train"])  # a variant may set the cell's quantisation
     cell = dict(bench_cell(seed=SEED), **cell_keys)
     settings.update(overrides)
@@ -128,8 +128,11 @@ def run_row(row: dict) -> dict:
             settings, cell, Path(scratch), compute_dtype, optimizer, max_length, logger, autocast=not tutorial
         )
         args.train_sampling_strategy = "sequential"  # the order was fixed by prepare
-        timer = step_timer()
-        callbacks = [timer] + ([stop_at(cap)] if cap and "rows" in job else [])
+        if tutorial:  # the Trainer's defaults the tutorial ran with
+            args.logging_nan_inf_filter = True
+            args.accelerator_config.non_blocking = False
+        timer, rates = step_timer(), learning_rates(LOSS_STEPS)
+        callbacks = [timer, rates] + ([stop_at(cap)] if cap and "rows" in job else [])
         history = row.get("memory_history") and torch.cuda.is_available()
         levels = memory_peak.step_levels() if torch.cuda.is_available() else None
         callbacks += [levels] if levels else []
@@ -160,7 +163,6 @@ def run_row(row: dict) -> dict:
     predicted = predict_peak(
         ModelShape.from_config(model_dir), checkpoint_every=every, **prediction_recipe(shape, details["kernels"])
     )
-    losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
     epoch, cuda = "rows" in job, torch.cuda.is_available()
     speed = tokens / seconds if epoch else median_step_tokens_per_second(times, seq * batch, WARMUP)
     result = dict(status="ok", steps=trainer.state.global_step, tokens=tokens)
@@ -189,8 +191,9 @@ def run_row(row: dict) -> dict:
         result["memory_at_peak"] = memory_peak.peak_breakdown(memory_peak.stop(), baseline)
     if levels:
         result["memory_by_step"] = levels.levels  # [step, running peak GiB, allocated GiB]
-    result["losses"] = [losses[s] for s in sorted(losses)][:LOSS_STEPS]
-    result["learning_rates"] = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e][:LOSS_STEPS]
+    result["losses"] = [round(x, 6) for x in trainer.step_losses_on_host()[:LOSS_STEPS]]
+    result["learning_rates"] = rates.rates
+    result["logging_steps"] = settings["logging_steps"]
     return result
 
 
@@ -203,6 +206,22 @@ def stop_at(steps: int):
             control.should_training_stop = control.should_training_stop or state.global_step >= steps
 
     return StopAt()
+
+
+def learning_rates(steps: int):
+    """The learning rate each of the first ``steps`` optimizer steps trains with, as its log line
+    shows it (read on the host: no log line, no device sync)."""
+    from transformers import TrainerCallback
+
+    class LearningRates(TrainerCallback):
+        def __init__(self):
+            self.rates = []
+
+        def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            if len(self.rates) < steps:
+                self.rates.append(lr_scheduler.get_last_lr()[0])
+
+    return LearningRates()
 
 
 def unsloth_row(row: dict) -> dict:

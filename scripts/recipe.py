@@ -12,6 +12,12 @@ GPU benches import this one module).
   kept on the GPU until a log line needs them: three host syncs fewer per step, the same
   logged values (``train.defer_metric_sync``); optionally each step's forward and backward
   replayed from a CUDA graph (``train.cuda_graphs``, scripts/cuda_graphs.py).
+- No host sync per step: TRL's metrics as above; the batch's token count and layout read on
+  the host before it moves (HostFacts); batches copied asynchronously from pinned memory; no
+  NaN filter on the loss (a NaN loss is logged as NaN); each step's loss kept on the GPU
+  (``step_losses``). With ``train.optimizer: adamw_torch_fused`` (bitsandbytes' optimizers
+  synchronise the device after every parameter) the host queues the next step while the GPU
+  runs this one; only a log line (``train.logging_steps``) waits for it.
 """
 
 import dataclasses
@@ -22,7 +28,7 @@ from pathlib import Path
 import torch
 
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
-from cuda_graphs import GraphedSteps, scoring_every_position
+from cuda_graphs import GraphedSteps, right_padded, scoring_every_position
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
 from memory_model import GIB, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
@@ -88,10 +94,15 @@ def sft_config(
         report_to=trackers.trainer_report_to(train),  # train.report_to (scripts/trackers.py)
         run_name=run_name,
         disable_tqdm=True,
+        # a NaN loss is logged as NaN, not replaced by the running mean: the filter reads every
+        # step's loss on the host (a device sync per step)
+        logging_nan_inf_filter=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step
         use_cpu=not torch.cuda.is_available(),
     )
+    if torch.cuda.is_available():  # pinned batches copied without waiting for the GPU
+        wanted.update(dataloader_pin_memory=True, accelerator_config={"non_blocking": True})
     known = {f.name for f in dataclasses.fields(SFTConfig)}
     dropped = sorted(set(wanted) - known)
     if dropped:
@@ -175,6 +186,29 @@ def graphs_off_reason(args, checkpoint_every: int, deferred: bool, recompute_rng
     return None
 
 
+HOST_FACTS = "host_facts"  # the batch key HostFacts adds and the trainer's step removes
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchFacts:
+    tokens: int  # non-padding tokens (the Trainer's num_input_tokens_seen)
+    right_padded: bool  # the layout a recorded step needs (cuda_graphs.right_padded)
+
+
+class HostFacts:
+    """The collator, with what the step needs to know of each batch read while the batch is still
+    in host memory: read from its GPU copy, each was a device sync per step."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        if "attention_mask" in batch and "labels" in batch:
+            batch[HOST_FACTS] = BatchFacts(int(batch["attention_mask"].sum()), right_padded(batch))
+        return batch
+
+
 def make_trainer(
     model,
     tokenizer,
@@ -211,6 +245,8 @@ def make_trainer(
             super().__init__(*args, **kwargs)
             self._pending_metrics = []  # per step: TRL's metric tensors, read back at the next log
             self.graphs = None
+            self.step_losses = []  # each micro-batch's loss, on the device (read with step_losses_on_host)
+            self._host_facts = None  # the current batch's BatchFacts
 
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
@@ -225,17 +261,36 @@ def make_trainer(
             return sampler
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            self._host_facts = inputs.pop(HOST_FACTS, None)
+            loss = self._training_step(model, inputs, num_items_in_batch)
+            self.step_losses.append(loss.detach())
+            return loss
+
+        def _training_step(self, model, inputs, num_items_in_batch):
             every = plan.apply(inputs["input_ids"]) if plan is not None else 0
             if self.graphs is not None:
                 model.train()
                 inputs = self._prepare_inputs(inputs)
                 loss_fn = functools.partial(self._graph_loss, model)
-                replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, checkpointed=bool(every))
+                facts = self._host_facts
+                layout = None if facts is None else facts.right_padded
+                replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, bool(every), layout)
                 if replayed is not None:
                     loss, metrics = replayed
                     self._pending_metrics.append(metrics)
                     return loss
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def _track_num_input_tokens(self, inputs):
+            """The collator's count (HostFacts), where the Trainer would read it from the GPU."""
+            facts, counts = self._host_facts, self.args.include_num_input_tokens_seen
+            if facts is None or counts != "non_padding" or self.args.world_size > 1:
+                return super()._track_num_input_tokens(inputs)
+            self.state.num_input_tokens_seen += facts.tokens
+
+        def step_losses_on_host(self) -> list[float]:
+            """Every micro-batch's loss so far, in one read (a log line averages logging_steps of them)."""
+            return torch.stack(self.step_losses).float().tolist() if self.step_losses else []
 
         def _graph_loss(self, model, static: dict):
             """The deferred branch below on fixed buffers, without the padding mask (see cuda_graphs)."""
@@ -319,4 +374,5 @@ def make_trainer(
         trainer.data_collator = DataCollatorForLanguageModeling(
             pad_token_id=tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=train["pad_to_multiple_of"]
         )
+    trainer.data_collator = HostFacts(trainer.data_collator)
     return trainer
