@@ -30,6 +30,7 @@ function, run without a device graph on the CPU) against TRL's eager step.
 """
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,7 @@ class GraphedSteps:
         logger,
         checkpointed_eager_reason: str | None,
         max_tokens: int | None = None,
+        capture: str = "synchronized",
     ):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.grads: list[torch.Tensor] | None = None
@@ -138,6 +140,9 @@ class GraphedSteps:
         # why checkpointed batches train eagerly (None: they are recorded too)
         self.checkpointed_eager_reason = checkpointed_eager_reason
         self.max_tokens = max_tokens  # longer batches train eagerly (not launch-bound: no gain)
+        self.capture = capture  # "queued" or "synchronized": see _capture
+        self.stream = None  # the side stream recordings are captured on
+        self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
         if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
             self.off_reason = "no CUDA device"
         logger.info("CUDA graphs: %s", f"off ({self.off_reason})" if self.off_reason else "on, one per batch shape")
@@ -151,6 +156,8 @@ class GraphedSteps:
             replayed_steps=self.replayed_steps,
             eager_steps=self.eager_steps,
             eager_reasons=self.eager_reasons,
+            capture=self.capture,
+            recording_seconds=[round(t, 4) for t in self.recording_seconds],
         )
 
     def _eager(self, reason: str) -> None:
@@ -183,6 +190,7 @@ class GraphedSteps:
         recording = self.recordings.get(key)
         self._bind_grads()
         if recording is None:
+            started = time.perf_counter()
             try:
                 recording = self._record(inputs, num_items, loss_fn)
             except RuntimeError as error:  # a model this path cannot hold: say so, train on eagerly
@@ -190,6 +198,7 @@ class GraphedSteps:
                 self.logger.warning("CUDA graphs off for the rest of the run: %s", self.off_reason)
                 return self._eager("graphs off")
             self.recordings[key] = recording
+            self.recording_seconds.append(time.perf_counter() - started)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])
         recording.replay()
@@ -238,8 +247,27 @@ class GraphedSteps:
             recording = Recording(replay=replay, inputs=static, loss=torch.zeros(()), metrics=())
             return recording
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            loss, metrics = forward_backward()
+        loss, metrics = self._capture(graph, forward_backward)
         self.pool = graph.pool()
         self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))
         return Recording(replay=graph.replay, inputs=static, loss=loss, metrics=metrics)
+
+    def _capture(self, graph, function):
+        """``function`` captured into ``graph`` on a side stream, in the recordings' shared pool.
+
+        "synchronized" is ``torch.cuda.graph``: it first waits for the GPU, then empties the
+        device and pinned-host caches. "queued" starts capturing at once: the host records the
+        new shape while the GPU still runs the steps queued before it, and the caches stay (the
+        next eager allocations need no fresh cudaMalloc). Nothing captured runs until the replay,
+        which the current stream orders after those steps."""
+        if self.capture == "synchronized":
+            with torch.cuda.graph(graph, pool=self.pool):
+                return function()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(*([] if self.pool is None else [self.pool]))
+            try:
+                return function()
+            finally:
+                graph.capture_end()

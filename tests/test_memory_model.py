@@ -158,7 +158,8 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
         row = next(
             r for r in json.loads((BENCH / "epochs_h200_unsloth_peak.json").read_text())["rows"] if r["recipe"] == lean
         )
-        train.update(cuda_graphs_max_tokens=memory_overrides(row)["cuda_graphs_max_tokens"])  # as the row ran
+        ran = memory_overrides(row)  # the graph limit and optimizer as the row ran
+        train.update(cuda_graphs_max_tokens=ran["cuda_graphs_max_tokens"], optimizer=ran["optimizer"])
     assert train["cuda_graphs"] and train["gradient_checkpointing"] == "auto"
     requested = expected_peak(model_config, cell, train, 1024, "liger", graphs=True)["expected"]
     plan = CheckpointPlan([], model_config, cell, train, "liger")
