@@ -74,9 +74,8 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
     if row.get("checkpoint_steps_by_every"):
         train = yaml.safe_load(config.read_text())["train"]
         if "rows" in JOBS[row["job"]]:
-            batches = padded_batches(
-                rows_dir / JOBS[row["job"]]["rows"], row["batch"], train["pad_to_multiple_of"] or 1
-            )
+            multiple = row.get("train", {}).get("pad_to_multiple_of", train["pad_to_multiple_of"])  # a variant's
+            batches = padded_batches(rows_dir / JOBS[row["job"]]["rows"], row["batch"], multiple or 1)
         else:
             batches = [(row["predicted_for"]["batch"], row["predicted_for"]["seq"])]
         folded = bool(row.get("folded_lora_dropouts"))

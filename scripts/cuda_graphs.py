@@ -126,7 +126,6 @@ class GraphedSteps:
         logger,
         checkpointed_eager_reason: str | None,
         max_tokens: int | None = None,
-        capture: str = "synchronized",
     ):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.grads: list[torch.Tensor] | None = None
@@ -140,8 +139,6 @@ class GraphedSteps:
         # why checkpointed batches train eagerly (None: they are recorded too)
         self.checkpointed_eager_reason = checkpointed_eager_reason
         self.max_tokens = max_tokens  # longer batches train eagerly (not launch-bound: no gain)
-        self.capture = capture  # "queued" or "synchronized": see _capture
-        self.stream = None  # the side stream recordings are captured on
         self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
         if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
             self.off_reason = "no CUDA device"
@@ -156,7 +153,6 @@ class GraphedSteps:
             replayed_steps=self.replayed_steps,
             eager_steps=self.eager_steps,
             eager_reasons=self.eager_reasons,
-            capture=self.capture,
             recording_seconds=[round(t, 4) for t in self.recording_seconds],
         )
 
@@ -247,27 +243,11 @@ class GraphedSteps:
             recording = Recording(replay=replay, inputs=static, loss=torch.zeros(()), metrics=())
             return recording
         graph = torch.cuda.CUDAGraph()
-        loss, metrics = self._capture(graph, forward_backward)
+        # torch.cuda.graph waits for the GPU and empties the caches first. Capturing at once instead
+        # (capture_begin on a side stream) measured no faster and held 1.9 GiB more on the card
+        # (bench/results/epochs_h200_queued): the recording's host time is the capture itself.
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss, metrics = forward_backward()
         self.pool = graph.pool()
         self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))
         return Recording(replay=graph.replay, inputs=static, loss=loss, metrics=metrics)
-
-    def _capture(self, graph, function):
-        """``function`` captured into ``graph`` on a side stream, in the recordings' shared pool.
-
-        "synchronized" is ``torch.cuda.graph``: it first waits for the GPU, then empties the
-        device and pinned-host caches. "queued" starts capturing at once: the host records the
-        new shape while the GPU still runs the steps queued before it, and the caches stay (the
-        next eager allocations need no fresh cudaMalloc). Nothing captured runs until the replay,
-        which the current stream orders after those steps."""
-        if self.capture == "synchronized":
-            with torch.cuda.graph(graph, pool=self.pool):
-                return function()
-        if self.stream is None:
-            self.stream = torch.cuda.Stream()
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin(*([] if self.pool is None else [self.pool]))
-            try:
-                return function()
-            finally:
-                graph.capture_end()

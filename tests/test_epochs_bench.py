@@ -157,6 +157,15 @@ EPOCH_ROWS = {
     ("pipeline", "epoch_b4"),
 }
 RESULTS = {  # each file's rows that must be there
+    "epochs_h200_nosync.json": {
+        ("pipeline", "epoch_b4"),
+        ("paged_adamw", "epoch_b4"),
+        ("pad128", "epoch_b4"),
+        ("pad256", "epoch_b4"),
+        ("pipeline", "block_2048x4"),
+        ("all_recorded", "block_2048x4"),
+    },
+    "epochs_h200_queued.json": {("pad128", "epoch_b4"), ("tutorial", "epoch_b4")},
     "epochs_h200.json": EPOCH_ROWS,
     "epochs_h200_folded.json": EPOCH_ROWS,
     "epochs_h200_offload.json": {("pipeline", "epoch_b4"), ("lean_4.84", "epoch_b4"), ("lean_5.75", "block_2048x4")},

@@ -359,21 +359,6 @@ def test_recording_attends_by_the_causal_flag_not_a_mask_tensor(tiny_model, monk
     assert masking._ignore_causal_mask_sdpa.__name__ == "<lambda>"  # restored on exit
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
-def test_queued_capture_records_what_torch_cuda_graph_records(tiny_model, tmp_path):
-    """train.cuda_graphs_capture queued (no wait for the GPU, caches kept) against torch.cuda.graph:
-    the same recordings, the same numbers, over checkpointed layers with folded dropouts."""
-    settings = dict(cuda_graphs=True, gradient_checkpointing=True, recompute_lora_dropout=True, logging_steps=1)
-    settings.update(pad_to_multiple_of=16, compute_dtype="bfloat16", optimizer="adamw_torch_fused")
-    queued, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="queued", **settings)
-    synced, _, reference = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **settings)
-    summary = trainer.graphs.summary()
-    assert summary["capture"] == "queued" and reference.graphs.summary()["capture"] == "synchronized"
-    assert summary["replayed_steps"] == 5 and len(summary["recording_seconds"]) == 4
-    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
-    assert [{k: h[k] for k in keys} for h in queued] == [{k: h[k] for k in keys} for h in synced]
-
-
 def test_cuda_graphs_with_checkpointing_stop_at_config_check():
     import yaml
 
