@@ -272,6 +272,8 @@ def main(
         "last_batch_loss": curve[-1]["loss"] if curve else None,
         "mean_train_loss": round(sum(p["loss"] for p in curve) / len(curve), 6) if curve else None,
         "trainer_reported_loss": output.training_loss,
+        # every micro-batch's loss of this run, read once at the end (log lines: every logging_steps)
+        "micro_batch_losses_this_run": [round(x, 6) for x in trainer.step_losses_on_host()],
         "threads": threads,
         "world_size": processes,
         "gradient_accumulation_steps_per_process": train["gradient_accumulation_steps"],

@@ -85,6 +85,9 @@ def test_outputs_per_cell(pipeline_run, tiny_config):
             curve = list(csv.DictReader(handle))
         assert [int(row["step"]) for row in curve] == list(range(1, tiny_config["train"]["max_steps"] + 1))
         assert all(float(row["loss"]) > 0 for row in curve)
+        # one log line per step here: the per-step losses kept on the device are the logged ones
+        losses = read_json(cell / "metrics.json")["micro_batch_losses_this_run"]
+        assert losses == pytest.approx([float(row["loss"]) for row in curve], abs=1e-6)
         assert any(p.name.startswith("events.out.tfevents") for p in (cell / "tensorboard").iterdir())
         assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (cell / "adapter").iterdir()}
     assert not (pipeline_run / "checkpoints").exists() or not any((pipeline_run / "checkpoints").iterdir())
