@@ -74,7 +74,7 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
     if row.get("checkpoint_steps_by_every"):
         train = yaml.safe_load(config.read_text())["train"]
         if "rows" in JOBS[row["job"]]:
-            multiple = row.get("train", {}).get("pad_to_multiple_of", train["pad_to_multiple_of"])  # a variant's
+            multiple = {**train, **memory_overrides(row)}["pad_to_multiple_of"]
             batches = padded_batches(rows_dir / JOBS[row["job"]]["rows"], row["batch"], multiple or 1)
         else:
             batches = [(row["predicted_for"]["batch"], row["predicted_for"]["seq"])]
@@ -91,8 +91,8 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
 
 def memory_overrides(row: dict) -> dict:
     """A variant row's settings the memory plan reads (its budget, offloading, which batches it
-    records, quantisation, optimizer)."""
-    keys = ("memory_budget_gib", "offload_checkpoints", "cuda_graphs_max_tokens", *CELL_KEYS)
+    records, how it pads them, quantisation, optimizer)."""
+    keys = ("memory_budget_gib", "offload_checkpoints", "cuda_graphs_max_tokens", "pad_to_multiple_of", *CELL_KEYS)
     overrides = {k: v for k, v in row.get("train", {}).items() if k in keys}
     if row.get("optimizer"):  # the optimizer it ran (a paged one's state is outside the allocator's peak)
         overrides["optimizer"] = row["optimizer"]

@@ -161,13 +161,13 @@ class GraphedSteps:
         self.eager_reasons[reason] = self.eager_reasons.get(reason, 0) + 1
         return None
 
-    def step(self, inputs: dict, num_items, loss_fn, checkpointed: bool = False, layout: bool | None = None):
+    def step(self, inputs: dict, num_items, loss_fn, checkpointed: bool, layout: bool):
         """``loss_fn(static_inputs) -> (loss, metrics)`` is what each recording runs; its
         inputs carry ``num_items`` when the trainer counted the batch's tokens.
         ``checkpointed``: the plan recomputes layers for this batch; a recording holds that
         unless ``checkpointed_eager_reason`` says why not (random numbers replayed on the host).
-        ``layout``: right_padded(inputs) as read on the host before the batch moved (None: read
-        it here, a device sync)."""
+        ``layout``: right_padded(inputs), read on the host before the batch moved (reading the
+        GPU copy here would be a device sync per step)."""
         if self.off_reason:
             return self._eager("graphs off")
         if self.max_tokens is not None and inputs["input_ids"].numel() > self.max_tokens:
@@ -180,7 +180,7 @@ class GraphedSteps:
         present = {k for k, v in inputs.items() if v is not None}
         if present != GRAPH_KEYS:
             return self._eager(f"batch keys {sorted(present)}")
-        if not (right_padded(inputs) if layout is None else layout):
+        if not layout:
             return self._eager("not right-padded")
         key = (tuple(inputs["input_ids"].shape), None if num_items is None else torch.as_tensor(num_items).dtype)
         recording = self.recordings.get(key)

@@ -101,8 +101,8 @@ def sft_config(
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step
         use_cpu=not torch.cuda.is_available(),
     )
-    if torch.cuda.is_available():  # pinned batches copied without waiting for the GPU
-        wanted.update(dataloader_pin_memory=True, accelerator_config={"non_blocking": True})
+    if torch.cuda.is_available():  # batches (pinned: the Trainer's default) copied without waiting for the GPU
+        wanted["accelerator_config"] = {"non_blocking": True}
     known = {f.name for f in dataclasses.fields(SFTConfig)}
     dropped = sorted(set(wanted) - known)
     if dropped:
@@ -272,8 +272,7 @@ def make_trainer(
                 model.train()
                 inputs = self._prepare_inputs(inputs)
                 loss_fn = functools.partial(self._graph_loss, model)
-                facts = self._host_facts
-                layout = None if facts is None else facts.right_padded
+                layout = self._host_facts is not None and self._host_facts.right_padded  # None: no mask, no labels
                 replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, bool(every), layout)
                 if replayed is not None:
                     loss, metrics = replayed

@@ -270,7 +270,9 @@ def test_the_batch_layout_is_read_on_the_host_before_the_batch_moves(monkeypatch
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
     graphs = cuda_graphs.GraphedSteps([], None, LOGGER, None)
     graphs.warm = True
-    assert graphs.step(right, None, loss_fn=None, layout=False) is None  # the host's answer, not the tensors'
+    assert (
+        graphs.step(right, None, loss_fn=None, checkpointed=False, layout=False) is None
+    )  # the host's answer, not the tensors'
     assert graphs.eager_reasons == {"not right-padded": 1}
 
 
