@@ -53,7 +53,7 @@ def planned_peak_gib(
     plan = CheckpointPlan([], model_config, dict(bench_cell(), **cell_keys), train, "liger")
     plan.graph_peak_factor = graph_peak_factor or 1.0
     for rows, seq in batches:
-        plan.every_for(rows, seq)
+        plan.layers_for(rows, seq)
     return round(plan.predicted_peak_bytes() / GIB, 3)
 
 
@@ -71,8 +71,10 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
     from gpu_recipes import prediction_recipe
     from memory_model import ModelShape, predict_peak
 
-    if row.get("checkpoint_steps_by_every"):
+    if row.get("checkpoint_steps_by_every") or row.get("checkpoint_steps_by_layers"):
         train = yaml.safe_load(config.read_text())["train"]
+        # rows before checkpoint_plan ran layers 0, k, 2k, ... (and recorded steps by k)
+        train["checkpoint_plan"] = row.get("checkpoint_plan") or "every"
         if "rows" in JOBS[row["job"]]:
             multiple = {**train, **memory_overrides(row)}["pad_to_multiple_of"]
             batches = padded_batches(rows_dir / JOBS[row["job"]]["rows"], row["batch"], multiple or 1)

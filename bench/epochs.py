@@ -179,7 +179,8 @@ def run_row(row: dict) -> dict:
     result["offload_checkpoints"] = shape["offload_checkpoints"]  # inputs of checkpointed layers in host memory
     result["double_quant"] = shape["double_quant"]
     result["memory_budget_gib"] = settings.get("memory_budget_gib")
-    result["checkpoint_steps_by_every"] = plan.summary() if plan else None
+    result["checkpoint_steps_by_layers"] = plan.summary() if plan else None  # steps per number of checkpointed layers
+    result["checkpoint_plan"] = plan.plan if plan else None
     result["graph_peak_factor"] = plan.graph_peak_factor if plan else None  # the plan's headroom for graphs
     result["cuda_graphs"] = trainer.graphs.summary() if getattr(trainer, "graphs", None) else None
     result.update(cuda_memory)

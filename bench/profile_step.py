@@ -51,6 +51,17 @@ KERNEL_KINDS = (  # device time by kernel family, first match wins (lower-case s
 )
 
 
+def top_kernels(kernels, count: int) -> list[dict]:
+    """The kernels with the most device time: name (its first 120 characters), launches, seconds."""
+    totals: dict[str, list] = {}
+    for event in kernels:
+        total = totals.setdefault(event.name[:120], [0, 0.0])
+        total[0] += 1
+        total[1] += event.device_time / 1e6
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])[:count]
+    return [dict(name=name, launches=n, seconds=round(t, 5)) for name, (n, t) in ranked]
+
+
 def kernel_kinds(kernels) -> dict:
     """Seconds of device time per kernel family (KERNEL_KINDS; the rest under "other")."""
     seconds: dict[str, float] = {}
@@ -140,7 +151,8 @@ def run_variant(
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3)
         if torch.cuda.is_available()
         else None,
-        "checkpoint_steps_by_every": plan.summary() if plan else None,
+        "checkpoint_steps_by_layers": plan.summary() if plan else None,
+        "checkpoint_plan": plan.plan if plan else None,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h][:30],
     }
     if "prof" in traces:
@@ -155,6 +167,7 @@ def run_variant(
             "kernel_launches": len(kernels),
             "kernel_seconds_by_kind": kernel_kinds(kernels),
             "gpu_busy_share": round(kernel_us / 1e6 / wall, 3) if wall else None,
+            "top_kernels": top_kernels(kernels, 40),
         }
         table = traces["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
         result["profile"]["top_cpu"] = table

@@ -6,7 +6,8 @@ recompute their activations, set up once per model and, with ``auto``, re-planne
   with ``train.offload_checkpoints`` the layers' inputs wait in host memory (scripts/offload.py).
 - ``CheckpointPlan``: for ``auto``, the memory model's fastest setting that fits
   ``memory_budget_gib`` at each batch's (size, padded length), with headroom for a batch a
-  CUDA graph records.
+  CUDA graph records: the fewest layers that fit, the lowest ones (``checkpoint_plan: layers``),
+  or layers 0, k, 2k, ... (``every``, the plan before).
 """
 
 import logging
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lora_dropout import checkpoint_context, recompute_needs_rng
-from memory_model import GIB, GRAPH_PEAK_FACTOR, ModelShape, cell_recipe, planned_batch
+from memory_model import GIB, GRAPH_PEAK_FACTOR, ModelShape, cell_recipe, checkpoint_layer_sets, planned_batch
 from offload import offload_checkpoints
 
 
@@ -58,27 +59,31 @@ def enable_checkpointing(
 class CheckpointPlan:
     """``gradient_checkpointing: auto`` per batch: the memory model's fastest setting that
     fits the budget at this batch's (batch size, padded length), cached per shape; a batch
-    that ``train.cuda_graphs`` will record keeps GRAPH_PEAK_FACTOR of headroom."""
+    that ``train.cuda_graphs`` will record keeps GRAPH_PEAK_FACTOR of headroom.
+    ``train.checkpoint_plan`` picks the candidate layer sets (memory_model.checkpoint_layer_sets)."""
 
     def __init__(self, layers: list, model_config: Path, cell: dict, train: dict, kernels: str):
         self.layers = layers
         self.shape = ModelShape.from_config(model_config)
         self.budget = train["memory_budget_gib"] * GIB
         self.recipe = cell_recipe(cell, train, kernels)
+        self.plan = train.get("checkpoint_plan", "layers")
+        checkpoint_layer_sets(self.shape.layers, self.plan)  # an unknown plan fails here, not at a batch
         self.graph_peak_factor = GRAPH_PEAK_FACTOR if train.get("cuda_graphs", False) else 1.0
         self.graph_max_tokens = train.get("cuda_graphs_max_tokens")
-        self.chosen: dict[tuple[int, int], int] = {}
+        self.chosen: dict[tuple[int, int], tuple[int, ...]] = {}
         self.predicted: dict[tuple[int, int], int] = {}
-        self.steps_by_every: dict[int, int] = {}
-        self.applied: int | None = None  # the layers' current setting
+        self.steps_by_layers: dict[int, int] = {}
+        self.applied: tuple[int, ...] | None = None  # the layers checkpointed now
 
-    def every_for(self, batch: int, seq: int) -> int:
+    def layers_for(self, batch: int, seq: int) -> tuple[int, ...]:
+        """The indices of the decoder layers this batch shape recomputes."""
         if (batch, seq) not in self.chosen:
             graphed = self.graph_max_tokens is None or batch * seq <= self.graph_max_tokens
             factor = self.graph_peak_factor if graphed else 1.0
             # the peak this batch is expected to reach: a recorded step's headroom included
-            every, prediction = planned_batch(self.shape, self.budget, self.recipe, batch, seq, factor)
-            self.chosen[(batch, seq)], self.predicted[(batch, seq)] = every, prediction["expected"]
+            layers, prediction = planned_batch(self.shape, self.budget, self.recipe, batch, seq, factor, self.plan)
+            self.chosen[(batch, seq)], self.predicted[(batch, seq)] = layers, prediction["expected"]
             if self.predicted[(batch, seq)] > self.budget:
                 logging.getLogger("recipe").warning(
                     "memory_budget_gib %.2f: a batch of %d x %d tokens is predicted at %.2f GiB even with every "
@@ -97,14 +102,17 @@ class CheckpointPlan:
         return max(self.predicted.values(), default=None)
 
     def apply(self, input_ids: torch.Tensor) -> int:
+        """Sets this batch's checkpointed layers; returns how many."""
         batch, seq = input_ids.shape[0], input_ids.shape[-1]
-        every = self.every_for(batch, seq)
-        if every != self.applied:
-            set_checkpointing(self.layers, every)
-            self.applied = every
-        self.steps_by_every[every] = self.steps_by_every.get(every, 0) + 1
-        return every
+        layers = self.layers_for(batch, seq)
+        if layers != self.applied:
+            chosen = set(layers)
+            for index, layer in enumerate(self.layers):
+                layer.gradient_checkpointing = index in chosen
+            self.applied = layers
+        self.steps_by_layers[len(layers)] = self.steps_by_layers.get(len(layers), 0) + 1
+        return len(layers)
 
     def summary(self) -> dict:
-        """Steps trained under each checkpointing setting (every k-th layer; 0 = none), for metrics.json."""
-        return {str(every): steps for every, steps in sorted(self.steps_by_every.items())}
+        """Steps trained with each number of checkpointed layers (0 = none), for metrics.json."""
+        return {str(count): steps for count, steps in sorted(self.steps_by_layers.items())}

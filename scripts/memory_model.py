@@ -178,9 +178,11 @@ def predict_peak(
     autocast: bool = True,
     recompute_dropout: bool = False,
     offload_checkpoints: bool = False,
+    checkpointed_layers: int | None = None,
 ) -> dict:
     """Predicted peak of torch-allocated bytes, term by term (``host_offload``: pinned host
-    memory, outside the total)."""
+    memory, outside the total). ``checkpointed_layers``: how many layers recompute, where a
+    per-batch plan chose them (checkpoint_layer_sets) rather than ``checkpoint_every``."""
     compute = 2  # bf16/fp16
     if method == "qlora":
         linear = shape.linear_parameters()
@@ -201,7 +203,9 @@ def predict_peak(
     # autograd keeps for its gradient) waits in host memory instead.
     input_bytes = (4 if recipe == "tutorial" else 2) * shape.hidden
     masks = sum(shape.linear_shape(m)[0] // 8 for m in TARGETS[targets]) if recompute_dropout else 0
-    stored = checkpointed_layer_count(shape.layers, checkpoint_every)
+    stored = checkpointed_layers
+    if stored is None:
+        stored = checkpointed_layer_count(shape.layers, checkpoint_every)
     full = shape.layers - stored
     offloaded = max(stored - 1, 0) if offload_checkpoints else 0
     kept = stored * (input_bytes + masks) - offloaded * input_bytes
@@ -229,6 +233,21 @@ def checkpoint_candidates(layers: int) -> list[int]:
     for k in range(layers, 0, -1):
         options.setdefault(checkpointed_layer_count(layers, k), k)
     return [options[count] for count in sorted(options)]
+
+
+CHECKPOINT_PLANS = ("layers", "every")
+
+
+def checkpoint_layer_sets(layers: int, plan: str) -> list[tuple[int, ...]]:
+    """The per-batch plan's candidate sets of checkpointed layers, fastest (none) first.
+    ``layers``: the lowest n layers, for every n (the backward reaches them last, once the layers
+    above have freed their activations); ``every``: layers 0, k, 2k, ... (the plan before: between
+    16 and 32 checkpointed layers it had nothing, and a batch that needed 17 recomputed all 32)."""
+    if plan == "layers":
+        return [tuple(range(count)) for count in range(layers + 1)]
+    if plan == "every":
+        return [tuple(range(0, layers, every)) if every else () for every in checkpoint_candidates(layers)]
+    raise ValueError(f"unknown checkpoint plan {plan!r}: one of {', '.join(CHECKPOINT_PLANS)}")
 
 
 def choose_checkpointing(shape: ModelShape, budget_bytes: float, **recipe) -> tuple[int, dict]:
@@ -271,13 +290,24 @@ def plan_for_cell(model_config, cell: dict, train: dict, max_length: int, kernel
 
 
 def planned_batch(
-    shape: ModelShape, budget_bytes: float, recipe: dict, batch: int, seq: int, factor: float = 1.0
-) -> tuple[int, dict]:
-    """``auto`` for one batch shape: the fastest setting within budget / ``factor`` (a recorded
-    step's headroom, 1 for an eager one) and its prediction, with the peak it is expected at
-    (``expected``: the total x factor)."""
-    every, prediction = choose_checkpointing(shape, budget_bytes / factor, seq=seq, batch=batch, **recipe)
-    return every, dict(prediction, expected=int(prediction["total"] * factor))
+    shape: ModelShape,
+    budget_bytes: float,
+    recipe: dict,
+    batch: int,
+    seq: int,
+    factor: float = 1.0,
+    plan: str = "layers",
+) -> tuple[tuple[int, ...], dict]:
+    """``auto`` for one batch shape: the fastest of ``plan``'s layer sets within budget / ``factor``
+    (a recorded step's headroom, 1 for an eager one), every layer when none fits, and its
+    prediction, with the peak it is expected at (``expected``: the total x factor)."""
+    for layers in checkpoint_layer_sets(shape.layers, plan):
+        prediction = predict_peak(
+            shape, checkpoint_every=0, checkpointed_layers=len(layers), seq=seq, batch=batch, **recipe
+        )
+        if prediction["total"] <= budget_bytes / factor:
+            break
+    return layers, dict(prediction, expected=int(prediction["total"] * factor))
 
 
 def expected_peak(model_config, cell: dict, train: dict, max_length: int, kernels: str, graphs: bool) -> dict:
@@ -295,7 +325,8 @@ def expected_peak(model_config, cell: dict, train: dict, max_length: int, kernel
     for seq in sorted({*range(step, max_length + 1, step), max_length}):
         factor = GRAPH_PEAK_FACTOR if records and (limit is None or batch * seq <= limit) else 1.0
         if train["gradient_checkpointing"] == "auto":
-            _, prediction = planned_batch(shape, train["memory_budget_gib"] * GIB, recipe, batch, seq, factor)
+            plan = train.get("checkpoint_plan", "layers")
+            _, prediction = planned_batch(shape, train["memory_budget_gib"] * GIB, recipe, batch, seq, factor, plan)
         else:
             every = train["checkpoint_every"] if train["gradient_checkpointing"] else 0
             prediction = predict_peak(shape, checkpoint_every=every, seq=seq, batch=batch, **recipe)

@@ -164,12 +164,12 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
     requested = expected_peak(model_config, cell, train, 1024, "liger", graphs=True)["expected"]
     plan = CheckpointPlan([], model_config, cell, train, "liger")
     for seq in range(64, 1025, train["pad_to_multiple_of"]):
-        plan.every_for(batch, seq)
+        plan.layers_for(batch, seq)
     assert requested == plan.predicted_peak_bytes()
     eager = CheckpointPlan([], model_config, cell, train, "liger")
     eager.graph_peak_factor = 1.0  # what the train stage sets where no recording will run
     for seq in range(64, 1025, train["pad_to_multiple_of"]):
-        eager.every_for(batch, seq)
+        eager.layers_for(batch, seq)
     assert expected_peak(model_config, cell, train, 1024, "liger", graphs=False)["expected"] == (
         eager.predicted_peak_bytes()
     )

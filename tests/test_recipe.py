@@ -2,6 +2,7 @@
 4-bit (bitsandbytes) base on the CPU: each speed switch trains to the same numbers as the
 stock path, and the per-batch checkpointing plan follows the memory model."""
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -46,14 +47,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """A 2-layer Llama with random weights, its initial q/v adapter and a tokenizer for its pad id."""
+def build_tiny_model(folder: Path, layers: int = 2) -> Path:
+    """A small Llama (2 layers unless said) with random weights, its initial q/v adapter and a
+    tokenizer for its pad id."""
     from peft import LoraConfig, get_peft_model
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4)
     config.update(dict(num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=False))
     LlamaForCausalLM(config).save_pretrained(folder)
     # The rows are token ids already: the trainer needs only the pad and end-of-text ids.
@@ -135,25 +137,47 @@ def test_fused_adamw_trains_like_the_tutorials_paged_adamw(tiny_model, tmp_path)
     assert max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True)) < 2e-7
 
 
-def test_checkpoint_plan_recomputes_only_the_long_batches(tiny_model, tmp_path):
-    shape = ModelShape.from_config(tiny_model)
+def test_checkpoint_plan_recomputes_only_the_long_batches(tmp_path):
+    """A 3-layer model whose long batches fit with two layers recomputed: the plan checkpoints the
+    lowest two there and none on the short batches, and trains as no checkpointing does."""
+    model_dir = build_tiny_model(tmp_path / "model", layers=3)
+    shape = ModelShape.from_config(model_dir)
     recipe_args = dict(method="qlora", rank=8, targets="qv", kernels="none", double_quant=False, paged_optimizer=False)
     short = predict_peak(shape, checkpoint_every=0, seq=64, batch=2, **recipe_args)["total"]
     long = predict_peak(shape, checkpoint_every=0, seq=320, batch=2, **recipe_args)["total"]
-    long_checkpointed = predict_peak(shape, checkpoint_every=1, seq=320, batch=2, **recipe_args)["total"]
-    budget = max(short, long_checkpointed) + 1
-    assert budget < long  # short batches fit without recomputation, long ones only with it
-    budget_gib = budget / 1024**3
+    two = predict_peak(shape, checkpoint_every=0, checkpointed_layers=2, seq=320, batch=2, **recipe_args)["total"]
+    assert two < long  # two of three layers recomputed: less memory than none
+    budget_gib = (max(short, two) + 1) / 1024**3
     planned, plan, _ = train_tiny(
-        tiny_model, tmp_path / "a", LENGTHS, gradient_checkpointing="auto", memory_budget_gib=budget_gib
+        model_dir, tmp_path / "a", LENGTHS, gradient_checkpointing="auto", memory_budget_gib=budget_gib
     )
-    none, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, gradient_checkpointing=False)
-    assert plan.summary() == {"0": 3, "1": 3}  # 3 short and 3 long batches of two
-    assert all(every == (1 if seq > 64 else 0) for (_, seq), every in plan.chosen.items())
+    none, _, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, gradient_checkpointing=False)
+    assert plan.plan == "layers" and plan.summary() == {"0": 3, "2": 3}  # 3 short and 3 long batches of two
+    assert all(layers == ((0, 1) if seq > 64 else ()) for (_, seq), layers in plan.chosen.items())
     assert short <= plan.predicted_peak_bytes() <= budget_gib * 1024**3  # its largest batch fits the budget
     # Recomputation repeats the forward exactly (dropout's RNG state is replayed).
     assert [h["loss"] for h in planned] == [h["loss"] for h in none]
     assert [h["grad_norm"] for h in planned] == [h["grad_norm"] for h in none]
+
+
+def test_the_layers_plan_recomputes_only_the_layers_the_budget_needs(tmp_path):
+    """7B shape, the 7B config's 8 GiB with a recording's headroom, 4 rows of 512 tokens: layers
+    0, k, 2k, ... jump from 16 to all 32 recomputed; the layers plan takes the fewest that fit."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    cell = dict(CELL, lora_r=64)
+    train = dict(
+        TRAIN, gradient_checkpointing="auto", memory_budget_gib=8, recompute_lora_dropout=True, cuda_graphs=True
+    )
+    layers = checkpointing.CheckpointPlan([], tmp_path, cell, train, "liger")
+    every = checkpointing.CheckpointPlan([], tmp_path, cell, dict(train, checkpoint_plan="every"), "liger")
+    assert every.layers_for(4, 512) == tuple(range(32))
+    chosen = layers.layers_for(4, 512)
+    assert chosen == tuple(range(len(chosen))) and 16 < len(chosen) < 32  # the lowest ones
+    shape, budget = ModelShape.from_config(tmp_path), 8 * 1024**3 / 1.08
+    peak = functools.partial(predict_peak, shape, checkpoint_every=0, seq=512, batch=4, **layers.recipe)
+    assert peak(checkpointed_layers=len(chosen))["total"] <= budget < peak(checkpointed_layers=len(chosen) - 1)["total"]
+    with pytest.raises(ValueError, match="unknown checkpoint plan 'odd'"):
+        checkpointing.CheckpointPlan([], tmp_path, cell, dict(train, checkpoint_plan="odd"), "liger")
 
 
 def test_plan_for_the_7b_shape_follows_the_memory_model(tmp_path):
@@ -161,13 +185,13 @@ def test_plan_for_the_7b_shape_follows_the_memory_model(tmp_path):
     cell = dict(CELL, lora_r=64)
     train = dict(TRAIN, optimizer="paged_adamw_32bit", memory_budget_gib=6, gradient_checkpointing="auto")
     plan = checkpointing.CheckpointPlan([], tmp_path, cell, train, "liger")
-    choices = [plan.every_for(1, seq) for seq in range(64, 1025, 64)]
+    choices = [len(plan.layers_for(1, seq)) for seq in range(64, 1025, 64)]
     assert choices[0] == 0 and choices[-1] >= 1  # a short row needs no recomputation, 1024 tokens do
-    assert choices == sorted(choices, key=lambda every: (every != 0, -every))  # fewer recomputed layers as rows shorten
+    assert choices == sorted(choices)  # fewer recomputed layers as rows shorten
     shape = ModelShape.from_config(tmp_path)
-    for seq, every in zip(range(64, 1025, 64), choices, strict=True):
-        fits = predict_peak(shape, checkpoint_every=every, seq=seq, batch=1, **plan.recipe)["total"]
-        assert fits <= 6 * 1024**3 or every == 1
+    for seq, count in zip(range(64, 1025, 64), choices, strict=True):
+        fits = predict_peak(shape, checkpoint_every=0, checkpointed_layers=count, seq=seq, batch=1, **plan.recipe)
+        assert fits["total"] <= 6 * 1024**3 or count == 32
 
 
 def test_compiled_layers_train_like_eager(tiny_model, tmp_path):
@@ -444,11 +468,13 @@ def test_checkpoint_plan_keeps_headroom_for_recorded_batches(tmp_path):
         [], model_config, cell, dict(train, cuda_graphs=True, cuda_graphs_max_tokens=512), "liger"
     )
     # 7B q/v, unpaged AdamW, one row of 1,024 tokens: 7.59 GiB predicted without checkpointing (x 1.08 = 8.19)
-    assert eager.every_for(1, 1024) == 0 and capped.every_for(1, 1024) == 0
-    assert graphed.every_for(1, 1024) > 0
+    assert eager.layers_for(1, 1024) == () and capped.layers_for(1, 1024) == ()
+    assert graphed.layers_for(1, 1024) != ()
     shape = ModelShape.from_config(model_config)
-    every = graphed.every_for(1, 1024)
-    model_peak = predict_peak(shape, checkpoint_every=every, seq=1024, batch=1, **graphed.recipe)["total"]
+    count = len(graphed.layers_for(1, 1024))
+    model_peak = predict_peak(
+        shape, checkpoint_every=0, checkpointed_layers=count, seq=1024, batch=1, **graphed.recipe
+    )["total"]
     assert model_peak * 1.08 <= 8 * 1024**3
     # the plan's expected peak carries the headroom of a recorded batch, not of an eager one
     assert graphed.predicted_peak_bytes() == int(model_peak * 1.08)
@@ -464,8 +490,8 @@ def test_checkpoint_plan_says_when_nothing_fits_the_budget(tmp_path, caplog):
     train = dict(TRAIN, gradient_checkpointing="auto", memory_budget_gib=4, kernels="liger", cuda_graphs=True)
     plan = checkpointing.CheckpointPlan([], model_config, dict(CELL, lora_r=64), train, "liger")
     with caplog.at_level("WARNING", logger="recipe"):
-        assert plan.every_for(4, 1024) == 1  # the leanest setting, over the budget
-        plan.every_for(4, 1024)  # cached: said once
+        assert plan.layers_for(4, 1024) == tuple(range(32))  # the leanest setting, over the budget
+        plan.layers_for(4, 1024)  # cached: said once
     expected = f"{plan.predicted_peak_bytes() / 1024**3:.2f} GiB even with every layer checkpointed (x 1.08 headroom"
     assert [r.getMessage() for r in caplog.records if expected in r.getMessage()] == [
         f"memory_budget_gib 4.00: a batch of 4 x 1024 tokens is predicted at {expected} for its CUDA graph); "
