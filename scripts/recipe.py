@@ -1,7 +1,8 @@
 """The training recipe: how a cell's model and trainer are built (the train stage and the
 GPU benches import this one module).
 
-- Model: the base in its arm's precision (modeling.load_base_model), optional fused kernels,
+- Model: the base in its arm's precision (modeling.load_base_model), optional fused kernels
+  (``train.kernels``) and NF4 dequantisation kernel (``train.dequantize``, scripts/nf4_dequantize.py),
   the cell's initial adapter, gradient checkpointing layer by layer, optionally each decoder
   layer compiled (``train.compile``).
 - Checkpointing (scripts/checkpointing.py): ``true`` = every ``checkpoint_every``-th layer;
@@ -32,6 +33,7 @@ from cuda_graphs import GraphedSteps, right_padded, scoring_every_position
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
 from memory_model import GIB, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
+from nf4_dequantize import install as install_dequantize
 from train_metrics import memory_stats
 
 CUDA_ONLY_OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit"}
@@ -136,6 +138,8 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
         **memory_stats("load"),
         "kernels": apply_kernels(model, train["kernels"], logger),
         "kernels_requested": train["kernels"],
+        # the same values bit for bit (tests/test_nf4_dequantize.py); what ran, or why not
+        "dequantize": install_dequantize(logger) if train.get("dequantize") == "triton" else "bitsandbytes",
     }
     model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
     model.train()  # gradient checkpointing silently does nothing in eval mode
