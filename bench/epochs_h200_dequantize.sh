@@ -18,3 +18,10 @@ $E $O --jobs epoch_b4 --recipes --variant "pad128_bnb:pad_to_multiple_of=128,deq
 $E $O --jobs epoch_b4 --recipes tutorial
 $E $O --jobs epoch_b4 --recipes --variant "pad128_expandable:pad_to_multiple_of=128,expandable_segments=true"
 $E $O --jobs epoch_b4 --recipes pipeline
+# Then, in two more calls on the same machine (as run): the blocks with each kernel, and the
+# kernel at 8 warps (bench/dequantize.py's fastest launch; the default since).
+$E $O --jobs block_2048x4 --recipes pipeline
+$E $O --jobs block_2048x4 --recipes --variant "blocks_bnb:dequantize=bitsandbytes"
+sed -i 's/^WARPS = 4$/WARPS = 8/' scripts/nf4_dequantize.py
+$E $O --jobs epoch_b4 --recipes --variant "pad128_expandable_warps8:pad_to_multiple_of=128,expandable_segments=true"
+$E $O --jobs block_2048x4 --recipes --variant "blocks_warps8:dequantize=triton"

@@ -209,7 +209,6 @@ def test_lean_overlay_changes_only_the_memory_settings_of_the_7b_study():
         "train.memory_budget_gib",
         "train.offload_checkpoints",
         "train.cuda_graphs_max_tokens",
-        "train.expandable_segments",
         "train.cublas_workspace_config",
     }
     assert merged["train"]["cuda_graphs_max_tokens"] is None  # null: every batch recorded
