@@ -72,8 +72,53 @@ def kernel_kinds(kernels) -> dict:
     return {k: round(v, 4) for k, v in sorted(seconds.items(), key=lambda item: -item[1])}
 
 
+def profiled_recordings(count: int) -> dict:
+    """cProfile over the first ``count`` CUDA graph recordings (GraphedSteps._record): where a
+    recording's host time goes. Fills and returns a dict (``functions``: by own and by cumulative time)."""
+    import cProfile
+    import pstats
+
+    import cuda_graphs
+
+    found: dict = {"recordings": 0}
+    profiler = cProfile.Profile()
+    record = cuda_graphs.GraphedSteps._record
+
+    def profiled(self, *args, **kwargs):
+        if found["recordings"] >= count:
+            return record(self, *args, **kwargs)
+        found["recordings"] += 1
+        profiler.enable()
+        try:
+            return record(self, *args, **kwargs)
+        finally:
+            profiler.disable()
+            stats = pstats.Stats(profiler)
+            rows = [
+                dict(
+                    function=f"{Path(file).parent.name}/{Path(file).name}:{line}({name})",
+                    calls=calls,
+                    own_seconds=round(own, 4),
+                    cumulative_seconds=round(cumulative, 4),
+                )
+                for (file, line, name), (_, calls, own, cumulative, _) in stats.stats.items()
+            ]
+            found["by_own_time"] = sorted(rows, key=lambda r: -r["own_seconds"])[:40]
+            found["by_cumulative_time"] = sorted(rows, key=lambda r: -r["cumulative_seconds"])[:40]
+
+    cuda_graphs.GraphedSteps._record = profiled
+    return found
+
+
 def run_variant(
-    name: str, lengths: list[int], steps: int, profile_from: int, model_dir: Path, batch: int = 1, trace: str = ""
+    name: str,
+    lengths: list[int],
+    steps: int,
+    profile_from: int,
+    model_dir: Path,
+    batch: int = 1,
+    trace: str = "",
+    recordings: int = 0,
 ) -> dict:
     import datasets
     from torch.profiler import ProfilerActivity, profile
@@ -101,6 +146,7 @@ def run_variant(
         else None
     )
     traces = {}
+    recording_profile = profiled_recordings(recordings) if recordings else None
 
     class Profile(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -155,6 +201,9 @@ def run_variant(
         "checkpoint_plan": plan.plan if plan else None,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h][:30],
     }
+    if recording_profile is not None:
+        result["recording_profile"] = recording_profile
+        result["cuda_graphs"] = trainer.graphs.summary() if trainer.graphs else None
     if "prof" in traces:
         events = traces["prof"].events()
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -189,6 +238,7 @@ def main(
     out: Path,
     batch: int = 1,
     trace_dir: Path | None = None,
+    recordings: int = 0,
 ) -> None:
     from gpu_recipes import build_model
 
@@ -206,6 +256,7 @@ def main(
                 model_dir=str(model_dir),
                 batch=batch,
                 trace=str(trace_dir / f"trace_{out.stem}_{name}.json") if trace_dir else "",
+                recordings=recordings,
             )
         )
         t0 = time.time()
@@ -239,13 +290,15 @@ if __name__ == "__main__":
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "llama2-7b-shape")
     parser.add_argument("--out", type=Path, default=Path("profile_step.json"))
     parser.add_argument("--trace-dir", type=Path, help="write each profiled window's timeline here (gzipped)")
+    parser.add_argument("--profile-recordings", type=int, default=0, help="cProfile the first N graph recordings")
     a = parser.parse_args()
     if a.child:
         c = json.loads(a.child)
-        result = run_variant(
-            c["name"], c["lengths"], c["steps"], c["profile_from"], Path(c["model_dir"]), c["batch"], c["trace"]
-        )
+        keys = ("name", "lengths", "steps", "profile_from", "batch", "trace", "recordings")
+        result = run_variant(model_dir=Path(c["model_dir"]), **{k: c[k] for k in keys})
         print("ROW " + json.dumps(result), flush=True)
     else:
         lengths = [a.block] * (a.steps * a.batch) if a.block else json.loads(a.lengths.read_text())
-        main(a.variants, lengths, a.steps, a.profile_from, a.model_dir, a.out, a.batch, a.trace_dir)
+        main(
+            a.variants, lengths, a.steps, a.profile_from, a.model_dir, a.out, a.batch, a.trace_dir, a.profile_recordings
+        )

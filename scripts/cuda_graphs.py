@@ -140,6 +140,7 @@ class GraphedSteps:
         self.checkpointed_eager_reason = checkpointed_eager_reason
         self.max_tokens = max_tokens  # longer batches train eagerly (not launch-bound: no gain)
         self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
+        self.instantiation_seconds: list[float] = []  # of which the graph's instantiation (capture_end)
         if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
             self.off_reason = "no CUDA device"
         logger.info("CUDA graphs: %s", f"off ({self.off_reason})" if self.off_reason else "on, one per batch shape")
@@ -154,6 +155,7 @@ class GraphedSteps:
             eager_steps=self.eager_steps,
             eager_reasons=self.eager_reasons,
             recording_seconds=[round(t, 4) for t in self.recording_seconds],
+            instantiation_seconds=[round(t, 4) for t in self.instantiation_seconds],
         )
 
     def _eager(self, reason: str) -> None:
@@ -248,6 +250,8 @@ class GraphedSteps:
         # (bench/results/epochs_h200_queued): the recording's host time is the capture itself.
         with torch.cuda.graph(graph, pool=self.pool):
             loss, metrics = forward_backward()
+            captured = time.perf_counter()
+        self.instantiation_seconds.append(time.perf_counter() - captured)
         self.pool = graph.pool()
         self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))
         return Recording(replay=graph.replay, inputs=static, loss=loss, metrics=metrics)
