@@ -175,6 +175,7 @@ def run_row(row: dict) -> dict:
     result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3) if cuda else None
     result.update(predicted_peak_gib=round(predicted["total"] / GIB, 3), predicted_for={"seq": seq, "batch": batch})
     result.update(kernels=details["kernels"], checkpoint_every=every, optimizer=optimizer)
+    result["dequantize"] = details.get("dequantize")  # the 4-bit weights' kernel (train.dequantize)
     result["folded_lora_dropouts"] = shape["folded_lora_dropouts"]
     result["offload_checkpoints"] = shape["offload_checkpoints"]  # inputs of checkpointed layers in host memory
     result["double_quant"] = shape["double_quant"]

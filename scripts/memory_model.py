@@ -12,10 +12,11 @@ they are reported apart (``paged_optimizer``) and added for a SLURM memory reque
 ``a_layer`` counts the bytes per token that autograd keeps for one decoder layer, tensor by
 tensor (see ``layer_activation_bytes``); frozen base weights keep nothing for their inputs
 (PyTorch and bitsandbytes save an input only when a weight needs its gradient).
-Checkpointing every k-th layer keeps only the input of each checkpointed layer and
-recomputes the rest in the backward pass, one layer at a time; with ``offload_checkpoints``
-(scripts/offload.py) those inputs wait in pinned host memory (``host_offload``, outside the
-total, like the paged optimizer state).
+A checkpointed layer keeps only its input and recomputes the rest in the backward pass, one
+layer at a time (which layers: every k-th with ``checkpoint_every``, or any number of them,
+the lowest, where the per-batch plan chose ``checkpointed_layers``: checkpoint_layer_sets);
+with ``offload_checkpoints`` (scripts/offload.py) those inputs wait in pinned host memory
+(``host_offload``, outside the total, like the paged optimizer state).
 
 The recipes:
 - ``pipeline``: base in the compute dtype (bf16), autocast, fp32 LoRA weights;

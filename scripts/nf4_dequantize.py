@@ -21,7 +21,8 @@ import torch
 
 BLOCKSIZE = 64  # bitsandbytes' default 4-bit block (one absmax per 64 weights)
 BYTES_PER_PROGRAM = 2048  # packed bytes (4,096 weights) per Triton program
-WARPS = 8  # bench/results/dequantize_h200.json: the fastest launch summed over a layer; epoch 44.75 s against 44.93 at 4
+# bench/results/dequantize_h200.json: the fastest launch over a layer's weights; epoch 44.75 s against 44.93 at 4
+WARPS = 8
 
 
 @functools.cache
