@@ -8,7 +8,9 @@ of kernel time in a recorded 4 x 512 step, bench/results/profile_step_h200_b4_51
 about half of what the card's memory bandwidth allows for the bytes it moves. This kernel
 writes the same values: each weight is bf16(float32(NF4 table[code]) * float32(absmax)), the
 product rounded once to nearest even, as bitsandbytes' kernel rounds it; tests/test_nf4_dequantize.py
-checks bit equality on the GPU.
+checks bit equality on the GPU. Measured on an H200: a layer's seven weights in 237 against
+278 us (bench/results/dequantize_h200.json), a batch-4 epoch 1.03x faster
+(bench/results/epochs_h200_dequantize).
 
 Installed by swapping bitsandbytes' CUDA dequantise implementation, which both its forward
 (dequantise, then F.linear) and its backward call; anything else (fp4, another block size,
