@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 
 from lora_dropout import checkpoint_context, recompute_needs_rng
-from memory_model import GIB, GRAPH_PEAK_FACTOR, ModelShape, cell_recipe, checkpoint_layer_sets, planned_batch
+from memory_model import (
+    GIB,
+    GRAPH_PEAK_FACTOR,
+    ModelShape,
+    cell_recipe,
+    checkpoint_layer_sets,
+    every_kth_layer,
+    planned_batch,
+)
 from offload import offload_checkpoints
 
 
@@ -26,11 +34,13 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def set_checkpointing(layers: list, every: int) -> int:
-    """Checkpoint layers 0, k, 2k, ... (none for every=0); returns how many are checkpointed."""
+def set_checkpointing(layers: list, chosen) -> int:
+    """Checkpoint the layers at the ``chosen`` indices, the others keep their activations; returns
+    how many are checkpointed."""
+    chosen = set(chosen)
     for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = bool(every) and index % every == 0
-    return sum(layer.gradient_checkpointing for layer in layers)
+        layer.gradient_checkpointing = index in chosen
+    return len(chosen)
 
 
 def enable_checkpointing(
@@ -53,7 +63,8 @@ def enable_checkpointing(
         longest = (longest_tokens * model.config.hidden_size, hidden_dtype) if longest_tokens else None
         reserved = offload_checkpoints(decoder_layers(model), kwargs, longest)
         logging.getLogger("recipe").info("offload_checkpoints: %.2f GiB of pinned host memory reserved", reserved / GIB)
-    return set_checkpointing(decoder_layers(model), every)
+    layers = decoder_layers(model)
+    return set_checkpointing(layers, every_kth_layer(len(layers), every))
 
 
 class CheckpointPlan:
@@ -106,9 +117,7 @@ class CheckpointPlan:
         batch, seq = input_ids.shape[0], input_ids.shape[-1]
         layers = self.layers_for(batch, seq)
         if layers != self.applied:
-            chosen = set(layers)
-            for index, layer in enumerate(self.layers):
-                layer.gradient_checkpointing = index in chosen
+            set_checkpointing(self.layers, layers)
             self.applied = layers
         self.steps_by_layers[len(layers)] = self.steps_by_layers.get(len(layers), 0) + 1
         return len(layers)

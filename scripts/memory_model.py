@@ -33,7 +33,6 @@ recomputes every row).
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,9 +109,13 @@ def lora_parameters(shape: ModelShape, rank: int, targets: str) -> int:
     return shape.layers * sum(rank * sum(shape.linear_shape(m)) for m in TARGETS[targets])
 
 
+def every_kth_layer(layers: int, checkpoint_every: int) -> tuple[int, ...]:
+    """The indices checkpoint_every k checkpoints: layers 0, k, 2k, ...; 0 = none."""
+    return tuple(range(0, layers, checkpoint_every)) if checkpoint_every else ()
+
+
 def checkpointed_layer_count(layers: int, checkpoint_every: int) -> int:
-    """Layers 0, k, 2k, ... are checkpointed; 0 = none."""
-    return 0 if checkpoint_every == 0 else math.ceil(layers / checkpoint_every)
+    return len(every_kth_layer(layers, checkpoint_every))
 
 
 def layer_activation_bytes(
@@ -247,7 +250,7 @@ def checkpoint_layer_sets(layers: int, plan: str) -> list[tuple[int, ...]]:
     if plan == "layers":
         return [tuple(range(count)) for count in range(layers + 1)]
     if plan == "every":
-        return [tuple(range(0, layers, every)) if every else () for every in checkpoint_candidates(layers)]
+        return [every_kth_layer(layers, every) for every in checkpoint_candidates(layers)]
     raise ValueError(f"unknown checkpoint plan {plan!r}: one of {', '.join(CHECKPOINT_PLANS)}")
 
 
