@@ -1,9 +1,11 @@
 """Which SDPA kernels serve the 7B shape's causal attention on this GPU, eager and inside a CUDA
 graph recording, and how fast (forward + backward, bf16, no mask: the recorded step's call).
 
-For each backend alone: the kernel runs or PyTorch's reason why not (its warnings); the median
-of 10 timed calls eager and as replays of one recording; the replay's output and input
-gradients against the eager call's. Decides the recording's backend order (scripts/cuda_graphs.py).
+For each backend alone: the kernel runs or PyTorch's reason why not (its warnings); the host
+time of its first call at the shape (cuDNN builds a plan per new shape, forward and backward) and
+of a first recording at a second new length; the median of 10 timed calls eager and as replays of
+one recording; the replay's output and input gradients against the eager call's. Decides the
+recording's backend order (scripts/cuda_graphs.py, train.cuda_graphs_attention).
 
     python bench/attention_check.py --out bench/results/attention_check_h200.json
 """
@@ -11,6 +13,7 @@ gradients against the eager call's. Decides the recording's backend order (scrip
 import argparse
 import json
 import statistics
+import time
 import warnings
 from pathlib import Path
 
@@ -34,15 +37,31 @@ def timed(fn, repeats: int = 10) -> float:
     return round(statistics.median(times), 3)
 
 
-def check(backend: str, batch: int, seq: int, heads: int = 32, head_dim: int = 128) -> dict:
+def tensors(batch: int, seq: int, heads: int, head_dim: int):
+    """q, k, v (requiring grad) and the output's gradient, random bf16."""
     generator = torch.Generator(device="cuda").manual_seed(0)
+    shape = (batch, heads, seq, head_dim)
     q, k, v = (
-        torch.randn(
-            batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, generator=generator
-        ).requires_grad_()
-        for _ in range(3)
+        torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_() for _ in range(3)
     )
-    grad = torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+    return q, k, v, torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator)
+
+
+def first_recording_ms(backend: str, batch: int, seq: int, heads: int, head_dim: int) -> float:
+    """Host milliseconds to record forward + backward at a length this process has not run."""
+    q, k, v, grad = tensors(batch, seq, heads, head_dim)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with sdpa_kernel([getattr(SDPBackend, backend)]):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(grad)
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def check(backend: str, batch: int, seq: int, heads: int = 32, head_dim: int = 128) -> dict:
+    q, k, v, grad = tensors(batch, seq, heads, head_dim)
     row = dict(backend=backend, batch=batch, seq=seq)
 
     def step():
@@ -54,12 +73,16 @@ def check(backend: str, batch: int, seq: int, heads: int = 32, head_dim: int = 1
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        torch.cuda.synchronize()
+        started = time.perf_counter()
         try:
             eager = step()
         except RuntimeError as error:
             row["eager"] = f"not run: {str(error).splitlines()[0][:200]}"
             row["reasons"] = sorted({str(w.message)[:300] for w in caught})
             return row
+        torch.cuda.synchronize()
+        row["first_call_ms"] = round((time.perf_counter() - started) * 1000, 2)
     eager_grads = [t.grad.clone() for t in (q, k, v)]
     row["eager_ms"] = timed(step)
     side = torch.cuda.Stream()
@@ -84,10 +107,14 @@ def check(backend: str, batch: int, seq: int, heads: int = 32, head_dim: int = 1
         float((a - b).abs().max())
         for a, b in zip([out] + [t.grad for t in (q, k, v)], [eager] + eager_grads, strict=True)
     )
+    # a length no call has run yet (the shapes are multiples of 64): what recording a new shape costs
+    row["first_recording_ms_at_seq_plus_8"] = first_recording_ms(backend, batch, seq + 8, heads, head_dim)
     return row
 
 
 def main(out: Path, shapes: list[tuple[int, int]]) -> None:
+    for backend in BACKENDS:  # the process's own first calls stay out of the rows
+        check(backend, 1, 200)
     rows = [check(backend, batch, seq) for batch, seq in shapes for backend in BACKENDS]
     for row in rows:
         print(json.dumps(row), flush=True)
@@ -97,5 +124,8 @@ def main(out: Path, shapes: list[tuple[int, int]]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("attention_check.json"))
+    parser.add_argument(
+        "--shapes", nargs="+", default=["4x1024", "4x2048", "1x512"], help="BATCHxLENGTH, e.g. 4x512 (multiples of 64)"
+    )
     a = parser.parse_args()
-    main(a.out, [(4, 1024), (4, 2048), (1, 512)])
+    main(a.out, [tuple(int(n) for n in shape.split("x")) for shape in a.shapes])

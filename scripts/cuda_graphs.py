@@ -52,17 +52,26 @@ def scoring_every_position():
         trl_utils._use_triton = original
 
 
-def attention_backends():
-    """cuDNN's attention first, as eager steps run it on a Hopper GPU, then flash, memory-efficient
-    and math: with cuDNN left out a recording ran PyTorch's memory-efficient kernel (a 4 x 1,024
-    step's attention 87 against 12 ms eager on an H200, bench/results/profile_step_h200_b4_1024.json;
-    each kernel recorded: bench/attention_check.py).
+RECORDED_ATTENTION = ("cudnn", "flash")  # train.cuda_graphs_attention: the kernel a recording tries first
+
+
+def attention_backends(first: str = "cudnn"):
+    """cuDNN's attention first (``first="cudnn"``), as eager steps run it on a Hopper GPU, then flash,
+    memory-efficient and math: with cuDNN left out a recording ran PyTorch's memory-efficient kernel
+    (a 4 x 1,024 step's attention 87 against 12 ms eager on an H200,
+    bench/results/profile_step_h200_b4_1024.json; each kernel recorded: bench/attention_check.py).
+    ``first="flash"`` puts flash attention first: no per-shape plan to build (cuDNN builds one for each
+    new sequence length, forward and backward) at a slower kernel.
     A checkpointed layer's recomputation runs under the same list (the forward's kernel)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(
-        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    )
+    if first not in RECORDED_ATTENTION:
+        raise ValueError(f"train.cuda_graphs_attention must be one of {RECORDED_ATTENTION}, not {first!r}")
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    if first == "flash":
+        order.reverse()
+    # set_priority: the list's order is the order tried (without it the list only enables)
+    return sdpa_kernel([*order, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
 
 
 @contextlib.contextmanager
@@ -126,6 +135,7 @@ class GraphedSteps:
         logger,
         checkpointed_eager_reason: str | None,
         max_tokens: int | None = None,
+        attention: str = "cudnn",
     ):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.grads: list[torch.Tensor] | None = None
@@ -139,6 +149,8 @@ class GraphedSteps:
         # why checkpointed batches train eagerly (None: they are recorded too)
         self.checkpointed_eager_reason = checkpointed_eager_reason
         self.max_tokens = max_tokens  # longer batches train eagerly (not launch-bound: no gain)
+        attention_backends(attention)  # an unknown kernel fails here, before the first step
+        self.attention = attention
         self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
         self.instantiation_seconds: list[float] = []  # of which the graph's instantiation (capture_end)
         if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
@@ -149,6 +161,7 @@ class GraphedSteps:
         """For metrics.json: how the steps were trained."""
         return dict(
             enabled=self.off_reason is None,
+            attention=self.attention,
             off_reason=self.off_reason,
             shapes_recorded=[list(shape[0]) for shape in self.recordings],
             replayed_steps=self.replayed_steps,
@@ -229,7 +242,7 @@ class GraphedSteps:
         def forward_backward():
             # The backward too: a checkpointed layer's recomputation must run the forward's
             # attention kernel (its saved tensors' shapes).
-            with attention_backends(), causal_flag_while_recording():
+            with attention_backends(self.attention), causal_flag_while_recording():
                 loss, metrics = loss_fn(static)
                 loss.backward()
             # Keep the values, not the autograd graph behind the loss: with checkpointing it ends

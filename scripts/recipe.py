@@ -368,6 +368,7 @@ def make_trainer(
             # an unfolded dropout: the recomputation reads and sets the RNG state on the host
             "checkpointed batch (its recomputation replays random numbers)" if recompute_rng else None,
             train.get("cuda_graphs_max_tokens"),
+            train.get("cuda_graphs_attention", "cudnn"),
         )
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):
         plan.graph_peak_factor = 1.0  # no recording will run: the eager step's budget

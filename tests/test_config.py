@@ -48,6 +48,7 @@ def _set(config: dict, dotted: str, value) -> dict:
         ("data.mirror", [{"hub_id": "x", "path": "y", "sha256": "zz"}], "data.mirror.0.sha256"),
         ("train.gradient_checkpointing", "sometimes", "train.gradient_checkpointing"),
         ("train.kernels", "triton", "train.kernels"),
+        ("train.cuda_graphs_attention", "xformers", "train.cuda_graphs_attention"),
         ("train.checkpoint_every", 0, "train.checkpoint_every"),
         ("train.cublas_workspace_config", "4096:8", "train.cublas_workspace_config"),  # no leading colon
     ],

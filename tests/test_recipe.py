@@ -266,6 +266,25 @@ def test_recordings_keep_no_step_alive(tiny_model, tmp_path, monkeypatch):
     assert [ref() for ref in outputs] == [None] * 6
 
 
+def test_recordings_try_the_configured_attention_kernel_first():
+    """train.cuda_graphs_attention sets SDPA's priority order inside a recording, and only there."""
+    from torch.nn.attention import SDPBackend
+
+    import cuda_graphs
+
+    before = torch._C._get_sdp_priority_order()
+    for first, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        with cuda_graphs.attention_backends(first):
+            order = torch._C._get_sdp_priority_order()
+        assert order[:2] == [
+            int(backend),
+            int(SDPBackend.FLASH_ATTENTION if first == "cudnn" else SDPBackend.CUDNN_ATTENTION),
+        ]
+        assert torch._C._get_sdp_priority_order() == before
+    with pytest.raises(ValueError, match="train.cuda_graphs_attention must be one of"):
+        cuda_graphs.GraphedSteps([], None, LOGGER, None, attention="xformers")
+
+
 def test_graph_step_needs_right_padding():
     import cuda_graphs
 
