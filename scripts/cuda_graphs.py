@@ -24,20 +24,12 @@ the recomputation restores the RNG state on the host, and those batches train ea
 The first step of a run trains eagerly (lazy initialisation stays out of the recordings);
 each new shape is recorded at its first batch, then replayed. All graphs share one memory
 pool: only one step's activations are alive at a time, as in eager training.
-With ``train.cuda_graphs_record_ahead`` a background thread records the shapes the epoch will
-meet (longest first) while the GPU replays the ones recorded: a recording is ~0.4-0.8 s of host
-work with the GPU idle (bench/results/epochs_h200_flash), and a replayed step leaves the host
-idle most of its ~0.15 s. One forward/backward runs on the host at a time (``exclusive``: the
-main thread's eager steps and recordings, the recorder's); a recording writes the gradients into
-the fixed buffers itself (torch.autograd.grad), never into ``.grad``, which the trainer resets
-between steps.
 
 tests/test_recipe.py trains the tiny model through this path (the same static-buffer
 function, run without a device graph on the CPU) against TRL's eager step.
 """
 
 import contextlib
-import threading
 import time
 from dataclasses import dataclass
 
@@ -120,14 +112,6 @@ def right_padded(inputs: dict) -> bool:
     return bool(ordered & ((mask == 1) | (labels == -100)).all())
 
 
-def padded_shapes(lengths, batch: int, multiple: int | None, max_length: int | None) -> list[tuple[int, int]]:
-    """Every batch shape the collator can make of rows of these lengths, longest first: a batch
-    is as long as its longest row, truncated at ``max_length``, padded up to ``multiple``."""
-    multiple = multiple or 1
-    seqs = {-(-min(n, max_length or n) // multiple) * multiple for n in lengths}
-    return [(batch, seq) for seq in sorted(seqs, reverse=True)]
-
-
 @dataclass
 class Recording:
     replay: object  # a torch.cuda.CUDAGraph's replay, or the function itself (CPU tests)
@@ -152,8 +136,6 @@ class GraphedSteps:
         checkpointed_eager_reason: str | None,
         max_tokens: int | None = None,
         attention: str = "cudnn",
-        ahead: list[tuple[int, int]] | None = None,
-        prepare=None,
     ):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.grads: list[torch.Tensor] | None = None
@@ -169,15 +151,6 @@ class GraphedSteps:
         self.max_tokens = max_tokens  # longer batches train eagerly (not launch-bound: no gain)
         attention_backends(attention)  # an unknown kernel fails here, before the first step
         self.attention = attention
-        self.ahead = list(ahead or [])  # batch shapes the recorder thread records, in this order
-        self.prepare = prepare  # prepare(batch, seq) -> checkpointed layers: set on the model before a recording
-        self.lock = threading.Lock()  # one forward/backward on the host at a time
-        self.main_waiting = 0  # the main thread waits for the lock: the recorder steps aside
-        self.recorder: threading.Thread | None = None
-        self.recorder_error: BaseException | None = None
-        self.stopping = False
-        self.recorded_ahead: list[list[int]] = []  # shapes the recorder thread recorded
-        self.waited_seconds = 0.0  # the main thread's wait for a recording under way
         self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
         self.instantiation_seconds: list[float] = []  # of which the graph's instantiation (capture_end)
         if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
@@ -196,8 +169,6 @@ class GraphedSteps:
             eager_reasons=self.eager_reasons,
             recording_seconds=[round(t, 4) for t in self.recording_seconds],
             instantiation_seconds=[round(t, 4) for t in self.instantiation_seconds],
-            recorded_ahead=self.recorded_ahead,
-            waited_seconds=round(self.waited_seconds, 4),
         )
 
     def _eager(self, reason: str) -> None:
@@ -212,8 +183,6 @@ class GraphedSteps:
         unless ``checkpointed_eager_reason`` says why not (random numbers replayed on the host).
         ``layout``: right_padded(inputs), read on the host before the batch moved (reading the
         GPU copy here would be a device sync per step)."""
-        if self.recorder_error is not None:
-            raise RuntimeError("the CUDA graph recorder thread failed") from self.recorder_error
         if self.off_reason:
             return self._eager("graphs off")
         if self.max_tokens is not None and inputs["input_ids"].numel() > self.max_tokens:
@@ -232,91 +201,21 @@ class GraphedSteps:
         recording = self.recordings.get(key)
         self._bind_grads()
         if recording is None:
-            if self.ahead and self.recorder is None:
-                self._start_recorder(key[1], inputs["input_ids"].device, loss_fn)
-            with self.exclusive():
-                recording = self.recordings.get(key)  # the recorder's, finished while we waited
-                if recording is None and not self.off_reason:
-                    recording = self._record_timed(key, inputs, num_items, loss_fn)
-            if recording is None:
+            started = time.perf_counter()
+            try:
+                recording = self._record(inputs, num_items, loss_fn)
+            except RuntimeError as error:  # a model this path cannot hold: say so, train on eagerly
+                self.off_reason = f"recording failed at batch shape {key[0]}: {str(error).splitlines()[0][:300]}"
+                self.logger.warning("CUDA graphs off for the rest of the run: %s", self.off_reason)
                 return self._eager("graphs off")
+            self.recordings[key] = recording
+            self.recording_seconds.append(time.perf_counter() - started)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])
         recording.replay()
         self.replayed_steps += 1
         # The outputs live in the shared pool: copy them before another shape replays.
         return recording.loss.detach().clone(), tuple(m.clone() for m in recording.metrics)
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        """The main thread's forward/backward outside a replay (an eager step, a recording), never
-        beside the recorder's: it waits for a recording under way; the recorder waits for it."""
-        self.main_waiting += 1
-        started = time.perf_counter()
-        try:
-            self.lock.acquire()
-        finally:
-            self.main_waiting -= 1
-        self.waited_seconds += time.perf_counter() - started
-        try:
-            yield
-        finally:
-            self.lock.release()
-
-    def stop(self) -> None:
-        """End of training: the recorder records nothing more (the model is the caller's again)."""
-        self.stopping = True
-        if self.recorder is not None:
-            self.recorder.join()
-
-    def _start_recorder(self, num_items_dtype, device, loss_fn) -> None:
-        """Record ``self.ahead``'s shapes on a thread of their own, with placeholder batches (a
-        recording holds buffers, not values)."""
-
-        def record_ahead():
-            try:
-                for batch, seq in self.ahead:
-                    if self.max_tokens is not None and batch * seq > self.max_tokens:
-                        continue
-                    while self.main_waiting and not self.stopping:
-                        time.sleep(0.001)
-                    key = ((batch, seq), num_items_dtype)
-                    with self.lock:
-                        if self.stopping or self.off_reason:
-                            return
-                        if key not in self.recordings:
-                            ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-                            inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-                            num_items = (
-                                None
-                                if num_items_dtype is None
-                                else torch.ones((), dtype=num_items_dtype, device=device)
-                            )
-                            if self._record_timed(key, inputs, num_items, loss_fn, background=True):
-                                self.recorded_ahead.append([batch, seq])
-            except BaseException as error:  # the main thread raises it at its next step
-                self.recorder_error = error
-
-        self.recorder = threading.Thread(target=record_ahead, name="cuda-graph-recorder", daemon=True)
-        self.recorder.start()
-
-    def _record_timed(self, key, inputs: dict, num_items, loss_fn, background: bool = False) -> Recording | None:
-        """Record one shape (self.lock held): the plan's layers set first, the time kept. None: not
-        recorded (graphs now off, or a checkpointed shape the recorder leaves to an eager step)."""
-        batch, seq = key[0][0], key[0][-1]
-        layers = self.prepare(batch, seq) if self.prepare is not None else 0
-        if background and layers and self.checkpointed_eager_reason:
-            return None
-        started = time.perf_counter()
-        try:
-            recording = self._record(inputs, num_items, loss_fn, background)
-        except RuntimeError as error:  # a model this path cannot hold: say so, train on eagerly
-            self.off_reason = f"recording failed at batch shape {key[0]}: {str(error).splitlines()[0][:300]}"
-            self.logger.warning("CUDA graphs off for the rest of the run: %s", self.off_reason)
-            return None
-        self.recordings[key] = recording
-        self.recording_seconds.append(time.perf_counter() - started)
-        return recording
 
     def _bind_grads(self) -> None:
         """Point every trainable parameter's .grad at its fixed buffer: zeroed after the
@@ -335,33 +234,26 @@ class GraphedSteps:
         if to_zero:
             torch._foreach_zero_(to_zero)
 
-    def _record(self, inputs: dict, num_items, loss_fn, background: bool = False) -> Recording:
+    def _record(self, inputs: dict, num_items, loss_fn) -> Recording:
         static = {name: inputs[name].clone() for name in GRAPH_KEYS}
         if num_items is not None:  # the trainer's token count over the accumulated batches
             static["num_items"] = torch.as_tensor(num_items, device=inputs["input_ids"].device).clone()
-        parameters, buffers = self.parameters, self.grads
 
         def forward_backward():
             # The backward too: a checkpointed layer's recomputation must run the forward's
             # attention kernel (its saved tensors' shapes).
             with attention_backends(self.attention), causal_flag_while_recording():
                 loss, metrics = loss_fn(static)
-                # Into the fixed buffers, as .grad's accumulation would (buffer + gradient), but
-                # without .grad, which the main thread rebinds while the recorder records. Only the
-                # adapters' gradients are computed, and the autograd graph is freed at once.
-                grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-            pairs = [(buffer, grad) for buffer, grad in zip(buffers, grads, strict=True) if grad is not None]
-            torch._foreach_add_([buffer for buffer, _ in pairs], [grad for _, grad in pairs])
+                loss.backward()
+            # Keep the values, not the autograd graph behind the loss: with checkpointing it ends
+            # at the embedding output (a leaf made to require grad), which it would keep alive with
+            # its gradient, two hidden-state tensors per recorded shape.
             return loss.detach(), metrics
 
         if not torch.cuda.is_available():  # replay_on_cpu (tests): the function is the recording
-            batch, seq = static["input_ids"].shape[0], static["input_ids"].shape[-1]
 
-            def replay():  # runs the model: the shape's layers, and never beside the recorder
-                with self.lock:
-                    if self.prepare is not None:
-                        self.prepare(batch, seq)
-                    recording.loss, recording.metrics = forward_backward()
+            def replay():
+                recording.loss, recording.metrics = forward_backward()
 
             recording = Recording(replay=replay, inputs=static, loss=torch.zeros(()), metrics=())
             return recording
@@ -369,9 +261,7 @@ class GraphedSteps:
         # torch.cuda.graph waits for the GPU and empties the caches first. Capturing at once instead
         # (capture_begin on a side stream) measured no faster and held 1.9 GiB more on the card
         # (bench/results/epochs_h200_queued): the recording's host time is the capture itself.
-        # A background capture: only its own thread's calls are checked (the main thread keeps
-        # launching replays and allocating on its stream meanwhile).
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local" if background else "global"):
+        with torch.cuda.graph(graph, pool=self.pool):
             loss, metrics = forward_backward()
             captured = time.perf_counter()
         self.instantiation_seconds.append(time.perf_counter() - captured)

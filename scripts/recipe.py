@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
-from cuda_graphs import GraphedSteps, padded_shapes, right_padded, scoring_every_position
+from cuda_graphs import GraphedSteps, right_padded, scoring_every_position
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
 from memory_model import GIB, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
@@ -271,34 +271,18 @@ def make_trainer(
             return loss
 
         def _training_step(self, model, inputs, num_items_in_batch):
-            if self.graphs is None:
-                if plan is not None:
-                    plan.apply(inputs["input_ids"])
-                return super().training_step(model, inputs, num_items_in_batch)
-            batch, seq = inputs["input_ids"].shape[0], inputs["input_ids"].shape[-1]
-            checkpointed = plan is not None and bool(plan.layers_for(batch, seq))
-            model.train()
-            inputs = self._prepare_inputs(inputs)
-            loss_fn = functools.partial(self._graph_loss, model)
-            layout = self._host_facts is not None and self._host_facts.right_padded  # None: no mask, no labels
-            replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, checkpointed, layout)
-            if replayed is not None:  # its recording set the plan's layers (GraphedSteps.prepare)
-                if plan is not None:
-                    plan.count(batch, seq)
-                loss, metrics = replayed
-                self._pending_metrics.append(metrics)
-                return loss
-            with self.graphs.exclusive():  # the model is the recorder thread's while it records
-                if plan is not None:
-                    plan.apply(inputs["input_ids"])
-                return super().training_step(model, inputs, num_items_in_batch)
-
-        def train(self, *args, **kwargs):
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                if self.graphs is not None:
-                    self.graphs.stop()  # no recording beside what the caller does with the model next
+            every = plan.apply(inputs["input_ids"]) if plan is not None else 0
+            if self.graphs is not None:
+                model.train()
+                inputs = self._prepare_inputs(inputs)
+                loss_fn = functools.partial(self._graph_loss, model)
+                layout = self._host_facts is not None and self._host_facts.right_padded  # None: no mask, no labels
+                replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, bool(every), layout)
+                if replayed is not None:
+                    loss, metrics = replayed
+                    self._pending_metrics.append(metrics)
+                    return loss
+            return super().training_step(model, inputs, num_items_in_batch)
 
         def _track_num_input_tokens(self, inputs):
             """The collator's count (HostFacts), where the Trainer would read it from the GPU."""
@@ -375,11 +359,6 @@ def make_trainer(
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
     if train.get("cuda_graphs", False):
-        ahead = None  # the shapes this epoch's rows make, for the recorder thread
-        if train.get("cuda_graphs_record_ahead") and not train["padding_free"]:
-            lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-            batch = args.per_device_train_batch_size
-            ahead = padded_shapes(lengths, batch, train.get("pad_to_multiple_of"), args.max_length)
         recompute_rng = recompute_needs_rng(trainer.model)
         off = graphs_off_reason(args, checkpoint_every, defer, recompute_rng)
         trainer.graphs = GraphedSteps(
@@ -390,8 +369,6 @@ def make_trainer(
             "checkpointed batch (its recomputation replays random numbers)" if recompute_rng else None,
             train.get("cuda_graphs_max_tokens"),
             train.get("cuda_graphs_attention", "cudnn"),
-            ahead,
-            plan.select if plan is not None else None,
         )
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):
         plan.graph_peak_factor = 1.0  # no recording will run: the eager step's budget

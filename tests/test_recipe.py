@@ -238,38 +238,6 @@ def test_cuda_graph_step_trains_like_the_eager_step(tiny_model, tmp_path, monkey
     assert trainer.step_losses_on_host() == [h["loss"] for h in graphed]
 
 
-def test_recording_ahead_trains_like_the_eager_step(tmp_path, monkeypatch):
-    """train.cuda_graphs_record_ahead: a thread records every shape the rows make, longest first,
-    while the steps replay; the numbers stay those of the eager steps, and each shape keeps its
-    plan's layers (its recording sets them): the same as recording each shape at its first batch."""
-    import cuda_graphs
-
-    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
-    model_dir = build_tiny_model(tmp_path / "model", layers=3)
-    shape = ModelShape.from_config(model_dir)
-    recipe_args = dict(method="qlora", rank=8, targets="qv", kernels="none", double_quant=False, paged_optimizer=False)
-    short = predict_peak(shape, checkpoint_every=0, seq=64, batch=2, **recipe_args)["total"]
-    two = predict_peak(shape, checkpoint_every=0, checkpointed_layers=2, seq=320, batch=2, **recipe_args)["total"]
-    budget_gib = (max(short, two) * checkpointing.GRAPH_PEAK_FACTOR + 1) / 1024**3  # a recording's headroom too
-    settings = dict(pad_to_multiple_of=16, logging_steps=1, gradient_checkpointing="auto", memory_budget_gib=budget_gib)
-    settings.update(recompute_lora_dropout=True, cuda_graphs=True)
-    ahead, plan, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, cuda_graphs_record_ahead=True, **settings)
-    at_first_batch, plan_at_first_batch, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **settings)
-    eager, _, _ = train_tiny(model_dir, tmp_path / "c", LENGTHS, **dict(settings, cuda_graphs=False))
-    summary = trainer.graphs.summary()
-    assert trainer.graphs.ahead == [(2, 320), (2, 304), (2, 288), (2, 64), (2, 48), (2, 32)]
-    assert not trainer.graphs.recorder.is_alive()  # stopped with the training
-    # the first step eager, every other batch's shape recorded by one of the two threads
-    assert summary["eager_reasons"] == {"first step": 1} and summary["replayed_steps"] == 5
-    assert sorted(summary["shapes_recorded"]) == [[2, 32], [2, 48], [2, 64], [2, 288], [2, 304], [2, 320]]
-    assert summary["recorded_ahead"] and set(map(tuple, summary["recorded_ahead"])) <= set(trainer.graphs.ahead)
-    assert plan.summary() == plan_at_first_batch.summary() == {"0": 3, "2": 3}  # long batches recompute 2 layers
-    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
-    assert len(ahead) == len(at_first_batch) == len(eager) == 6
-    for ours, first, theirs in zip(ahead, at_first_batch, eager, strict=True):
-        assert {k: ours[k] for k in keys} == {k: first[k] for k in keys} == {k: theirs[k] for k in keys}
-
-
 def test_recordings_keep_no_step_alive(tiny_model, tmp_path, monkeypatch):
     """A recording keeps its outputs, not the autograd graph behind its loss: with checkpointing
     that graph ends at the embedding output (a leaf made to require grad) and would hold it and
