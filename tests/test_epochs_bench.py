@@ -166,6 +166,14 @@ RESULTS = {  # each file's rows that must be there
         ("all_recorded", "block_2048x4"),
     },
     "epochs_h200_queued.json": {("pad128", "epoch_b4"), ("tutorial", "epoch_b4")},
+    "epochs_h200_flash.json": {
+        ("pad128", "epoch_b4"),
+        ("pad128_flash", "epoch_b4"),
+        ("pad64_flash", "epoch_b4"),
+        ("pipeline", "epoch_b4"),
+        ("tutorial", "epoch_b4"),
+    },
+    "epochs_h200_b1_layers.json": {("pipeline", "seed_epoch_b1"), ("tutorial", "seed_epoch_b1")},
     "epochs_h200_layers.json": {
         ("pad128", "epoch_b4"),
         ("pad128_every", "epoch_b4"),
