@@ -38,6 +38,7 @@ VARIANTS = {
     "noliger": {"kernels": "none"},
     "graphs_all": {"cuda_graphs_max_tokens": None},  # long batches recorded too
     "eager": {"cuda_graphs": False},
+    "pad128": {"pad_to_multiple_of": 128},
 }
 
 

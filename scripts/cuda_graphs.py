@@ -153,6 +153,9 @@ class GraphedSteps:
         self.attention = attention
         self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
         self.instantiation_seconds: list[float] = []  # of which the graph's instantiation (capture_end)
+        # of which the wait for the GPU to finish the steps queued before the recording: the work
+        # the host was ahead by when the new shape arrived (torch.cuda.graph waits for it anyway)
+        self.drain_seconds: list[float] = []
         if off_reason is None and not torch.cuda.is_available() and not self.replay_on_cpu:
             self.off_reason = "no CUDA device"
         logger.info("CUDA graphs: %s", f"off ({self.off_reason})" if self.off_reason else "on, one per batch shape")
@@ -169,6 +172,7 @@ class GraphedSteps:
             eager_reasons=self.eager_reasons,
             recording_seconds=[round(t, 4) for t in self.recording_seconds],
             instantiation_seconds=[round(t, 4) for t in self.instantiation_seconds],
+            drain_seconds=[round(t, 4) for t in self.drain_seconds],
         )
 
     def _eager(self, reason: str) -> None:
@@ -258,9 +262,13 @@ class GraphedSteps:
             recording = Recording(replay=replay, inputs=static, loss=torch.zeros(()), metrics=())
             return recording
         graph = torch.cuda.CUDAGraph()
-        # torch.cuda.graph waits for the GPU and empties the caches first. Capturing at once instead
+        # torch.cuda.graph waits for the GPU and empties the caches first; the wait is timed apart
+        # (drain_seconds: how far ahead of the card the host was). Capturing at once instead
         # (capture_begin on a side stream) measured no faster and held 1.9 GiB more on the card
         # (bench/results/epochs_h200_queued): the recording's host time is the capture itself.
+        draining = time.perf_counter()
+        torch.cuda.synchronize()
+        self.drain_seconds.append(time.perf_counter() - draining)
         with torch.cuda.graph(graph, pool=self.pool):
             loss, metrics = forward_backward()
             captured = time.perf_counter()
