@@ -47,16 +47,21 @@ def tensors(batch: int, seq: int, heads: int, head_dim: int):
     return q, k, v, torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator)
 
 
+def forward_backward(backend: str, q, k, v, grad) -> torch.Tensor:
+    """The recorded step's attention call with ``backend`` alone, and its backward; the output."""
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.backward(grad)
+    return out
+
+
 def first_recording_ms(backend: str, batch: int, seq: int, heads: int, head_dim: int) -> float:
     """Host milliseconds to record forward + backward at a length this process has not run."""
     q, k, v, grad = tensors(batch, seq, heads, head_dim)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        with sdpa_kernel([getattr(SDPBackend, backend)]):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out.backward(grad)
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        forward_backward(backend, q, k, v, grad)
     return round((time.perf_counter() - started) * 1000, 2)
 
 
@@ -66,10 +71,7 @@ def check(backend: str, batch: int, seq: int, heads: int = 32, head_dim: int = 1
 
     def step():
         q.grad = k.grad = v.grad = None
-        with sdpa_kernel([getattr(SDPBackend, backend)]):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out.backward(grad)
-        return out.detach()
+        return forward_backward(backend, q, k, v, grad).detach()
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -94,9 +96,7 @@ def check(backend: str, batch: int, seq: int, heads: int = 32, head_dim: int = 1
     try:
         q.grad = k.grad = v.grad = None
         with torch.cuda.graph(graph):
-            with sdpa_kernel([getattr(SDPBackend, backend)]):
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            out.backward(grad)
+            out = forward_backward(backend, q, k, v, grad)
     except RuntimeError as error:
         row["recorded"] = f"not run: {str(error).splitlines()[0][:200]}"
         return row
