@@ -39,6 +39,9 @@ VARIANTS = {
     "graphs_all": {"cuda_graphs_max_tokens": None},  # long batches recorded too
     "eager": {"cuda_graphs": False},
     "pad128": {"pad_to_multiple_of": 128},
+    # a log line every 10th step, as the 7B config: between them the host may run ahead of the GPU
+    "pad128_log10": {"pad_to_multiple_of": 128, "logging_steps": 10},
+    "pad128_queued_log10": {"pad_to_multiple_of": 128, "logging_steps": 10, "cuda_graphs_capture": "queued"},
 }
 
 
@@ -132,7 +135,8 @@ def run_variant(
 
     logger = logging.getLogger("profile")
     train = yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())["train"]
-    train.update(max_steps=steps, save_steps=10**6, logging_steps=1, group_by_length=False, **VARIANTS[name])
+    train.update(max_steps=steps, save_steps=10**6, logging_steps=1, group_by_length=False)
+    train.update(VARIANTS[name])
     train["batch_size"] = batch
     max_length = max(1024, *lengths[: steps * batch])
     cell = bench_cell()
@@ -204,7 +208,7 @@ def run_variant(
     }
     if recording_profile is not None:
         result["recording_profile"] = recording_profile
-        result["cuda_graphs"] = trainer.graphs.summary() if trainer.graphs else None
+    result["cuda_graphs"] = trainer.graphs.summary() if trainer.graphs else None
     if "prof" in traces:
         events = traces["prof"].events()
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -24,6 +24,12 @@ the recomputation restores the RNG state on the host, and those batches train ea
 The first step of a run trains eagerly (lazy initialisation stays out of the recordings);
 each new shape is recorded at its first batch, then replayed. All graphs share one memory
 pool: only one step's activations are alive at a time, as in eager training.
+``train.cuda_graphs_capture``: ``synchronized`` records as torch.cuda.graph does (wait for the
+GPU, empty the caches, capture); ``queued`` records every shape after the first at once, on a
+side stream, while the GPU still runs the steps queued before it (nothing captured runs until
+its replay, which the training stream orders after them). The first recording always empties
+the caches: the eager first step's activations sit there, 1.9 GiB of the job's reserved memory
+left in place (bench/results/epochs_h200_queued).
 
 tests/test_recipe.py trains the tiny model through this path (the same static-buffer
 function, run without a device graph on the CPU) against TRL's eager step.
@@ -52,6 +58,7 @@ def scoring_every_position():
         trl_utils._use_triton = original
 
 
+CAPTURES = ("synchronized", "queued")  # train.cuda_graphs_capture
 RECORDED_ATTENTION = ("cudnn", "flash")  # train.cuda_graphs_attention: the kernel a recording tries first
 
 
@@ -136,6 +143,7 @@ class GraphedSteps:
         checkpointed_eager_reason: str | None,
         max_tokens: int | None = None,
         attention: str = "cudnn",
+        capture: str = "synchronized",
     ):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.grads: list[torch.Tensor] | None = None
@@ -151,6 +159,13 @@ class GraphedSteps:
         self.max_tokens = max_tokens  # longer batches train eagerly (not launch-bound: no gain)
         attention_backends(attention)  # an unknown kernel fails here, before the first step
         self.attention = attention
+        if capture not in CAPTURES:
+            raise ValueError(f"train.cuda_graphs_capture must be one of {CAPTURES}, not {capture!r}")
+        self.capture = capture
+        self.stream = None  # the side stream queued recordings are captured on
+        # per queued recording: [the GPU still ran earlier steps when the capture began, and when
+        # it ended] (both: the recording's host time hidden behind those steps)
+        self.gpu_busy: list[list[bool]] = []
         self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
         self.instantiation_seconds: list[float] = []  # of which the graph's instantiation (capture_end)
         # of which the wait for the GPU to finish the steps queued before the recording: the work
@@ -165,6 +180,7 @@ class GraphedSteps:
         return dict(
             enabled=self.off_reason is None,
             attention=self.attention,
+            capture=self.capture,
             off_reason=self.off_reason,
             shapes_recorded=[list(shape[0]) for shape in self.recordings],
             replayed_steps=self.replayed_steps,
@@ -173,6 +189,7 @@ class GraphedSteps:
             recording_seconds=[round(t, 4) for t in self.recording_seconds],
             instantiation_seconds=[round(t, 4) for t in self.instantiation_seconds],
             drain_seconds=[round(t, 4) for t in self.drain_seconds],
+            gpu_busy_while_queued=self.gpu_busy,
         )
 
     def _eager(self, reason: str) -> None:
@@ -262,17 +279,37 @@ class GraphedSteps:
             recording = Recording(replay=replay, inputs=static, loss=torch.zeros(()), metrics=())
             return recording
         graph = torch.cuda.CUDAGraph()
-        # torch.cuda.graph waits for the GPU and empties the caches first; the wait is timed apart
-        # (drain_seconds: how far ahead of the card the host was). Capturing at once instead
-        # (capture_begin on a side stream) measured no faster and held 1.9 GiB more on the card
-        # (bench/results/epochs_h200_queued): the recording's host time is the capture itself.
-        draining = time.perf_counter()
-        torch.cuda.synchronize()
-        self.drain_seconds.append(time.perf_counter() - draining)
-        with torch.cuda.graph(graph, pool=self.pool):
-            loss, metrics = forward_backward()
-            captured = time.perf_counter()
-        self.instantiation_seconds.append(time.perf_counter() - captured)
+        loss, metrics = self._capture(graph, forward_backward)
         self.pool = graph.pool()
         self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))
         return Recording(replay=graph.replay, inputs=static, loss=loss, metrics=metrics)
+
+    def _capture(self, graph, function):
+        """``function`` captured into ``graph`` in the recordings' shared pool, as
+        ``train.cuda_graphs_capture`` says (module docstring); host seconds kept."""
+        if self.capture == "synchronized" or self.pool is None:
+            # torch.cuda.graph waits for the GPU and empties the caches first; the wait is timed
+            # apart (drain_seconds: how far ahead of the card the host was).
+            draining = time.perf_counter()
+            torch.cuda.synchronize()
+            self.drain_seconds.append(time.perf_counter() - draining)
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = function()
+                captured = time.perf_counter()
+            self.instantiation_seconds.append(time.perf_counter() - captured)
+            return outputs
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        queued = torch.cuda.Event()
+        queued.record()  # after the steps queued before this recording, on the training stream
+        busy = [not queued.query()]
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                outputs = function()
+            finally:
+                captured = time.perf_counter()
+                graph.capture_end()
+        self.instantiation_seconds.append(time.perf_counter() - captured)
+        self.gpu_busy.append(busy + [not queued.query()])
+        return outputs

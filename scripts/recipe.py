@@ -369,6 +369,7 @@ def make_trainer(
             "checkpointed batch (its recomputation replays random numbers)" if recompute_rng else None,
             train.get("cuda_graphs_max_tokens"),
             train.get("cuda_graphs_attention", "cudnn"),
+            train.get("cuda_graphs_capture", "synchronized"),
         )
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):
         plan.graph_peak_factor = 1.0  # no recording will run: the eager step's budget

@@ -49,6 +49,7 @@ def _set(config: dict, dotted: str, value) -> dict:
         ("train.gradient_checkpointing", "sometimes", "train.gradient_checkpointing"),
         ("train.kernels", "triton", "train.kernels"),
         ("train.cuda_graphs_attention", "xformers", "train.cuda_graphs_attention"),
+        ("train.cuda_graphs_capture", "eager", "train.cuda_graphs_capture"),
         ("train.checkpoint_every", 0, "train.checkpoint_every"),
         ("train.cublas_workspace_config", "4096:8", "train.cublas_workspace_config"),  # no leading colon
     ],

@@ -283,6 +283,8 @@ def test_recordings_try_the_configured_attention_kernel_first():
         assert torch._C._get_sdp_priority_order() == before
     with pytest.raises(ValueError, match="train.cuda_graphs_attention must be one of"):
         cuda_graphs.GraphedSteps([], None, LOGGER, None, attention="xformers")
+    with pytest.raises(ValueError, match="train.cuda_graphs_capture must be one of"):
+        cuda_graphs.GraphedSteps([], None, LOGGER, None, capture="eager")
 
 
 def test_graph_step_needs_right_padding():
@@ -402,6 +404,24 @@ def test_recording_attends_by_the_causal_flag_not_a_mask_tensor(tiny_model, monk
     with cuda_graphs.causal_flag_while_recording():
         assert attention()[0] == {(False, False)}  # eager steps: the library decides
     assert masking._ignore_causal_mask_sdpa.__name__ == "<lambda>"  # restored on exit
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
+def test_queued_capture_records_what_torch_cuda_graph_records(tiny_model, tmp_path):
+    """train.cuda_graphs_capture queued (shapes after the first captured without waiting for the
+    GPU) against torch.cuda.graph: the same recordings, the same numbers, over checkpointed layers
+    with folded dropouts."""
+    settings = dict(cuda_graphs=True, gradient_checkpointing=True, recompute_lora_dropout=True, logging_steps=1)
+    settings.update(pad_to_multiple_of=16, compute_dtype="bfloat16", optimizer="adamw_torch_fused")
+    queued, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="queued", **settings)
+    synced, _, reference = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **settings)
+    summary = trainer.graphs.summary()
+    assert summary["capture"] == "queued" and reference.graphs.summary()["capture"] == "synchronized"
+    assert summary["replayed_steps"] == 5 and len(summary["recording_seconds"]) == 4
+    # the first recording waits (drain timed), the three after it are queued
+    assert len(summary["drain_seconds"]) == 1 and len(summary["gpu_busy_while_queued"]) == 3
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert [{k: h[k] for k in keys} for h in queued] == [{k: h[k] for k in keys} for h in synced]
 
 
 def test_cuda_graphs_with_checkpointing_stop_at_config_check():
