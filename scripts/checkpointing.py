@@ -112,15 +112,25 @@ class CheckpointPlan:
         GRAPH_PEAK_FACTOR for a batch the graphs record)."""
         return max(self.predicted.values(), default=None)
 
-    def apply(self, input_ids: torch.Tensor) -> int:
-        """Sets this batch's checkpointed layers; returns how many."""
-        batch, seq = input_ids.shape[0], input_ids.shape[-1]
+    def select(self, batch: int, seq: int) -> int:
+        """Sets the checkpointed layers of a batch shape on the model (a step or a recording about
+        to run); returns how many."""
         layers = self.layers_for(batch, seq)
         if layers != self.applied:
             set_checkpointing(self.layers, layers)
             self.applied = layers
-        self.steps_by_layers[len(layers)] = self.steps_by_layers.get(len(layers), 0) + 1
         return len(layers)
+
+    def count(self, batch: int, seq: int) -> None:
+        """One step trained at this shape (a replayed step too: its recording holds the layers)."""
+        count = len(self.layers_for(batch, seq))
+        self.steps_by_layers[count] = self.steps_by_layers.get(count, 0) + 1
+
+    def apply(self, input_ids: torch.Tensor) -> int:
+        """Sets this batch's checkpointed layers and counts the step; returns how many."""
+        batch, seq = input_ids.shape[0], input_ids.shape[-1]
+        self.count(batch, seq)
+        return self.select(batch, seq)
 
     def summary(self) -> dict:
         """Steps trained with each number of checkpointed layers (0 = none), for metrics.json."""

@@ -24,18 +24,21 @@ the recomputation restores the RNG state on the host, and those batches train ea
 The first step of a run trains eagerly (lazy initialisation stays out of the recordings);
 each new shape is recorded at its first batch, then replayed. All graphs share one memory
 pool: only one step's activations are alive at a time, as in eager training.
-``train.cuda_graphs_capture``: ``synchronized`` records as torch.cuda.graph does (wait for the
-GPU, empty the caches, capture); ``queued`` records every shape after the first at once, on a
-side stream, while the GPU still runs the steps queued before it (nothing captured runs until
-its replay, which the training stream orders after them). The first recording always empties
-the caches: the eager first step's activations sit there, 1.9 GiB of the job's reserved memory
-left in place (bench/results/epochs_h200_queued).
+``train.cuda_graphs_capture: ahead`` records the shapes the epoch will meet on a thread of
+their own (scripts/graph_recorder.py) while the GPU replays the recorded ones: a recording is
+~0.5-0.9 s of host work, and waiting for it in the training loop leaves the GPU idle, while a
+replay holds the host in cudaGraphLaunch until the previous launch of its graph is done (so the
+host is never more than a step ahead: bench/results/epochs_h200_capture). One forward/backward
+runs on the host at a time (``exclusive``: the main thread's eager steps and recordings, the
+recorder's); a recording writes the gradients into the fixed buffers itself
+(torch.autograd.grad), never into ``.grad``, which the trainer resets between steps.
 
 tests/test_recipe.py trains the tiny model through this path (the same static-buffer
 function, run without a device graph on the CPU) against TRL's eager step.
 """
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass
 
@@ -58,7 +61,7 @@ def scoring_every_position():
         trl_utils._use_triton = original
 
 
-CAPTURES = ("synchronized", "queued")  # train.cuda_graphs_capture
+CAPTURES = ("synchronized", "ahead")  # train.cuda_graphs_capture
 RECORDED_ATTENTION = ("cudnn", "flash")  # train.cuda_graphs_attention: the kernel a recording tries first
 
 
@@ -162,10 +165,12 @@ class GraphedSteps:
         if capture not in CAPTURES:
             raise ValueError(f"train.cuda_graphs_capture must be one of {CAPTURES}, not {capture!r}")
         self.capture = capture
-        self.stream = None  # the side stream queued recordings are captured on
-        # per queued recording: [the GPU still ran earlier steps when the capture began, and when
-        # it ended] (both: the recording's host time hidden behind those steps)
-        self.gpu_busy: list[list[bool]] = []
+        self.prepare = None  # prepare(batch, seq) -> checkpointed layers: set on the model before a recording
+        self.stream = None  # the side stream every recording is captured on
+        self.lock = threading.Lock()  # one forward/backward on the host at a time
+        self.main_waiting = 0  # the main thread waits for the lock: the recorder steps aside
+        self.recorder = None  # graph_recorder.Recorder, with capture "ahead"
+        self.waited_seconds = 0.0  # the main thread's wait for a recording under way
         self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
         self.instantiation_seconds: list[float] = []  # of which the graph's instantiation (capture_end)
         # of which the wait for the GPU to finish the steps queued before the recording: the work
@@ -189,7 +194,8 @@ class GraphedSteps:
             recording_seconds=[round(t, 4) for t in self.recording_seconds],
             instantiation_seconds=[round(t, 4) for t in self.instantiation_seconds],
             drain_seconds=[round(t, 4) for t in self.drain_seconds],
-            gpu_busy_while_queued=self.gpu_busy,
+            recorded_ahead=self.recorder.recorded if self.recorder else [],
+            waited_seconds=round(self.waited_seconds, 4),
         )
 
     def _eager(self, reason: str) -> None:
@@ -204,6 +210,8 @@ class GraphedSteps:
         unless ``checkpointed_eager_reason`` says why not (random numbers replayed on the host).
         ``layout``: right_padded(inputs), read on the host before the batch moved (reading the
         GPU copy here would be a device sync per step)."""
+        if self.recorder is not None and self.recorder.error is not None:
+            raise RuntimeError("the CUDA graph recorder thread failed") from self.recorder.error
         if self.off_reason:
             return self._eager("graphs off")
         if self.max_tokens is not None and inputs["input_ids"].numel() > self.max_tokens:
@@ -222,21 +230,59 @@ class GraphedSteps:
         recording = self.recordings.get(key)
         self._bind_grads()
         if recording is None:
-            started = time.perf_counter()
-            try:
-                recording = self._record(inputs, num_items, loss_fn)
-            except RuntimeError as error:  # a model this path cannot hold: say so, train on eagerly
-                self.off_reason = f"recording failed at batch shape {key[0]}: {str(error).splitlines()[0][:300]}"
-                self.logger.warning("CUDA graphs off for the rest of the run: %s", self.off_reason)
+            if self.recorder is not None:
+                self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
+            with self.exclusive():
+                recording = self.recordings.get(key)  # the recorder's, finished while we waited
+                if recording is None and not self.off_reason:
+                    recording = self.record(key, inputs, num_items, loss_fn)
+            if recording is None:
                 return self._eager("graphs off")
-            self.recordings[key] = recording
-            self.recording_seconds.append(time.perf_counter() - started)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])
         recording.replay()
         self.replayed_steps += 1
         # The outputs live in the shared pool: copy them before another shape replays.
         return recording.loss.detach().clone(), tuple(m.clone() for m in recording.metrics)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The main thread's forward/backward outside a replay (an eager step, a recording), never
+        beside the recorder's: it waits for a recording under way; the recorder waits for it."""
+        self.main_waiting += 1
+        started = time.perf_counter()
+        try:
+            self.lock.acquire()
+        finally:
+            self.main_waiting -= 1
+        self.waited_seconds += time.perf_counter() - started
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def stop(self) -> None:
+        """End of training: nothing more is recorded (the model is the caller's again)."""
+        if self.recorder is not None:
+            self.recorder.stop()
+
+    def record(self, key, inputs: dict, num_items, loss_fn, background: bool = False) -> Recording | None:
+        """Record one shape (``self.lock`` held): the plan's layers set first, the time kept. None: not
+        recorded (graphs now off, or a checkpointed shape the recorder leaves to an eager step)."""
+        batch, seq = key[0][0], key[0][-1]
+        layers = self.prepare(batch, seq) if self.prepare is not None else 0
+        if background and layers and self.checkpointed_eager_reason:
+            return None
+        started = time.perf_counter()
+        try:
+            recording = self._record(inputs, num_items, loss_fn, background)
+        except RuntimeError as error:  # a model this path cannot hold: say so, train on eagerly
+            self.off_reason = f"recording failed at batch shape {key[0]}: {str(error).splitlines()[0][:300]}"
+            self.logger.warning("CUDA graphs off for the rest of the run: %s", self.off_reason)
+            return None
+        self.recordings[key] = recording
+        self.recording_seconds.append(time.perf_counter() - started)
+        return recording
 
     def _bind_grads(self) -> None:
         """Point every trainable parameter's .grad at its fixed buffer: zeroed after the
@@ -255,61 +301,60 @@ class GraphedSteps:
         if to_zero:
             torch._foreach_zero_(to_zero)
 
-    def _record(self, inputs: dict, num_items, loss_fn) -> Recording:
+    def _record(self, inputs: dict, num_items, loss_fn, background: bool) -> Recording:
         static = {name: inputs[name].clone() for name in GRAPH_KEYS}
         if num_items is not None:  # the trainer's token count over the accumulated batches
             static["num_items"] = torch.as_tensor(num_items, device=inputs["input_ids"].device).clone()
+        parameters, buffers = self.parameters, self.grads
 
         def forward_backward():
             # The backward too: a checkpointed layer's recomputation must run the forward's
             # attention kernel (its saved tensors' shapes).
             with attention_backends(self.attention), causal_flag_while_recording():
                 loss, metrics = loss_fn(static)
-                loss.backward()
-            # Keep the values, not the autograd graph behind the loss: with checkpointing it ends
-            # at the embedding output (a leaf made to require grad), which it would keep alive with
-            # its gradient, two hidden-state tensors per recorded shape.
+                # Into the fixed buffers, as .grad's accumulation would (buffer + gradient), but
+                # without .grad, which the main thread rebinds while the recorder records. Only the
+                # adapters' gradients are computed, and the autograd graph is freed at once (with
+                # checkpointing it ends at the embedding output, a leaf made to require grad).
+                grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+            pairs = [(buffer, grad) for buffer, grad in zip(buffers, grads, strict=True) if grad is not None]
+            torch._foreach_add_([buffer for buffer, _ in pairs], [grad for _, grad in pairs])
             return loss.detach(), metrics
 
         if not torch.cuda.is_available():  # replay_on_cpu (tests): the function is the recording
+            batch, seq = static["input_ids"].shape[0], static["input_ids"].shape[-1]
 
-            def replay():
-                recording.loss, recording.metrics = forward_backward()
+            def replay():  # runs the model: the shape's layers, and never beside the recorder
+                with self.lock:
+                    if self.prepare is not None:
+                        self.prepare(batch, seq)
+                    recording.loss, recording.metrics = forward_backward()
 
             recording = Recording(replay=replay, inputs=static, loss=torch.zeros(()), metrics=())
             return recording
+        if self.stream is None:  # one capture stream: the pool's segments are per stream
+            self.stream = torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
-        loss, metrics = self._capture(graph, forward_backward)
-        self.pool = graph.pool()
-        self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))
-        return Recording(replay=graph.replay, inputs=static, loss=loss, metrics=metrics)
+        if background:
+            # Without waiting for the GPU (the main thread keeps replaying) or emptying the caches;
+            # only this thread's CUDA calls are checked; the random numbers from a generator
+            # state of the graph's own (graph_recorder.own_random_state).
+            from graph_recorder import own_random_state
 
-    def _capture(self, graph, function):
-        """``function`` captured into ``graph`` in the recordings' shared pool, as
-        ``train.cuda_graphs_capture`` says (module docstring); host seconds kept."""
-        if self.capture == "synchronized" or self.pool is None:
+            with own_random_state(static["input_ids"].device, len(self.recordings)):
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                    loss, metrics = forward_backward()
+                    captured = time.perf_counter()
+        else:
             # torch.cuda.graph waits for the GPU and empties the caches first; the wait is timed
             # apart (drain_seconds: how far ahead of the card the host was).
             draining = time.perf_counter()
             torch.cuda.synchronize()
             self.drain_seconds.append(time.perf_counter() - draining)
-            with torch.cuda.graph(graph, pool=self.pool):
-                outputs = function()
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                loss, metrics = forward_backward()
                 captured = time.perf_counter()
-            self.instantiation_seconds.append(time.perf_counter() - captured)
-            return outputs
-        if self.stream is None:
-            self.stream = torch.cuda.Stream()
-        queued = torch.cuda.Event()
-        queued.record()  # after the steps queued before this recording, on the training stream
-        busy = [not queued.query()]
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin(pool=self.pool)
-            try:
-                outputs = function()
-            finally:
-                captured = time.perf_counter()
-                graph.capture_end()
         self.instantiation_seconds.append(time.perf_counter() - captured)
-        self.gpu_busy.append(busy + [not queued.query()])
-        return outputs
+        self.pool = graph.pool()
+        self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))
+        return Recording(replay=graph.replay, inputs=static, loss=loss, metrics=metrics)

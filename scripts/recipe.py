@@ -30,6 +30,7 @@ import torch
 
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
 from cuda_graphs import GraphedSteps, right_padded, scoring_every_position
+from graph_recorder import Recorder, padded_shapes
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
 from memory_model import GIB, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
@@ -271,18 +272,40 @@ def make_trainer(
             return loss
 
         def _training_step(self, model, inputs, num_items_in_batch):
-            every = plan.apply(inputs["input_ids"]) if plan is not None else 0
-            if self.graphs is not None:
-                model.train()
-                inputs = self._prepare_inputs(inputs)
-                loss_fn = functools.partial(self._graph_loss, model)
-                layout = self._host_facts is not None and self._host_facts.right_padded  # None: no mask, no labels
-                replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, bool(every), layout)
-                if replayed is not None:
-                    loss, metrics = replayed
-                    self._pending_metrics.append(metrics)
-                    return loss
-            return super().training_step(model, inputs, num_items_in_batch)
+            if self.graphs is None:
+                if plan is not None:
+                    plan.apply(inputs["input_ids"])
+                return super().training_step(model, inputs, num_items_in_batch)
+            batch, seq = inputs["input_ids"].shape[0], inputs["input_ids"].shape[-1]
+            checkpointed = plan is not None and bool(plan.layers_for(batch, seq))
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            loss_fn = functools.partial(self._graph_loss, model)
+            layout = self._host_facts is not None and self._host_facts.right_padded  # None: no mask, no labels
+            replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, checkpointed, layout)
+            if replayed is not None:  # its recording set the plan's layers (GraphedSteps.prepare)
+                if plan is not None:
+                    plan.count(batch, seq)
+                loss, metrics = replayed
+                self._pending_metrics.append(metrics)
+                return loss
+            with self.graphs.exclusive():  # the model is the recorder thread's while it records
+                if plan is not None:
+                    plan.apply(inputs["input_ids"])
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        def train(self, *args, **kwargs):
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                if self.graphs is not None:
+                    self.graphs.stop()  # no recording beside what the caller does with the model next
+
+        def _save_checkpoint(self, model, trial):
+            if self.graphs is None:
+                return super()._save_checkpoint(model, trial)
+            with self.graphs.exclusive():  # the RNG state it saves, never a background recording's
+                return super()._save_checkpoint(model, trial)
 
         def _track_num_input_tokens(self, inputs):
             """The collator's count (HostFacts), where the Trainer would read it from the GPU."""
@@ -371,6 +394,13 @@ def make_trainer(
             train.get("cuda_graphs_attention", "cudnn"),
             train.get("cuda_graphs_capture", "synchronized"),
         )
+        trainer.graphs.prepare = plan.select if plan is not None else None
+        if trainer.graphs.capture == "ahead" and not train["padding_free"]:  # the shapes this epoch's rows make
+            lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+            shapes = padded_shapes(
+                lengths, args.per_device_train_batch_size, train["pad_to_multiple_of"], args.max_length
+            )
+            trainer.graphs.recorder = Recorder(trainer.graphs, shapes)
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):
         plan.graph_peak_factor = 1.0  # no recording will run: the eager step's budget
     if train["padding_free"]:

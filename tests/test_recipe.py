@@ -5,6 +5,7 @@ stock path, and the per-batch checkpointing plan follows the memory model."""
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,9 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
-def build_tiny_model(folder: Path, layers: int = 2) -> Path:
-    """A small Llama (2 layers unless said) with random weights, its initial q/v adapter and a
-    tokenizer for its pad id."""
+def build_tiny_model(folder: Path, layers: int = 2, dropout: float = 0.1) -> Path:
+    """A small Llama (2 layers unless said) with random weights, its initial q/v adapter (LoRA
+    dropout 0.1 unless said) and a tokenizer for its pad id."""
     from peft import LoraConfig, get_peft_model
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -63,7 +64,9 @@ def build_tiny_model(folder: Path, layers: int = 2) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")))
     tokenizer.add_special_tokens({"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"})
     tokenizer.save_pretrained(folder)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    )
     get_peft_model(LlamaForCausalLM.from_pretrained(folder), lora).save_pretrained(folder / "adapter")
     return folder
 
@@ -238,6 +241,39 @@ def test_cuda_graph_step_trains_like_the_eager_step(tiny_model, tmp_path, monkey
     assert trainer.step_losses_on_host() == [h["loss"] for h in graphed]
 
 
+def test_recording_ahead_trains_like_the_eager_step(tmp_path, monkeypatch):
+    """train.cuda_graphs_capture ahead: a thread records every shape the rows make, longest first,
+    while the steps replay; the numbers stay those of the eager steps, and each shape keeps its
+    plan's layers (its recording sets them): the same as recording each shape at its first batch."""
+    import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
+    model_dir = build_tiny_model(tmp_path / "model", layers=3)
+    shape = ModelShape.from_config(model_dir)
+    recipe_args = dict(method="qlora", rank=8, targets="qv", kernels="none", double_quant=False, paged_optimizer=False)
+    short = predict_peak(shape, checkpoint_every=0, seq=64, batch=2, **recipe_args)["total"]
+    two = predict_peak(shape, checkpoint_every=0, checkpointed_layers=2, seq=320, batch=2, **recipe_args)["total"]
+    budget_gib = (max(short, two) * checkpointing.GRAPH_PEAK_FACTOR + 1) / 1024**3  # a recording's headroom too
+    settings = dict(pad_to_multiple_of=16, logging_steps=1, gradient_checkpointing="auto", memory_budget_gib=budget_gib)
+    settings.update(recompute_lora_dropout=True, cuda_graphs=True)
+    ahead, plan, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **settings)
+    at_first_batch, plan_at_first_batch, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **settings)
+    eager, _, _ = train_tiny(model_dir, tmp_path / "c", LENGTHS, **dict(settings, cuda_graphs=False))
+    summary = trainer.graphs.summary()
+    recorder = trainer.graphs.recorder
+    assert recorder.shapes == [(2, 320), (2, 304), (2, 288), (2, 64), (2, 48), (2, 32)]
+    assert not recorder.thread.is_alive()  # stopped with the training
+    # the first step eager, every other batch's shape recorded by one of the two threads
+    assert summary["eager_reasons"] == {"first step": 1} and summary["replayed_steps"] == 5
+    assert sorted(summary["shapes_recorded"]) == [[2, 32], [2, 48], [2, 64], [2, 288], [2, 304], [2, 320]]
+    assert summary["recorded_ahead"] and set(map(tuple, summary["recorded_ahead"])) <= set(recorder.shapes)
+    assert plan.summary() == plan_at_first_batch.summary() == {"0": 3, "2": 3}  # long batches recompute 2 layers
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert len(ahead) == len(at_first_batch) == len(eager) == 6
+    for ours, first, theirs in zip(ahead, at_first_batch, eager, strict=True):
+        assert {k: ours[k] for k in keys} == {k: first[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
 def test_recordings_keep_no_step_alive(tiny_model, tmp_path, monkeypatch):
     """A recording keeps its outputs, not the autograd graph behind its loss: with checkpointing
     that graph ends at the embedding output (a leaf made to require grad) and would hold it and
@@ -406,22 +442,64 @@ def test_recording_attends_by_the_causal_flag_not_a_mask_tensor(tiny_model, monk
     assert masking._ignore_causal_mask_sdpa.__name__ == "<lambda>"  # restored on exit
 
 
+GPU_GRAPHS = dict(cuda_graphs=True, gradient_checkpointing=True, recompute_lora_dropout=True, logging_steps=1)
+GPU_GRAPHS.update(pad_to_multiple_of=16, compute_dtype="bfloat16", optimizer="adamw_torch_fused")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
-def test_queued_capture_records_what_torch_cuda_graph_records(tiny_model, tmp_path):
-    """train.cuda_graphs_capture queued (shapes after the first captured without waiting for the
-    GPU) against torch.cuda.graph: the same recordings, the same numbers, over checkpointed layers
-    with folded dropouts."""
-    settings = dict(cuda_graphs=True, gradient_checkpointing=True, recompute_lora_dropout=True, logging_steps=1)
-    settings.update(pad_to_multiple_of=16, compute_dtype="bfloat16", optimizer="adamw_torch_fused")
-    queued, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="queued", **settings)
-    synced, _, reference = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **settings)
+def recorder_joined_at(step: int, monkeypatch):
+    """A callback that waits at the end of ``step`` until the recorder thread has recorded every
+    shape (recipe.make_trainer patched to keep the trainer it builds)."""
+    from transformers import TrainerCallback
+
+    built = []
+    make_trainer = recipe.make_trainer
+    monkeypatch.setattr(recipe, "make_trainer", lambda *a, **k: built.append(make_trainer(*a, **k)) or built[-1])
+
+    class JoinRecorder(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                built[-1].graphs.recorder.thread.join()
+
+    return JoinRecorder()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
+def test_recording_ahead_records_what_the_training_loop_records(tmp_path, monkeypatch):
+    """Without random numbers in the graphs (no dropout), the recorder's device graphs train
+    exactly as those recorded at each shape's first batch: the recorder finishes every shape
+    during step 2 (a callback waits for it), checkpointed layers included."""
+    model_dir = build_tiny_model(tmp_path / "model", dropout=0.0)
+    synced, _, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **GPU_GRAPHS)
+    settings = dict(GPU_GRAPHS, cuda_graphs_capture="ahead")
+    join = recorder_joined_at(2, monkeypatch)
+    ahead, _, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, callbacks=[join], **settings)
     summary = trainer.graphs.summary()
-    assert summary["capture"] == "queued" and reference.graphs.summary()["capture"] == "synchronized"
-    assert summary["replayed_steps"] == 5 and len(summary["recording_seconds"]) == 4
-    # the first recording waits (drain timed), the three after it are queued
-    assert len(summary["drain_seconds"]) == 1 and len(summary["gpu_busy_while_queued"]) == 3
+    assert summary["capture"] == "ahead" and summary["eager_reasons"] == {"first step": 1}
+    # every shape the rows make, longest first: the first batch's (2 x 320) by either thread
+    assert trainer.graphs.recorder.shapes == [(2, 320), (2, 304), (2, 288), (2, 64), (2, 48), (2, 32)]
+    assert {(2, 304), (2, 288), (2, 64), (2, 48), (2, 32)} <= set(map(tuple, summary["recorded_ahead"]))
+    assert len(summary["shapes_recorded"]) == 6 and summary["replayed_steps"] == 5
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
-    assert [{k: h[k] for k in keys} for h in queued] == [{k: h[k] for k in keys} for h in synced]
+    assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in synced]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
+def test_recording_ahead_with_dropout_replays_while_the_recorder_captures(tmp_path, monkeypatch):
+    """With the folded LoRA dropout every graph draws random numbers; the main thread replays while
+    the recorder captures, which torch 2.11's one capture state per generator refused
+    (bench/results/epochs_h200_ahead) until each background recording drew from its own
+    generator state (graph_recorder.own_random_state). The run trains through on its graphs; the
+    recorder has recorded the two shapes no batch reaches (2 x 288, 2 x 32) by the last step."""
+    model_dir = build_tiny_model(tmp_path / "model")
+    settings = dict(GPU_GRAPHS, cuda_graphs_capture="ahead")
+    join = recorder_joined_at(24, monkeypatch)
+    history, _, trainer = train_tiny(model_dir, tmp_path, LENGTHS * 4, callbacks=[join], **settings)
+    summary = trainer.graphs.summary()
+    assert summary["off_reason"] is None and summary["eager_reasons"] == {"first step": 1}
+    assert summary["replayed_steps"] == 23 and len(summary["shapes_recorded"]) == 6
+    assert {(2, 288), (2, 32)} <= set(map(tuple, summary["recorded_ahead"]))
+    assert all(math.isfinite(h["loss"]) for h in history) and len(history) == 24
 
 
 def test_cuda_graphs_with_checkpointing_stop_at_config_check():

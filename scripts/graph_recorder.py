@@ -1,0 +1,107 @@
+"""Recording ahead (``train.cuda_graphs_capture: ahead``): a thread that records the CUDA graphs
+of the batch shapes an epoch will meet while the training loop replays the recorded ones.
+
+Why a thread: a recording is ~0.5-0.9 s of host work at the 7B shape (the captured forward and
+backward's Python and launches), and in the training loop the GPU waits for it. The training
+loop cannot get ahead of the GPU to hide it: a replay holds the host in cudaGraphLaunch until
+the previous launch of the same graph is done (steps 6-9 of a batch-4 epoch: 0.29 s per launch,
+the step's GPU time; bench/results/epochs_h200_capture), so the host leads by a step at most.
+While the loop waits there (without the GIL), this thread records.
+
+The shapes come from the rows' lengths (``padded_shapes``), longest first (group_by_length puts
+the longest batch first, and a long recording needs the most host time). One forward/backward
+runs on the host at a time (GraphedSteps.lock); the main thread's eager steps and its own
+recordings (a shape the recorder has not reached) take the lock first (``main_waiting``).
+
+Random numbers: torch 2.11's CUDA generator keeps one capture state, and every capture puts the
+default generator's state in capture mode; a replay on the main thread during the capture then
+fails ("Offset increment outside graph capture encountered unexpectedly",
+bench/results/epochs_h200_ahead). Each background recording therefore draws from a generator
+state of its own (``own_random_state``), swapped into the default generator for the capture:
+the replays of other graphs advance their own states, never the capturing one. The dropout
+masks of those shapes come from their own Philox streams (seeded from the run's seed and the
+recording's index), not from the default generator's sequence: the same distribution, other
+draws, so a run with recording ahead is reproducible but not bit-equal to one without.
+"""
+
+import contextlib
+import threading
+import time
+
+import torch
+
+
+def padded_shapes(lengths, batch: int, multiple: int | None, max_length: int | None) -> list[tuple[int, int]]:
+    """Every batch shape the collator can make of rows of these lengths, longest first: a batch
+    is as long as its longest row, truncated at ``max_length``, padded up to ``multiple``."""
+    multiple = multiple or 1
+    seqs = {-(-min(n, max_length or n) // multiple) * multiple for n in lengths}
+    return [(batch, seq) for seq in sorted(seqs, reverse=True)]
+
+
+@contextlib.contextmanager
+def own_random_state(device: torch.device, index: int):
+    """The default CUDA generator draws from a fresh state while this thread captures: the graph
+    registers that state (capture_begin registers the default generator's), and its replays
+    advance it alone. Seeded from the default generator's seed and ``index`` (reproducible)."""
+    default = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    own = torch.Generator(device=device)
+    own.manual_seed(default.initial_seed() + 1 + index)
+    saved = default.graphsafe_get_state()
+    default.graphsafe_set_state(own)
+    try:
+        yield
+    finally:
+        default.graphsafe_set_state(saved)
+
+
+class Recorder:
+    """Records ``shapes`` for ``graphs`` (a cuda_graphs.GraphedSteps) on a thread of its own, with
+    placeholder batches (a recording holds buffers, not values)."""
+
+    def __init__(self, graphs, shapes: list[tuple[int, int]]):
+        self.graphs = graphs
+        self.shapes = list(shapes)
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # the main thread raises it at its next step
+        self.stopping = False
+        self.recorded: list[list[int]] = []  # shapes this thread recorded
+
+    def start(self, num_items_dtype, device, loss_fn) -> None:
+        """At the first step that records (the run's first step trains eagerly); once."""
+        if self.thread is None:
+            self.thread = threading.Thread(
+                target=self._run, args=(num_items_dtype, device, loss_fn), name="cuda-graph-recorder", daemon=True
+            )
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.thread is not None:
+            self.thread.join()
+
+    def _run(self, num_items_dtype, device, loss_fn) -> None:
+        graphs = self.graphs
+        try:
+            if device.type == "cuda":  # a new thread's current device is the first one
+                torch.cuda.set_device(device)
+            for batch, seq in self.shapes:
+                if graphs.max_tokens is not None and batch * seq > graphs.max_tokens:
+                    continue
+                while graphs.main_waiting and not self.stopping:
+                    time.sleep(0.001)
+                key = ((batch, seq), num_items_dtype)
+                with graphs.lock:
+                    if self.stopping or graphs.off_reason:
+                        return
+                    if key in graphs.recordings:
+                        continue
+                    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+                    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+                    num_items = (
+                        None if num_items_dtype is None else torch.ones((), dtype=num_items_dtype, device=device)
+                    )
+                    if graphs.record(key, inputs, num_items, loss_fn, background=True):
+                        self.recorded.append([batch, seq])
+        except BaseException as error:
+            self.error = error
