@@ -336,9 +336,9 @@ class GraphedSteps:
             self.stream = torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
         if background:
-            # Without waiting for the GPU (the main thread keeps replaying) or emptying the caches;
-            # only this thread's CUDA calls are checked; the random numbers from a generator
-            # state of the graph's own (graph_recorder.own_random_state).
+            # torch.cuda.graph's wait for the GPU holds this thread only (the main thread keeps
+            # replaying); only this thread's CUDA calls are checked; the random numbers come from a
+            # generator state of the graph's own (graph_recorder.own_random_state).
             from graph_recorder import own_random_state
 
             with own_random_state(static["input_ids"].device, len(self.recordings)):
@@ -351,7 +351,9 @@ class GraphedSteps:
             draining = time.perf_counter()
             torch.cuda.synchronize()
             self.drain_seconds.append(time.perf_counter() - draining)
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            # With a recorder thread, only this thread's calls are checked (as the recorder's are).
+            mode = "global" if self.recorder is None else "thread_local"
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=mode):
                 loss, metrics = forward_backward()
                 captured = time.perf_counter()
         self.instantiation_seconds.append(time.perf_counter() - captured)

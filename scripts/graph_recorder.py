@@ -83,8 +83,10 @@ class Recorder:
     def _run(self, num_items_dtype, device, loss_fn) -> None:
         graphs = self.graphs
         try:
-            if device.type == "cuda":  # a new thread's current device is the first one
-                torch.cuda.set_device(device)
+            with graphs.lock:  # the thread's first CUDA calls, never beside the main thread's capture
+                if device.type == "cuda":  # a new thread's current device is the first one
+                    torch.cuda.set_device(device)
+                    self._warm_up(num_items_dtype, device, loss_fn)
             for batch, seq in self.shapes:
                 if graphs.max_tokens is not None and batch * seq > graphs.max_tokens:
                     continue
@@ -96,12 +98,30 @@ class Recorder:
                         return
                     if key in graphs.recordings:
                         continue
-                    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-                    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-                    num_items = (
-                        None if num_items_dtype is None else torch.ones((), dtype=num_items_dtype, device=device)
-                    )
+                    inputs, num_items = placeholder_batch(batch, seq, num_items_dtype, device)
                     if graphs.record(key, inputs, num_items, loss_fn, background=True):
                         self.recorded.append([batch, seq])
         except BaseException as error:
             self.error = error
+
+    def _warm_up(self, num_items_dtype, device, loss_fn) -> None:
+        """One eager forward without gradients on the shortest shape, before this thread's first
+        capture: cuBLAS, cuBLASLt and cuDNN create their per-thread handles at a thread's first
+        call (device allocations a capture cannot hold; without this the recorder's first capture
+        failed at once on the H200, bench/results/epochs_h200_recorder). Its dropout masks come
+        from a state of its own, not the run's."""
+        from cuda_graphs import attention_backends, causal_flag_while_recording
+
+        inputs, num_items = placeholder_batch(*self.shapes[-1], num_items_dtype, device)
+        static = dict(inputs, **({} if num_items is None else {"num_items": num_items}))
+        with own_random_state(device, -1), torch.no_grad(), attention_backends(self.graphs.attention):
+            with causal_flag_while_recording():
+                loss_fn(static)
+        torch.cuda.synchronize(device)
+
+
+def placeholder_batch(batch: int, seq: int, num_items_dtype, device) -> tuple[dict, torch.Tensor | None]:
+    """A batch of this shape for a recording, which holds buffers, not values."""
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    num_items = None if num_items_dtype is None else torch.ones((), dtype=num_items_dtype, device=device)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids), num_items
