@@ -122,6 +122,10 @@ def right_padded(inputs: dict) -> bool:
     return bool(ordered & ((mask == 1) | (labels == -100)).all())
 
 
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 @dataclass
 class Recording:
     replay: object  # a torch.cuda.CUDAGraph's replay, or the function itself (CPU tests)
@@ -307,10 +311,16 @@ class GraphedSteps:
             static["num_items"] = torch.as_tensor(num_items, device=inputs["input_ids"].device).clone()
         parameters, buffers = self.parameters, self.grads
 
+        # A background capture runs while the main thread's optimizer updates the adapters in place:
+        # their version counters move between the captured forward and backward, and autograd would
+        # refuse the saved tensors. Nothing captured has run yet (a replay reads the memory as it is
+        # then), so the check is moot: saved-tensor hooks, with which autograd does not check.
+        saved = torch.autograd.graph.saved_tensors_hooks(_same, _same) if background else contextlib.nullcontext()
+
         def forward_backward():
             # The backward too: a checkpointed layer's recomputation must run the forward's
             # attention kernel (its saved tensors' shapes).
-            with attention_backends(self.attention), causal_flag_while_recording():
+            with attention_backends(self.attention), causal_flag_while_recording(), saved:
                 loss, metrics = loss_fn(static)
                 # Into the fixed buffers, as .grad's accumulation would (buffer + gradient), but
                 # without .grad, which the main thread rebinds while the recorder records. Only the
