@@ -174,6 +174,15 @@ RESULTS = {  # each file's rows that must be there
         ("tutorial", "epoch_b4"),
     },
     "epochs_h200_b1_layers.json": {("pipeline", "seed_epoch_b1"), ("tutorial", "seed_epoch_b1")},
+    "epochs_h200_capture.json": {
+        ("pad128", "epoch_b4"),
+        ("pad128_queued", "epoch_b4"),
+        ("pad128_queued_flash", "epoch_b4"),
+        ("tutorial", "epoch_b4"),
+    },
+    # the first sitting's recorded-ahead rows trained eagerly (their first capture failed)
+    "epochs_h200_recorder_1.json": {("pad128_ahead", "epoch_b4"), ("pad128", "epoch_b4"), ("ahead", "epoch_b4")},
+    "epochs_h200_recorder.json": {("pad128_ahead", "epoch_b4"), ("tutorial", "epoch_b4")},
     "epochs_h200_layers.json": {
         ("pad128", "epoch_b4"),
         ("pad128_every", "epoch_b4"),
