@@ -6,9 +6,10 @@
 # tests/test_recipe.py), then a 10-step warm-up and batch-4 epochs: multiples of 128 with the
 # recordings ahead, the tutorial's, multiples of 128 recorded at each shape's first batch, and the
 # 7B config (multiples of 64) with the recordings ahead. ~8 min from the repo root in the background.
-# As run (commit 94b79e3), it stopped at the first background recording: torch 2.11's CUDA generator
-# keeps one capture state (a replay's RNG bookkeeping during another thread's capture raises
-# "Offset increment outside graph capture encountered unexpectedly"); the key was removed after it.
+# As run (commit 94b79e3), it stopped at the first background recording with "Offset increment
+# outside graph capture encountered unexpectedly"; the key was removed after it. The cause, found
+# later (bench/epochs_h200_recorder.sh): the thread's first capture failed, leaving the default
+# generator in capture mode. Its successor is train.cuda_graphs_capture: ahead (the key below is gone).
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 grep -c "capture_states_" "$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/include/ATen/cuda/CUDAGeneratorImpl.h" \
   > /tmp/bgout/torch_capture_states.txt 2>&1

@@ -345,27 +345,25 @@ class GraphedSteps:
         if self.stream is None:  # one capture stream: the pool's segments are per stream
             self.stream = torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
-        if background:
-            # torch.cuda.graph's wait for the GPU holds this thread only (the main thread keeps
-            # replaying); only this thread's CUDA calls are checked; the random numbers come from a
-            # generator state of the graph's own (graph_recorder.own_random_state).
+        mode, random_state = "global", contextlib.nullcontext()
+        if self.recorder is not None:
+            # With a recorder thread only this thread's CUDA calls are checked, and every recording,
+            # whichever thread makes it, draws from a generator state of its own seeded by its shape
+            # (graph_recorder.own_random_state): a shape's masks do not depend on who recorded it.
             from graph_recorder import own_random_state
 
-            with own_random_state(static["input_ids"].device, len(self.recordings)):
-                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-                    loss, metrics = forward_backward()
-                    captured = time.perf_counter()
-        else:
-            # torch.cuda.graph waits for the GPU and empties the caches first; the wait is timed
-            # apart (drain_seconds: how far ahead of the card the host was).
+            shape = tuple(static["input_ids"].shape)
+            mode, random_state = "thread_local", own_random_state(static["input_ids"].device, shape)
+        if not background:
+            # torch.cuda.graph waits for the GPU and empties the caches first (on the recorder
+            # thread, that wait holds it alone); the loop's wait is timed apart (drain_seconds: how
+            # far ahead of the card the host was).
             draining = time.perf_counter()
             torch.cuda.synchronize()
             self.drain_seconds.append(time.perf_counter() - draining)
-            # With a recorder thread, only this thread's calls are checked (as the recorder's are).
-            mode = "global" if self.recorder is None else "thread_local"
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=mode):
-                loss, metrics = forward_backward()
-                captured = time.perf_counter()
+        with random_state, torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=mode):
+            loss, metrics = forward_backward()
+            captured = time.perf_counter()
         self.instantiation_seconds.append(time.perf_counter() - captured)
         self.pool = graph.pool()
         self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))

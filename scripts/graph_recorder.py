@@ -13,15 +13,30 @@ the longest batch first, and a long recording needs the most host time). One for
 runs on the host at a time (GraphedSteps.lock); the main thread's eager steps and its own
 recordings (a shape the recorder has not reached) take the lock first (``main_waiting``).
 
-Random numbers: torch 2.11's CUDA generator keeps one capture state, and every capture puts the
-default generator's state in capture mode; a replay on the main thread during the capture then
-fails ("Offset increment outside graph capture encountered unexpectedly",
-bench/results/epochs_h200_ahead). Each background recording therefore draws from a generator
-state of its own (``own_random_state``), swapped into the default generator for the capture:
-the replays of other graphs advance their own states, never the capturing one. The dropout
-masks of those shapes come from their own Philox streams (seeded from the run's seed and the
-recording's index), not from the default generator's sequence: the same distribution, other
-draws, so a run with recording ahead is reproducible but not bit-equal to one without.
+What a background capture needs that the loop's does not (each found on an H200,
+bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
+- The thread's first CUDA work outside any capture (``_warm_up``): its first capture failed at
+  once otherwise, most likely on the per-thread cuBLAS/cuDNN handles its first matmul creates.
+  A failed capture leaves the default generator in capture mode, and every later random draw
+  raises "Offset increment outside graph capture encountered unexpectedly" (the error an earlier
+  sitting took for the cause, bench/results/epochs_h200_ahead).
+- Saved tensors kept through identity hooks (cuda_graphs.GraphedSteps._record): the main
+  thread's optimizer updates the adapters in place between a capture's forward and backward.
+- A generator state of its own per recording (``own_random_state``; the loop's own recordings
+  too while the thread runs, so that a shape's masks do not depend on the race): torch 2.11's generator
+  keeps one capture state, and every capture puts the default generator's in capture mode; a
+  replay of another graph drawing from that state on the main thread would then fail (torch's
+  CUDAGeneratorState::increase). The replays of other graphs advance their own states, never the
+  capturing one. The dropout masks of those shapes come from their own Philox streams (seeded
+  from the run's seed and the shape), not from the default generator's sequence: the
+  same distribution, other draws, so a run recorded ahead is reproducible but not bit-equal to
+  one recorded in the loop (without dropout it is: tests/test_recipe.py on a GPU).
+
+Measured once (bench/results/epochs_h200_recorder; then the loop's recordings still drew from the
+default generator, and the thread's states were seeded by recording order): the epoch trains
+through, 7 of 8 shapes recorded by the thread, but not faster (51.3 s as a sitting's first row, without warm-up; the
+loop waited 4.4 s for the lock, and a background recording took 1.0-1.5 s beside the loop
+against 0.5-0.9 s in it). Off by default.
 """
 
 import contextlib
@@ -40,13 +55,15 @@ def padded_shapes(lengths, batch: int, multiple: int | None, max_length: int | N
 
 
 @contextlib.contextmanager
-def own_random_state(device: torch.device, index: int):
+def own_random_state(device: torch.device, shape: tuple[int, ...]):
     """The default CUDA generator draws from a fresh state while this thread captures: the graph
     registers that state (capture_begin registers the default generator's), and its replays
-    advance it alone. Seeded from the default generator's seed and ``index`` (reproducible)."""
+    advance it alone. Seeded from the default generator's seed and the batch ``shape``: the same
+    draws in every run, whichever thread records the shape."""
     default = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
     own = torch.Generator(device=device)
-    own.manual_seed(default.initial_seed() + 1 + index)
+    offset = 1 + sum(size * 65_537**place for place, size in enumerate(shape))
+    own.manual_seed((default.initial_seed() + offset) % 2**63)
     saved = default.graphsafe_get_state()
     default.graphsafe_set_state(own)
     try:
@@ -114,7 +131,7 @@ class Recorder:
 
         inputs, num_items = placeholder_batch(*self.shapes[-1], num_items_dtype, device)
         static = dict(inputs, **({} if num_items is None else {"num_items": num_items}))
-        with own_random_state(device, -1), torch.no_grad(), attention_backends(self.graphs.attention):
+        with own_random_state(device, (0,)), torch.no_grad(), attention_backends(self.graphs.attention):
             with causal_flag_while_recording():
                 loss_fn(static)
         torch.cuda.synchronize(device)

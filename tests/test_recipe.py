@@ -495,11 +495,15 @@ def test_recording_ahead_with_dropout_replays_while_the_recorder_captures(tmp_pa
     the recorder captures, which torch 2.11's one capture state per generator refused
     (bench/results/epochs_h200_ahead) until each background recording drew from its own
     generator state (graph_recorder.own_random_state). The run trains through on its graphs; the
-    recorder has recorded the two shapes no batch reaches (2 x 288, 2 x 32) by the last step."""
+    recorder has recorded the two shapes no batch reaches (2 x 288, 2 x 32) by the last step. Each
+    shape's state is seeded by the shape, whichever thread records it: a second run, with its own
+    race between the threads, trains to the same losses."""
     model_dir = build_tiny_model(tmp_path / "model")
     settings = dict(GPU_GRAPHS, cuda_graphs_capture="ahead", max_steps=24)
     join = recorder_joined_at(24, monkeypatch)
-    history, _, trainer = train_tiny(model_dir, tmp_path, LENGTHS * 4, callbacks=[join], **settings)
+    history, _, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS * 4, callbacks=[join], **settings)
+    again, _, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS * 4, **settings)
+    assert [h["loss"] for h in again] == [h["loss"] for h in history]
     summary = trainer.graphs.summary()
     assert summary["off_reason"] is None and summary["eager_reasons"] == {"first step": 1}
     assert summary["replayed_steps"] == 23 and len(summary["shapes_recorded"]) == 6
