@@ -41,7 +41,8 @@ VARIANTS = {
     "pad128": {"pad_to_multiple_of": 128},
     # a log line every 10th step, as the 7B config: between them the host may run ahead of the GPU
     "pad128_log10": {"pad_to_multiple_of": 128, "logging_steps": 10},
-    "pad128_queued_log10": {"pad_to_multiple_of": 128, "logging_steps": 10, "cuda_graphs_capture": "queued"},
+    # the recorder thread's captures beside the loop's replays (scripts/graph_recorder.py)
+    "pad128_ahead_log10": {"pad_to_multiple_of": 128, "logging_steps": 10, "cuda_graphs_capture": "ahead"},
 }
 
 
