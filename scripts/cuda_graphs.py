@@ -354,10 +354,10 @@ class GraphedSteps:
 
             shape = tuple(static["input_ids"].shape)
             mode, random_state = "thread_local", own_random_state(static["input_ids"].device, shape)
+        # torch.cuda.graph waits for the GPU and empties the caches first (on the recorder thread
+        # that wait holds the thread alone). The loop's wait is timed apart (drain_seconds: how far
+        # ahead of the card the host was).
         if not background:
-            # torch.cuda.graph waits for the GPU and empties the caches first (on the recorder
-            # thread, that wait holds it alone); the loop's wait is timed apart (drain_seconds: how
-            # far ahead of the card the host was).
             draining = time.perf_counter()
             torch.cuda.synchronize()
             self.drain_seconds.append(time.perf_counter() - draining)

@@ -22,21 +22,21 @@ bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
   sitting took for the cause, bench/results/epochs_h200_ahead).
 - Saved tensors kept through identity hooks (cuda_graphs.GraphedSteps._record): the main
   thread's optimizer updates the adapters in place between a capture's forward and backward.
-- A generator state of its own per recording (``own_random_state``; the loop's own recordings
-  too while the thread runs, so that a shape's masks do not depend on the race): torch 2.11's generator
-  keeps one capture state, and every capture puts the default generator's in capture mode; a
-  replay of another graph drawing from that state on the main thread would then fail (torch's
-  CUDAGeneratorState::increase). The replays of other graphs advance their own states, never the
-  capturing one. The dropout masks of those shapes come from their own Philox streams (seeded
-  from the run's seed and the shape), not from the default generator's sequence: the
-  same distribution, other draws, so a run recorded ahead is reproducible but not bit-equal to
-  one recorded in the loop (without dropout it is: tests/test_recipe.py on a GPU).
+- A generator state of its own per recording (``own_random_state``; the loop's recordings too
+  while the thread runs, so that a shape's masks do not depend on which thread won the race):
+  torch 2.11's generator keeps one capture state, and every capture puts the default
+  generator's in capture mode; a replay of another graph drawing from that state on the main
+  thread would then fail (torch's CUDAGeneratorState::increase). The replays of other graphs
+  advance their own states, never the capturing one. The dropout masks come from those Philox
+  streams (seeded from the run's seed and the shape), not from the default generator's
+  sequence: the same distribution, other draws, so a run recorded ahead is reproducible but not
+  bit-equal to one recorded in the loop (without dropout it is: tests/test_recipe.py on a GPU).
 
-Measured once (bench/results/epochs_h200_recorder; then the loop's recordings still drew from the
-default generator, and the thread's states were seeded by recording order): the epoch trains
-through, 7 of 8 shapes recorded by the thread, but not faster (51.3 s as a sitting's first row, without warm-up; the
-loop waited 4.4 s for the lock, and a background recording took 1.0-1.5 s beside the loop
-against 0.5-0.9 s in it). Off by default.
+Measured once (bench/results/epochs_h200_recorder; then the loop's recordings still drew from
+the default generator, and the thread's states were seeded by recording order): the epoch
+trains through, 7 of 8 shapes recorded by the thread, but not faster (51.3 s as a sitting's
+first row, without warm-up; the loop waited 4.4 s for the lock, and a background recording took
+1.0-1.5 s beside the loop against 0.5-0.9 s in it). Off by default.
 """
 
 import contextlib
