@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
-from cuda_graphs import GraphedSteps, right_padded, scoring_every_position
+from cuda_graphs import GraphedSteps, scoring_every_position
 from graph_recorder import Recorder, padded_shapes
+from host_facts import HOST_FACTS, HostFacts
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
 from memory_model import GIB, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
@@ -189,29 +190,6 @@ def graphs_off_reason(args, checkpoint_every: int, deferred: bool, recompute_rng
             "recomputation replays random numbers (a dropout not folded: train.recompute_lora_dropout)"
         )
     return None
-
-
-HOST_FACTS = "host_facts"  # the batch key HostFacts adds and the trainer's step removes
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchFacts:
-    tokens: int  # non-padding tokens (the Trainer's num_input_tokens_seen)
-    right_padded: bool  # the layout a recorded step needs (cuda_graphs.right_padded)
-
-
-class HostFacts:
-    """The collator, with what the step needs to know of each batch read while the batch is still
-    in host memory: read from its GPU copy, each was a device sync per step."""
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, examples):
-        batch = self.collate(examples)
-        if "attention_mask" in batch and "labels" in batch:
-            batch[HOST_FACTS] = BatchFacts(int(batch["attention_mask"].sum()), right_padded(batch))
-        return batch
 
 
 def make_trainer(

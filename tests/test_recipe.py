@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import checkpointing
+import host_facts
 import recipe
 from gpu_recipes import LLAMA2_7B
 from memory_model import ModelShape, predict_peak
@@ -350,9 +351,9 @@ def test_the_batch_layout_is_read_on_the_host_before_the_batch_moves(monkeypatch
         input_ids=labels.clamp(min=0), attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), labels=labels
     )
     left = dict(right, attention_mask=torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
-    collate = recipe.HostFacts(lambda examples: dict(examples[0]))
-    assert collate([right])[recipe.HOST_FACTS] == recipe.BatchFacts(tokens=6, right_padded=True)
-    assert collate([left])[recipe.HOST_FACTS] == recipe.BatchFacts(tokens=6, right_padded=False)
+    collate = host_facts.HostFacts(lambda examples: dict(examples[0]))
+    assert collate([right])[host_facts.HOST_FACTS] == host_facts.BatchFacts(tokens=6, right_padded=True)
+    assert collate([left])[host_facts.HOST_FACTS] == host_facts.BatchFacts(tokens=6, right_padded=False)
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
     graphs = cuda_graphs.GraphedSteps([], None, LOGGER, None)
     graphs.warm = True
