@@ -234,14 +234,16 @@ class GraphedSteps:
         recording = self.recordings.get(key)
         self._bind_grads()
         if recording is None:
-            if self.recorder is not None:
-                self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
             with self.exclusive():
                 recording = self.recordings.get(key)  # the recorder's, finished while we waited
                 if recording is None and not self.off_reason:
                     recording = self.record(key, inputs, num_items, loss_fn)
             if recording is None:
                 return self._eager("graphs off")
+        if self.recorder is not None:
+            # once, after the loop's first recording: the thread's warm-up never holds that one up
+            # (it held the loop 3.85 s at step 2: bench/results/epochs_h200_recorder)
+            self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])
         recording.replay()

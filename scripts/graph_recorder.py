@@ -11,7 +11,9 @@ While the loop waits there (without the GIL), this thread records.
 The shapes come from the rows' lengths (``padded_shapes``), longest first (group_by_length puts
 the longest batch first, and a long recording needs the most host time). One forward/backward
 runs on the host at a time (GraphedSteps.lock); the main thread's eager steps and its own
-recordings (a shape the recorder has not reached) take the lock first (``main_waiting``).
+recordings (a shape the recorder has not reached) take the lock first (``main_waiting``). The
+thread starts after the loop's first recording (the first batch's shape), so that its warm-up
+never holds that one up.
 
 What a background capture needs that the loop's does not (each found on an H200,
 bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
@@ -85,7 +87,7 @@ class Recorder:
         self.recorded: list[list[int]] = []  # shapes this thread recorded
 
     def start(self, num_items_dtype, device, loss_fn) -> None:
-        """At the first step that records (the run's first step trains eagerly); once."""
+        """Once, after the loop's first recording (the run's first step trains eagerly)."""
         if self.thread is None:
             self.thread = threading.Thread(
                 target=self._run, args=(num_items_dtype, device, loss_fn), name="cuda-graph-recorder", daemon=True

@@ -273,6 +273,7 @@ def test_recording_ahead_trains_like_the_eager_step(tmp_path, monkeypatch):
     assert summary["eager_reasons"] == {"first step": 1} and summary["replayed_steps"] == 5
     assert sorted(summary["shapes_recorded"]) == [[2, 32], [2, 48], [2, 64], [2, 288], [2, 304], [2, 320]]
     assert summary["recorded_ahead"] and set(map(tuple, summary["recorded_ahead"])) <= set(recorder.shapes)
+    assert [2, 320] not in summary["recorded_ahead"]  # the loop's first recording, before the thread starts
     assert plan.summary() == plan_at_first_batch.summary() == {"0": 3, "2": 3}  # long batches recompute 2 layers
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
     assert len(ahead) == len(at_first_batch) == len(eager) == 6
@@ -482,9 +483,10 @@ def test_recording_ahead_records_what_the_training_loop_records(tmp_path, monkey
     ahead, _, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, callbacks=[join], **settings)
     summary = trainer.graphs.summary()
     assert summary["capture"] == "ahead" and summary["eager_reasons"] == {"first step": 1}
-    # every shape the rows make, longest first: the first batch's (2 x 320) by either thread
+    # every shape the rows make, longest first; the loop records the first batch's (2 x 320) before
+    # the thread starts, the thread every other one (the callback waits for it at step 2)
     assert trainer.graphs.recorder.shapes == [(2, 320), (2, 304), (2, 288), (2, 64), (2, 48), (2, 32)]
-    assert {(2, 304), (2, 288), (2, 64), (2, 48), (2, 32)} <= set(map(tuple, summary["recorded_ahead"]))
+    assert summary["recorded_ahead"] == [[2, 304], [2, 288], [2, 64], [2, 48], [2, 32]]
     assert len(summary["shapes_recorded"]) == 6 and summary["replayed_steps"] == 5
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
     assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in synced]
