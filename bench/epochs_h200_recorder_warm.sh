@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 15, prepared for the next sitting on one H200 (not yet run): recording ahead measured
+# properly. Its one epoch (bench/results/epochs_h200_recorder, 51.3 s) was the sitting's first row
+# without warm-up and had no loop-recorded row beside it; since, the thread starts after the
+# loop's first recording and every recording draws from a state seeded by its shape. Rows: the
+# CUDA tests (stop if one fails), a 30-step warm-up, batch-4 epochs at multiples of 128 recorded
+# in the loop and ahead, twice each interleaved, the tutorial's between them; then steps 6-9 of
+# the epoch's order profiled with the recorder (its captures beside the loop's replays on the
+# timeline). ~9 min from the repo root in the background.
+. bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
+python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "recording_ahead or never_wait" 2>&1 \
+  | grep -E "^E|passed|failed|Error" | head -40 | tee /tmp/bgout/pytest_cuda_recorder_warm.txt
+grep -q " failed" /tmp/bgout/pytest_cuda_recorder_warm.txt && exit 1
+E="python3 bench/epochs.py run --rows-dir /tmp/epochs --repeats-block 1"
+O="--out /tmp/bgout/epochs_h200_recorder_warm --append"
+LOOP="pad128:pad_to_multiple_of=128"
+AHEAD="pad128_ahead:pad_to_multiple_of=128,cuda_graphs_capture=ahead"
+$E --out /tmp/bgout/warmup_h200 --jobs epoch_b4 --recipes pipeline --steps 30
+$E $O --jobs epoch_b4 --recipes --variant "$LOOP"
+$E $O --jobs epoch_b4 --recipes --variant "$AHEAD"
+$E $O --jobs epoch_b4 --recipes tutorial
+$E $O --jobs epoch_b4 --recipes --variant "$AHEAD"
+$E $O --jobs epoch_b4 --recipes --variant "$LOOP"
+mkdir -p .carry/gpu /tmp/traces && cp -r /tmp/epochs/tokenizer .carry/gpu/shape
+python3 -c "
+import json
+ids = json.load(open('/tmp/epochs/rows_b4.json'))['input_ids']
+json.dump([len(row) for row in ids], open('/tmp/epochs/lengths_b4_order.json', 'w'))"
+python3 bench/profile_step.py --batch 4 --lengths /tmp/epochs/lengths_b4_order.json --steps 14 --profile-from 5 \
+  --variants pad128_ahead_log10 --trace-dir /tmp/traces --out /tmp/bgout/profile_recorder_h200.json
+tar -C /tmp -czf /tmp/bgout/traces_recorder_h200.tgz traces
