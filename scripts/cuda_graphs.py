@@ -199,6 +199,7 @@ class GraphedSteps:
             instantiation_seconds=[round(t, 4) for t in self.instantiation_seconds],
             drain_seconds=[round(t, 4) for t in self.drain_seconds],
             recorded_ahead=self.recorder.recorded if self.recorder else [],
+            recorder_failure=self.recorder.failure if self.recorder else None,
             waited_seconds=round(self.waited_seconds, 4),
         )
 
@@ -282,8 +283,13 @@ class GraphedSteps:
         started = time.perf_counter()
         try:
             recording = self._record(inputs, num_items, loss_fn, background)
-        except RuntimeError as error:  # a model this path cannot hold: say so, train on eagerly
-            self.off_reason = f"recording failed at batch shape {key[0]}: {str(error).splitlines()[0][:300]}"
+        except RuntimeError as error:
+            reason = f"recording failed at batch shape {key[0]}: {str(error).splitlines()[0][:300]}"
+            if background:  # the loop records its shapes itself from here on
+                self.recorder.failure = reason
+                self.logger.warning("Recording ahead stopped: %s", reason)
+                return None
+            self.off_reason = reason  # a model this path cannot hold: say so, train on eagerly
             self.logger.warning("CUDA graphs off for the rest of the run: %s", self.off_reason)
             return None
         self.recordings[key] = recording
@@ -324,13 +330,17 @@ class GraphedSteps:
             # attention kernel (its saved tensors' shapes).
             with attention_backends(self.attention), causal_flag_while_recording(), saved:
                 loss, metrics = loss_fn(static)
-                # Into the fixed buffers, as .grad's accumulation would (buffer + gradient), but
-                # without .grad, which the main thread rebinds while the recorder records. Only the
-                # adapters' gradients are computed, and the autograd graph is freed at once (with
-                # checkpointing it ends at the embedding output, a leaf made to require grad).
-                grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-            pairs = [(buffer, grad) for buffer, grad in zip(buffers, grads, strict=True) if grad is not None]
-            torch._foreach_add_([buffer for buffer, _ in pairs], [grad for _, grad in pairs])
+                if not background:
+                    loss.backward()  # into .grad, bound to the fixed buffers (_bind_grads)
+                else:
+                    # Into the fixed buffers, as .grad's accumulation does (buffer + gradient), but
+                    # without .grad, which the main thread rebinds while the recorder records.
+                    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+                    pairs = [(buffer, grad) for buffer, grad in zip(buffers, grads, strict=True) if grad is not None]
+                    torch._foreach_add_([buffer for buffer, _ in pairs], [grad for _, grad in pairs])
+            # Keep the values, not the autograd graph behind the loss: with checkpointing it ends
+            # at the embedding output (a leaf made to require grad), which it would keep alive with
+            # its gradient, two hidden-state tensors per recorded shape.
             return loss.detach(), metrics
 
         if not torch.cuda.is_available():  # replay_on_cpu (tests): the function is the recording
@@ -349,7 +359,7 @@ class GraphedSteps:
         graph = torch.cuda.CUDAGraph()
         mode, random_state = "global", contextlib.nullcontext()
         if self.recorder is not None:
-            # With a recorder thread only this thread's CUDA calls are checked, and every recording,
+            # Recording ahead: only this thread's CUDA calls are checked, and every recording,
             # whichever thread makes it, draws from a generator state of its own seeded by its shape
             # (graph_recorder.own_random_state): a shape's masks do not depend on who recorded it.
             from graph_recorder import own_random_state
@@ -357,8 +367,8 @@ class GraphedSteps:
             shape = tuple(static["input_ids"].shape)
             mode, random_state = "thread_local", own_random_state(static["input_ids"].device, shape)
         # torch.cuda.graph waits for the GPU and empties the caches first (on the recorder thread
-        # that wait holds the thread alone). The loop's wait is timed apart (drain_seconds: how far
-        # ahead of the card the host was).
+        # with the lock held: a loop that needs the lock waits too). The loop's wait is timed apart
+        # (drain_seconds: how far ahead of the card the host was).
         if not background:
             draining = time.perf_counter()
             torch.cuda.synchronize()

@@ -10,10 +10,12 @@ While the loop waits there (without the GIL), this thread records.
 
 The shapes come from the rows' lengths (``padded_shapes``), longest first (group_by_length puts
 the longest batch first, and a long recording needs the most host time). One forward/backward
-runs on the host at a time (GraphedSteps.lock); the main thread's eager steps and its own
-recordings (a shape the recorder has not reached) take the lock first (``main_waiting``). The
-thread starts after the loop's first recording (the first batch's shape), so that its warm-up
-never holds that one up.
+runs on the host at a time (GraphedSteps.lock); the thread takes no new shape while the loop
+waits for the lock (``main_waiting``: the loop's eager steps and its own recordings, of a shape
+the thread has not reached), but a capture under way finishes first. The thread starts after the
+loop's first recording (the first batch's shape), so that its warm-up never holds that one up. A
+background capture that fails stops the thread (``failure``, in the graph summary); the loop
+records the remaining shapes itself.
 
 What a background capture needs that the loop's does not (each found on an H200,
 bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
@@ -25,7 +27,7 @@ bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
 - Saved tensors kept through identity hooks (cuda_graphs.GraphedSteps._record): the main
   thread's optimizer updates the adapters in place between a capture's forward and backward.
 - A generator state of its own per recording (``own_random_state``; the loop's recordings too
-  while the thread runs, so that a shape's masks do not depend on which thread won the race):
+  when recording ahead, so that a shape's masks do not depend on which thread won the race):
   torch 2.11's generator keeps one capture state, and every capture puts the default
   generator's in capture mode; a replay of another graph drawing from that state on the main
   thread would then fail (torch's CUDAGeneratorState::increase). The replays of other graphs
@@ -33,6 +35,7 @@ bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
   streams (seeded from the run's seed and the shape), not from the default generator's
   sequence: the same distribution, other draws, so a run recorded ahead is reproducible but not
   bit-equal to one recorded in the loop (without dropout it is: tests/test_recipe.py on a GPU).
+  Those states are not in a checkpoint: a resumed run starts each shape's stream afresh.
 
 Measured once (bench/results/epochs_h200_recorder; then the loop's recordings still drew from
 the default generator, and the thread's states were seeded by recording order): the epoch
@@ -84,6 +87,7 @@ class Recorder:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the main thread raises it at its next step
         self.stopping = False
+        self.failure: str | None = None  # a capture that failed: the thread stopped there
         self.recorded: list[list[int]] = []  # shapes this thread recorded
 
     def start(self, num_items_dtype, device, loss_fn) -> None:
@@ -95,9 +99,12 @@ class Recorder:
             self.thread.start()
 
     def stop(self) -> None:
+        """End of training: the thread finishes the capture under way and records no more."""
         self.stopping = True
         if self.thread is not None:
             self.thread.join()
+        if self.error is not None:  # raised after the last step: no step left to raise it
+            self.graphs.logger.warning("The CUDA graph recorder thread failed: %r", self.error)
 
     def _run(self, num_items_dtype, device, loss_fn) -> None:
         graphs = self.graphs
@@ -113,7 +120,7 @@ class Recorder:
                     time.sleep(0.001)
                 key = ((batch, seq), num_items_dtype)
                 with graphs.lock:
-                    if self.stopping or graphs.off_reason:
+                    if self.stopping or graphs.off_reason or self.failure:
                         return
                     if key in graphs.recordings:
                         continue

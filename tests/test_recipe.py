@@ -268,7 +268,8 @@ def test_recording_ahead_trains_like_the_eager_step(tmp_path, monkeypatch):
     summary = trainer.graphs.summary()
     recorder = trainer.graphs.recorder
     assert recorder.shapes == [(2, 320), (2, 304), (2, 288), (2, 64), (2, 48), (2, 32)]
-    assert not recorder.thread.is_alive()  # stopped with the training
+    assert recorder.stopping and not recorder.thread.is_alive()  # stopped with the training
+    assert summary["recorder_failure"] is None
     # the first step eager, every other batch's shape recorded by one of the two threads
     assert summary["eager_reasons"] == {"first step": 1} and summary["replayed_steps"] == 5
     assert sorted(summary["shapes_recorded"]) == [[2, 32], [2, 48], [2, 64], [2, 288], [2, 304], [2, 320]]
@@ -279,6 +280,33 @@ def test_recording_ahead_trains_like_the_eager_step(tmp_path, monkeypatch):
     assert len(ahead) == len(at_first_batch) == len(eager) == 6
     for ours, first, theirs in zip(ahead, at_first_batch, eager, strict=True):
         assert {k: ours[k] for k in keys} == {k: first[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's recordings (a failure made up on the CPU)")
+def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model, tmp_path, monkeypatch):
+    """A background capture that fails stops the recorder thread, says why in the graph summary,
+    and leaves the graphs on: the loop records the remaining shapes itself, the same numbers."""
+    import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
+    record = cuda_graphs.GraphedSteps._record
+
+    def failing(self, inputs, num_items, loss_fn, background):
+        if background:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        return record(self, inputs, num_items, loss_fn, background)
+
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "_record", failing)
+    settings = dict(pad_to_multiple_of=16, logging_steps=1, recompute_lora_dropout=True, cuda_graphs=True)
+    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **settings)
+    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(settings, cuda_graphs=False))
+    summary = trainer.graphs.summary()
+    assert summary["recorder_failure"].startswith("recording failed at batch shape (2, ")  # the first it tried
+    assert "operation failed due to a previous error during capture" in summary["recorder_failure"]
+    assert summary["off_reason"] is None and summary["recorded_ahead"] == []
+    assert summary["eager_reasons"] == {"first step": 1} and summary["replayed_steps"] == 5  # the loop's recordings
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in eager]
 
 
 def test_recordings_keep_no_step_alive(tiny_model, tmp_path, monkeypatch):
@@ -453,7 +481,6 @@ GPU_GRAPHS = dict(cuda_graphs=True, gradient_checkpointing=True, recompute_lora_
 GPU_GRAPHS.update(pad_to_multiple_of=16, compute_dtype="bfloat16", optimizer="adamw_torch_fused")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
 def recorder_joined_at(step: int, monkeypatch):
     """A callback that waits at the end of ``step`` until the recorder thread has recorded every
     shape (recipe.make_trainer patched to keep the trainer it builds)."""
