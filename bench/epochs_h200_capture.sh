@@ -7,8 +7,9 @@
 # when each capture began and ended), the same with flash attention in the recordings (no cuDNN
 # plan to build per shape), the tutorial's; then steps 6-9 of the epoch's order profiled with a
 # log line every 10th step (the recording at step 9, 4 x 896, on the timeline). CUDA tests first.
-# ~9 min from the repo root in the background. As run (commit 8e97f94) the profile was of
-# pad128_queued_log10, gone with train.cuda_graphs_capture: queued; pad128_ahead_log10 since.
+# ~9 min from the repo root in the background (the profile's row lengths: bench/h200_workdir.sh).
+# As run (commit 8e97f94); train.cuda_graphs_capture: queued is gone since (its rows no longer
+# run), and the profile's pad128_queued_log10 is pad128_ahead_log10.
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "queued_capture or never_wait or attention_kernel" 2>&1 \
   | grep -E "^E|passed|failed" | head -20 | tee /tmp/bgout/pytest_cuda_capture.txt
@@ -20,11 +21,6 @@ $E $O --jobs epoch_b4 --recipes --variant "pad128_queued:pad_to_multiple_of=128,
 $E $O --jobs epoch_b4 --recipes --variant \
   "pad128_queued_flash:pad_to_multiple_of=128,cuda_graphs_capture=queued,cuda_graphs_attention=flash"
 $E $O --jobs epoch_b4 --recipes tutorial
-mkdir -p .carry/gpu /tmp/traces && cp -r /tmp/epochs/tokenizer .carry/gpu/shape
-python3 -c "
-import json
-ids = json.load(open('/tmp/epochs/rows_b4.json'))['input_ids']
-json.dump([len(row) for row in ids], open('/tmp/epochs/lengths_b4_order.json', 'w'))"
 python3 bench/profile_step.py --batch 4 --lengths /tmp/epochs/lengths_b4_order.json --steps 14 --profile-from 5 \
   --variants pad128_ahead_log10 --trace-dir /tmp/traces --out /tmp/bgout/profile_capture_h200.json
 tar -C /tmp -czf /tmp/bgout/traces_capture_h200.tgz traces

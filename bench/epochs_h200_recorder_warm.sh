@@ -21,11 +21,6 @@ $E $O --jobs epoch_b4 --recipes --variant "$AHEAD"
 $E $O --jobs epoch_b4 --recipes tutorial
 $E $O --jobs epoch_b4 --recipes --variant "$AHEAD"
 $E $O --jobs epoch_b4 --recipes --variant "$LOOP"
-mkdir -p .carry/gpu /tmp/traces && cp -r /tmp/epochs/tokenizer .carry/gpu/shape
-python3 -c "
-import json
-ids = json.load(open('/tmp/epochs/rows_b4.json'))['input_ids']
-json.dump([len(row) for row in ids], open('/tmp/epochs/lengths_b4_order.json', 'w'))"
 python3 bench/profile_step.py --batch 4 --lengths /tmp/epochs/lengths_b4_order.json --steps 14 --profile-from 5 \
   --variants pad128_ahead_log10 --trace-dir /tmp/traces --out /tmp/bgout/profile_recorder_h200.json
 tar -C /tmp -czf /tmp/bgout/traces_recorder_h200.tgz traces

@@ -241,10 +241,10 @@ class GraphedSteps:
                     recording = self.record(key, inputs, num_items, loss_fn)
             if recording is None:
                 return self._eager("graphs off")
-        if self.recorder is not None:
-            # once, after the loop's first recording: the thread's warm-up never holds that one up
-            # (it held the loop 3.85 s at step 2: bench/results/epochs_h200_recorder)
-            self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
+            if self.recorder is not None:
+                # once, after the loop's first recording: the thread's warm-up never holds that one
+                # up (it held the loop 3.85 s at step 2: bench/results/epochs_h200_recorder)
+                self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])
         recording.replay()
