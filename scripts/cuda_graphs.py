@@ -187,6 +187,7 @@ class GraphedSteps:
         self.lock = threading.Lock()  # one forward/backward on the host at a time
         self.main_waiting = 0  # the main thread waits for the lock: the recorder steps aside
         self.recorder = None  # graph_recorder.Recorder, with capture "ahead"
+        self.replayed = torch.cuda.Event() if torch.cuda.is_available() else None  # the last replay's end
         self.waited_seconds = 0.0  # the main thread's wait for a recording under way
         self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
         self.instantiation_seconds: list[float] = []  # of which the graph's instantiation (capture_end)
@@ -260,7 +261,15 @@ class GraphedSteps:
                 self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])
+        # While the recorder captures, the loop waits for the previous replay on an event rather than
+        # in cudaGraphLaunch, which waits for it holding the driver: the thread's captured launches
+        # stalled as long (270 ms a 4 x 1024 step, bench/results/profile_recorder_h200).
+        waits_on_event = self.recorder is not None and self.recorder.running and torch.cuda.is_available()
+        if waits_on_event:
+            self.replayed.synchronize()  # the step queued after it keeps the card busy meanwhile
         recording.replay()
+        if waits_on_event:
+            self.replayed.record()
         self.replayed_steps += 1
         # The outputs live in the shared pool: copy them before another shape replays.
         return recording.loss.detach().clone(), tuple(m.clone() for m in recording.metrics)

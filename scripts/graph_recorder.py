@@ -98,6 +98,11 @@ class Recorder:
             )
             self.thread.start()
 
+    @property
+    def running(self) -> bool:
+        """The thread has started and not finished (shapes left to record)."""
+        return self.thread is not None and self.thread.is_alive()
+
     def stop(self) -> None:
         """End of training: the thread finishes the capture under way and records no more."""
         self.stopping = True
