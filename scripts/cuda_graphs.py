@@ -115,19 +115,6 @@ def causal_flag_while_recording():
         masking._ignore_causal_mask_sdpa = original
 
 
-@contextlib.contextmanager
-def capture_at_once(graph, pool, stream, mode: str):
-    """torch.cuda.graph without its torch.cuda.synchronize() and empty_cache() before the capture
-    (there to free memory for the graph, not needed for a correct one): a capture on the recorder
-    thread starts while the loop's replays run (graph_recorder)."""
-    with torch.cuda.stream(stream):
-        graph.capture_begin(*(() if pool is None else (pool,)), capture_error_mode=mode)
-        try:
-            yield
-        finally:
-            graph.capture_end()
-
-
 def right_padded(inputs: dict) -> bool:
     """Every row's mask is ones then zeros, and every masked position has label -100."""
     mask, labels = inputs["attention_mask"], inputs["labels"]
@@ -388,17 +375,15 @@ class GraphedSteps:
 
             shape = tuple(static["input_ids"].shape)
             mode, random_state = "thread_local", own_random_state(static["input_ids"].device, shape)
-        if background:
-            # Without torch.cuda.graph's wait for the GPU and cache flush: on the recorder thread
-            # they wait for the loop's replays and hold the lock meanwhile.
-            capture = capture_at_once(graph, self.pool, self.stream, mode)
-        else:
-            # torch.cuda.graph waits for the GPU and empties the caches first; the wait is timed
-            # apart (drain_seconds: how far ahead of the card the host was).
+        # torch.cuda.graph waits for the GPU and empties the caches first. The loop's wait is timed
+        # apart (drain_seconds: how far ahead of the card the host was); on the recorder thread it
+        # waits for a replay at most (bench/results/epochs_h200_recorder_warm: a capture without
+        # the wait and flush took as long, 1.0-1.4 s, and two runs' losses differed at 5e-6).
+        if not background:
             draining = time.perf_counter()
             torch.cuda.synchronize()
             self.drain_seconds.append(time.perf_counter() - draining)
-            capture = torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=mode)
+        capture = torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=mode)
         with random_state, capture:
             loss, metrics = forward_backward()
             captured = time.perf_counter()
