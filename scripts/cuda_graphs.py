@@ -377,8 +377,9 @@ class GraphedSteps:
             mode, random_state = "thread_local", own_random_state(static["input_ids"].device, shape)
         # torch.cuda.graph waits for the GPU and empties the caches first. The loop's wait is timed
         # apart (drain_seconds: how far ahead of the card the host was); on the recorder thread it
-        # waits for a replay at most (bench/results/epochs_h200_recorder_warm: a capture without
-        # the wait and flush took as long, 1.0-1.4 s, and two runs' losses differed at 5e-6).
+        # waits for one replay at most. Captured without the wait and flush, a background recording
+        # took as long (bench/results/epochs_h200_recorder_warm), and the dropout test's two runs
+        # once ended 5e-6 apart (epochs_h200_recorder_event, not separated): kept.
         if not background:
             draining = time.perf_counter()
             torch.cuda.synchronize()

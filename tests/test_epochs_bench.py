@@ -183,6 +183,17 @@ RESULTS = {  # each file's rows that must be there
     # the first sitting's recorded-ahead rows trained eagerly (their first capture failed)
     "epochs_h200_recorder_1.json": {("pad128_ahead", "epoch_b4"), ("pad128", "epoch_b4"), ("ahead", "epoch_b4")},
     "epochs_h200_recorder.json": {("pad128_ahead", "epoch_b4"), ("tutorial", "epoch_b4")},
+    "epochs_h200_recorder_warm.json": {
+        ("pad128", "epoch_b4"),
+        ("pad128_ahead", "epoch_b4"),
+        ("pad64_ahead", "epoch_b4"),
+        ("tutorial", "epoch_b4"),
+    },
+    "epochs_h200_recorder_event.json": {
+        ("pad128_ahead", "epoch_b4"),
+        ("pad64_ahead", "epoch_b4"),
+        ("tutorial", "epoch_b4"),
+    },
     "epochs_h200_layers.json": {
         ("pad128", "epoch_b4"),
         ("pad128_every", "epoch_b4"),
