@@ -6,7 +6,10 @@ backward's Python and launches), and in the training loop the GPU waits for it. 
 loop cannot get ahead of the GPU to hide it: a replay holds the host in cudaGraphLaunch until
 the previous launch of the same graph is done (steps 6-9 of a batch-4 epoch: 0.29 s per launch,
 the step's GPU time; bench/results/epochs_h200_capture), so the host leads by a step at most.
-While the loop waits there (without the GIL), this thread records.
+While the loop waits there (without the GIL), this thread records. Not in cudaGraphLaunch, though:
+it waits holding the driver, and the thread's captured launches stalled as long
+(bench/results/profile_recorder_h200); while the thread runs, the loop waits for its previous
+replay on an event instead (cuda_graphs.GraphedSteps.step).
 
 The shapes come from the rows' lengths (``padded_shapes``), longest first (group_by_length puts
 the longest batch first, and a long recording needs the most host time). One forward/backward
@@ -37,11 +40,11 @@ bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
   bit-equal to one recorded in the loop (without dropout it is: tests/test_recipe.py on a GPU).
   Those states are not in a checkpoint: a resumed run starts each shape's stream afresh.
 
-Measured once (bench/results/epochs_h200_recorder; then the loop's recordings still drew from
-the default generator, and the thread's states were seeded by recording order): the epoch
-trains through, 7 of 8 shapes recorded by the thread, but not faster (51.3 s as a sitting's
-first row, without warm-up; the loop waited 4.4 s for the lock, and a background recording took
-1.0-1.5 s beside the loop against 0.5-0.9 s in it). Off by default.
+Measured on one H200 at batch 4, multiples of 128 (bench/results/epochs_h200_recorder_warm and
+epochs_h200_recorder_event, after a warm-up): 42.9 s against 44.4 s recorded in the loop in one
+sitting, 42.1 s with the event wait (2.74x the tutorial's). The thread still lags at the first
+new shapes (a background recording 0.7-1.3 s, the loop's own 0.5-0.85 s; the loop waited ~2 s in
+all). Off by default (not measured at batch 1).
 """
 
 import contextlib
