@@ -309,6 +309,24 @@ def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model,
     assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in eager]
 
 
+def test_the_recorder_runs_until_its_shapes_are_done_or_it_is_stopped():
+    """``Recorder.running`` (the loop waits for its previous replay on an event while it is true)
+    holds from start() until the thread ends: here it waits for the lock the loop holds, then
+    stop() ends it before it records anything."""
+    import cuda_graphs
+    import graph_recorder
+
+    graphs = cuda_graphs.GraphedSteps([], None, logging.getLogger("test"), None, capture="ahead")
+    recorder = graph_recorder.Recorder(graphs, [(2, 16)])
+    assert not recorder.running
+    with graphs.lock:  # the loop's own recording under way
+        recorder.start(None, torch.device("cpu"), loss_fn=None)
+        assert recorder.running
+        recorder.stopping = True
+    recorder.stop()
+    assert not recorder.running and recorder.recorded == [] and recorder.error is None
+
+
 def test_recordings_keep_no_step_alive(tiny_model, tmp_path, monkeypatch):
     """A recording keeps its outputs, not the autograd graph behind its loss: with checkpointing
     that graph ends at the embedding output (a leaf made to require grad) and would hold it and
