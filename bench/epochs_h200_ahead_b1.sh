@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 15, prepared for the next sitting on one H200 (not yet run): two questions the recorder's
+# sittings left (bench/results/epochs_h200_recorder_warm, epochs_h200_recorder_event).
+# 1. Should the 7B config record ahead? Its job is batch 1 (16 shapes at multiples of 64, 7.3 s of
+#    recordings in the loop in bench/results/epochs_h200_b1_layers): the seed's epoch recorded in
+#    the loop and ahead, in one sitting.
+# 2. Batch 4 at multiples of 128 recorded ahead against the tutorial's, each twice interleaved:
+#    the tutorial's epoch varied 110.8-130.1 s between sittings, so one run of it is not enough
+#    for the 3x question.
+# Rows after the CUDA tests and a 30-step warm-up; ~15 min from the repo root in the background.
+. bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
+python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "recording_ahead or never_wait or recorder" 2>&1 \
+  | grep -E "^E|passed|failed|Error" | head -40 | tee /tmp/bgout/pytest_cuda_ahead_b1.txt
+E="python3 bench/epochs.py run --rows-dir /tmp/epochs --repeats-block 1"
+B1="--out /tmp/bgout/epochs_h200_ahead_b1 --append --jobs seed_epoch_b1 --recipes"
+B4="--out /tmp/bgout/epochs_h200_ahead_b4 --append --jobs epoch_b4 --recipes"
+AHEAD="pad128_ahead:pad_to_multiple_of=128,cuda_graphs_capture=ahead"
+$E --out /tmp/bgout/warmup_h200 --jobs epoch_b4 --recipes pipeline --steps 30
+$E $B1 pipeline
+$E $B1 --variant "ahead:cuda_graphs_capture=ahead"
+$E $B4 tutorial
+$E $B4 --variant "$AHEAD"
+$E $B4 tutorial
+$E $B4 --variant "$AHEAD"
