@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# Issue 15, prepared for the next sitting on one H200 (not yet run): two questions the recorder's
-# sittings left (bench/results/epochs_h200_recorder_warm, epochs_h200_recorder_event).
+# Issue 15, prepared for the next sitting on one H200 (not yet run): the recorder's thread now
+# warms up with small cuBLAS/cuDNN calls beside the loop's first step, without the lock
+# (graph_recorder.warm_up_libraries), instead of a model forward under the lock after the loop's
+# first recording, which left it behind the loop at steps 8, 11 and 15 of the batch-4 epoch
+# (bench/results/epochs_h200_recorder_event: the loop waited 1.75-2.29 s). The CUDA tests say
+# whether the small calls are warm-up enough (the recorder's first capture failed without one);
+# the batch-4 rows' step times whether the thread now keeps ahead. And two questions the
+# recorder's sittings left (bench/results/epochs_h200_recorder_warm, epochs_h200_recorder_event):
 # 1. Should the 7B config record ahead? Its job is batch 1 (16 shapes at multiples of 64, 7.3 s of
 #    recordings in the loop in bench/results/epochs_h200_b1_layers): the seed's epoch recorded in
 #    the loop and ahead, in one sitting.

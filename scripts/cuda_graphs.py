@@ -226,6 +226,8 @@ class GraphedSteps:
             return self._eager(self.checkpointed_eager_reason)
         if not self.warm:
             self.warm = True
+            if self.recorder is not None:  # its thread warms up beside this step
+                self.recorder.begin(inputs["input_ids"].device)
             return self._eager("first step")
         present = {k for k, v in inputs.items() if v is not None}
         if present != GRAPH_KEYS:
@@ -236,15 +238,15 @@ class GraphedSteps:
         recording = self.recordings.get(key)
         self._bind_grads()
         if recording is None:
+            if self.recorder is not None:
+                self.recorder.wait_warm()
             with self.exclusive():
                 recording = self.recordings.get(key)  # the recorder's, finished while we waited
                 if recording is None and not self.off_reason:
                     recording = self.record(key, inputs, num_items, loss_fn)
             if recording is None:
                 return self._eager("graphs off")
-            if self.recorder is not None:
-                # once, after the loop's first recording: the thread's warm-up never holds that one
-                # up (it held the loop 3.85 s at step 2: bench/results/epochs_h200_recorder)
+            if self.recorder is not None:  # once, after the loop's first recording: the thread records
                 self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])

@@ -15,15 +15,16 @@ The shapes come from the rows' lengths (``padded_shapes``), longest first (group
 the longest batch first, and a long recording needs the most host time). One forward/backward
 runs on the host at a time (GraphedSteps.lock); the thread takes no new shape while the loop
 waits for the lock (``main_waiting``: the loop's eager steps and its own recordings, of a shape
-the thread has not reached), but a capture under way finishes first. The thread starts after the
-loop's first recording (the first batch's shape), so that its warm-up never holds that one up. A
-background capture that fails stops the thread (``failure``, in the graph summary); the loop
+the thread has not reached), but a capture under way finishes first. The thread starts at the
+loop's first step (eager) and warms up beside it; it records after the loop's first recording
+(the first batch's shape), which waits for the warm-up to end. A background capture that fails stops the thread (``failure``, in the graph summary); the loop
 records the remaining shapes itself.
 
 What a background capture needs that the loop's does not (each found on an H200,
 bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
-- The thread's first CUDA work outside any capture (``_warm_up``): its first capture failed at
-  once otherwise, most likely on the per-thread cuBLAS/cuDNN handles its first matmul creates.
+- The thread's first CUDA work outside any capture (``warm_up_libraries``): its first capture
+  failed at once otherwise, most likely on the per-thread cuBLAS/cuDNN handles its first matmul
+  creates.
   A failed capture leaves the default generator in capture mode, and every later random draw
   raises "Offset increment outside graph capture encountered unexpectedly" (the error an earlier
   sitting took for the cause, bench/results/epochs_h200_ahead).
@@ -92,35 +93,53 @@ class Recorder:
         self.stopping = False
         self.failure: str | None = None  # a capture that failed: the thread stopped there
         self.recorded: list[list[int]] = []  # shapes this thread recorded
+        self.warmed = threading.Event()  # the thread's handles exist (or it ended)
+        self.go = threading.Event()  # start(): record
+        self.recording_args: tuple | None = None  # (num_items dtype, loss_fn), set by start()
+
+    def begin(self, device) -> None:
+        """At the run's first step (eager): the thread starts and warms up beside it, without the
+        lock (no model, no random numbers); it records once start() says so."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, args=(device,), name="cuda-graph-recorder", daemon=True)
+            self.thread.start()
 
     def start(self, num_items_dtype, device, loss_fn) -> None:
-        """Once, after the loop's first recording (the run's first step trains eagerly)."""
-        if self.thread is None:
-            self.thread = threading.Thread(
-                target=self._run, args=(num_items_dtype, device, loss_fn), name="cuda-graph-recorder", daemon=True
-            )
-            self.thread.start()
+        """After the loop's first recording (the first batch's shape): record the others."""
+        self.begin(device)
+        self.recording_args = (num_items_dtype, loss_fn)
+        self.go.set()
+
+    def wait_warm(self) -> None:
+        """The loop's captures never run beside the thread's warm-up (its libraries' set-up)."""
+        if self.thread is not None:
+            self.warmed.wait()
 
     @property
     def running(self) -> bool:
-        """The thread has started and not finished (shapes left to record)."""
+        """The thread has begun and not ended (warming up, waiting to record, or recording)."""
         return self.thread is not None and self.thread.is_alive()
 
     def stop(self) -> None:
         """End of training: the thread finishes the capture under way and records no more."""
         self.stopping = True
+        self.go.set()  # a thread still waiting to record ends
         if self.thread is not None:
             self.thread.join()
         if self.error is not None:  # raised after the last step: no step left to raise it
             self.graphs.logger.warning("The CUDA graph recorder thread failed: %r", self.error)
 
-    def _run(self, num_items_dtype, device, loss_fn) -> None:
+    def _run(self, device) -> None:
         graphs = self.graphs
         try:
-            with graphs.lock:  # the thread's first CUDA calls, never beside the main thread's capture
-                if device.type == "cuda":  # a new thread's current device is the first one
-                    torch.cuda.set_device(device)
-                    self._warm_up(num_items_dtype, device, loss_fn)
+            if device.type == "cuda":  # a new thread's current device is the first one
+                torch.cuda.set_device(device)
+                warm_up_libraries(device, graphs.attention)
+            self.warmed.set()
+            self.go.wait()
+            if self.stopping:
+                return
+            num_items_dtype, loss_fn = self.recording_args
             for batch, seq in self.shapes:
                 if graphs.max_tokens is not None and batch * seq > graphs.max_tokens:
                     continue
@@ -137,21 +156,29 @@ class Recorder:
                         self.recorded.append([batch, seq])
         except BaseException as error:
             self.error = error
+        finally:
+            self.warmed.set()
 
-    def _warm_up(self, num_items_dtype, device, loss_fn) -> None:
-        """One eager forward without gradients on the shortest shape, before this thread's first
-        capture: cuBLAS, cuBLASLt and cuDNN create their per-thread handles at a thread's first
-        call (device allocations a capture cannot hold; without this the recorder's first capture
-        failed at once on the H200, bench/results/epochs_h200_recorder). Its dropout masks come
-        from a state of its own, not the run's."""
-        from cuda_graphs import attention_backends, causal_flag_while_recording
 
-        inputs, num_items = placeholder_batch(*self.shapes[-1], num_items_dtype, device)
-        static = dict(inputs, **({} if num_items is None else {"num_items": num_items}))
-        with own_random_state(device, (0,)), torch.no_grad(), attention_backends(self.graphs.attention):
-            with causal_flag_while_recording():
-                loss_fn(static)
-        torch.cuda.synchronize(device)
+def warm_up_libraries(device, attention: str) -> None:
+    """This thread's first calls into cuBLAS, cuBLASLt and cuDNN, outside any capture: each creates
+    its per-thread handle (device allocations a capture cannot hold) at a thread's first call;
+    without a warm-up the recorder's first capture failed at once on the H200
+    (bench/results/epochs_h200_recorder_1). Small operands, no model, no random numbers: it runs
+    beside the loop's first step without the lock. (The sittings up to
+    bench/results/epochs_h200_recorder_event warmed up with a forward of the model under the lock,
+    after the loop's first recording: the thread then lagged the loop at the first new shapes.)"""
+    from cuda_graphs import attention_backends
+
+    square = torch.ones(128, 128, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        square @ square  # cuBLAS
+        torch.addmm(square[0], square, square)  # cuBLASLt (a bias epilogue)
+        square.float() @ square.float()
+        heads = square.view(1, 1, 128, 128)
+        with attention_backends(attention):
+            torch.nn.functional.scaled_dot_product_attention(heads, heads, heads, is_causal=True)  # cuDNN
+    torch.cuda.synchronize(device)
 
 
 def placeholder_batch(batch: int, seq: int, num_items_dtype, device) -> tuple[dict, torch.Tensor | None]:

@@ -327,6 +327,22 @@ def test_the_recorder_runs_until_its_shapes_are_done_or_it_is_stopped():
     assert not recorder.running and recorder.recorded == [] and recorder.error is None
 
 
+def test_a_recorder_begun_but_never_started_ends_at_stop():
+    """The thread begins at the run's first step (its warm-up beside it) and waits to record until
+    the loop's first recording; a run that never records (graphs turned off at that recording)
+    still ends it at stop(), with nothing recorded."""
+    import cuda_graphs
+    import graph_recorder
+
+    graphs = cuda_graphs.GraphedSteps([], None, logging.getLogger("test"), None, capture="ahead")
+    recorder = graph_recorder.Recorder(graphs, [(2, 16)])
+    recorder.begin(torch.device("cpu"))
+    recorder.wait_warm()  # the loop's first recording waits for this
+    assert recorder.warmed.is_set() and recorder.running  # waiting for start()
+    recorder.stop()
+    assert not recorder.running and recorder.recorded == [] and recorder.error is None
+
+
 def test_recordings_keep_no_step_alive(tiny_model, tmp_path, monkeypatch):
     """A recording keeps its outputs, not the autograd graph behind its loss: with checkpointing
     that graph ends at the embedding output (a leaf made to require grad) and would hold it and
