@@ -18,11 +18,11 @@ import torch
 from lora_dropout import checkpoint_context, recompute_needs_rng
 from memory_model import (
     GIB,
-    GRAPH_PEAK_FACTOR,
     ModelShape,
     cell_recipe,
     checkpoint_layer_sets,
     every_kth_layer,
+    graph_headroom,
     planned_batch,
 )
 from offload import offload_checkpoints
@@ -70,7 +70,7 @@ def enable_checkpointing(
 class CheckpointPlan:
     """``gradient_checkpointing: auto`` per batch: the memory model's fastest setting that
     fits the budget at this batch's (batch size, padded length), cached per shape; a batch
-    that ``train.cuda_graphs`` will record keeps GRAPH_PEAK_FACTOR of headroom.
+    that ``train.cuda_graphs`` will record keeps ``train.cuda_graphs_headroom`` (GRAPH_PEAK_FACTOR).
     ``train.checkpoint_plan`` picks the candidate layer sets (memory_model.checkpoint_layer_sets)."""
 
     def __init__(self, layers: list, model_config: Path, cell: dict, train: dict, kernels: str):
@@ -80,7 +80,7 @@ class CheckpointPlan:
         self.recipe = cell_recipe(cell, train, kernels)
         self.plan = train.get("checkpoint_plan", "layers")
         checkpoint_layer_sets(self.shape.layers, self.plan)  # an unknown plan fails here, not at a batch
-        self.graph_peak_factor = GRAPH_PEAK_FACTOR if train.get("cuda_graphs", False) else 1.0
+        self.graph_peak_factor = graph_headroom(train) if train.get("cuda_graphs", False) else 1.0
         self.graph_max_tokens = train.get("cuda_graphs_max_tokens")
         self.chosen: dict[tuple[int, int], tuple[int, ...]] = {}
         self.predicted: dict[tuple[int, int], int] = {}
@@ -109,7 +109,7 @@ class CheckpointPlan:
 
     def predicted_peak_bytes(self) -> int | None:
         """The expected peak over every batch shape planned so far (the memory model's, times
-        GRAPH_PEAK_FACTOR for a batch the graphs record)."""
+        the graphs' headroom for a batch they record)."""
         return max(self.predicted.values(), default=None)
 
     def select(self, batch: int, seq: int) -> int:

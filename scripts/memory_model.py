@@ -44,7 +44,7 @@ GIB = 1024**3
 # ~0.19 GiB (the gradient buffers the graphs write into, and 0.06 GiB more) rather than a share.
 # Kept at 1.08 until the larger budgets are re-measured. A batch the graphs will record is
 # planned within budget / this and expected at the prediction x this (scripts/checkpointing.py).
-GRAPH_PEAK_FACTOR = 1.08
+GRAPH_PEAK_FACTOR = 1.08  # the default of train.cuda_graphs_headroom
 QLORA_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weights
 DOUBLE_QUANT_BLOCK = 256  # double quantisation: absmax in 8 bit, one fp32 per 256 of them
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -314,11 +314,16 @@ def planned_batch(
     return layers, dict(prediction, expected=int(prediction["total"] * factor))
 
 
+def graph_headroom(train: dict) -> float:
+    """The factor a batch the CUDA graphs record is planned with (``train.cuda_graphs_headroom``)."""
+    return float(train.get("cuda_graphs_headroom") or GRAPH_PEAK_FACTOR)
+
+
 def expected_peak(model_config, cell: dict, train: dict, max_length: int, kernels: str, graphs: bool) -> dict:
     """The prediction of the batch with the largest peak a run of this cell is expected to
     reach (``expected``) over every padded batch length it can see, each planned as the train
     stage plans it (``auto``: per batch, within budget, scripts/checkpointing.py) and, where
-    CUDA graphs will run (``graphs``) and record the batch, with GRAPH_PEAK_FACTOR of headroom.
+    CUDA graphs will run (``graphs``) and record the batch, with their headroom (graph_headroom).
     The train rule's request (plus its ``paged_optimizer``)."""
     shape = ModelShape.from_config(model_config)
     recipe = cell_recipe(cell, train, kernels)
@@ -327,7 +332,7 @@ def expected_peak(model_config, cell: dict, train: dict, max_length: int, kernel
     step = multiple if multiple > 1 else 64  # unpadded lengths: every 64th, and the longest
     predictions = []
     for seq in sorted({*range(step, max_length + 1, step), max_length}):
-        factor = GRAPH_PEAK_FACTOR if records and (limit is None or batch * seq <= limit) else 1.0
+        factor = graph_headroom(train) if records and (limit is None or batch * seq <= limit) else 1.0
         if train["gradient_checkpointing"] == "auto":
             plan = train.get("checkpoint_plan", "layers")
             _, prediction = planned_batch(shape, train["memory_budget_gib"] * GIB, recipe, batch, seq, factor, plan)

@@ -12,7 +12,7 @@ import torch
 
 import checkpointing
 from gpu_recipes import LLAMA2_7B
-from memory_model import GIB, ModelShape, choose_checkpointing, predict_peak
+from memory_model import GIB, GRAPH_PEAK_FACTOR, ModelShape, choose_checkpointing, predict_peak
 from test_recipe import LENGTHS, PROJECT, build_tiny_model, train_tiny
 
 
@@ -125,7 +125,7 @@ def test_graph_step_serves_offloaded_checkpointed_batches(tiny_model, tmp_path, 
     recipe_args.update(recompute_dropout=True, offload_checkpoints=True)
     short = predict_peak(shape, checkpoint_every=0, seq=64, batch=2, **recipe_args)["total"]
     long = predict_peak(shape, checkpoint_every=1, seq=320, batch=2, **recipe_args)["total"]
-    budget_gib = max(short, long) * checkpointing.GRAPH_PEAK_FACTOR / GIB * 1.0001
+    budget_gib = max(short, long) * GRAPH_PEAK_FACTOR / GIB * 1.0001
     settings = dict(gradient_checkpointing="auto", memory_budget_gib=budget_gib, pad_to_multiple_of=16)
     settings.update(logging_steps=1, recompute_lora_dropout=True, offload_checkpoints=True)
     graphed, plan, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs=True, **settings)

@@ -13,9 +13,10 @@ import torch
 
 import checkpointing
 import host_facts
+import memory_model
 import recipe
 from gpu_recipes import LLAMA2_7B
-from memory_model import ModelShape, predict_peak
+from memory_model import GRAPH_PEAK_FACTOR, ModelShape, predict_peak
 
 PROJECT = Path(__file__).resolve().parent.parent
 LOGGER = logging.getLogger("test_recipe")
@@ -259,7 +260,7 @@ def test_recording_ahead_trains_like_the_eager_step(tmp_path, monkeypatch):
     recipe_args = dict(method="qlora", rank=8, targets="qv", kernels="none", double_quant=False, paged_optimizer=False)
     short = predict_peak(shape, checkpoint_every=0, seq=64, batch=2, **recipe_args)["total"]
     two = predict_peak(shape, checkpoint_every=0, checkpointed_layers=2, seq=320, batch=2, **recipe_args)["total"]
-    budget_gib = (max(short, two) * checkpointing.GRAPH_PEAK_FACTOR + 1) / 1024**3  # a recording's headroom too
+    budget_gib = (max(short, two) * GRAPH_PEAK_FACTOR + 1) / 1024**3  # a recording's headroom too
     settings = dict(pad_to_multiple_of=16, logging_steps=1, gradient_checkpointing="auto", memory_budget_gib=budget_gib)
     settings.update(recompute_lora_dropout=True, cuda_graphs=True)
     ahead, plan, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **settings)
@@ -671,6 +672,43 @@ def test_checkpoint_plan_keeps_headroom_for_recorded_batches(tmp_path):
     assert (
         capped.predicted_peak_bytes()
         == predict_peak(shape, checkpoint_every=0, seq=1024, batch=1, **capped.recipe)["total"]
+    )
+
+
+def test_a_smaller_graph_headroom_recomputes_fewer_layers_within_the_budget(tmp_path):
+    """``train.cuda_graphs_headroom``: recorded batch-4 shapes of the 7B q/v cell planned within
+    8 GiB / 1.05 instead of / 1.08 recompute fewer layers where the 0.22 GiB between the two
+    bounds holds a layer's activations, each still expected within the budget; the expected peak
+    (the train rule's request) follows the key."""
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(LLAMA2_7B))
+    cell = dict(CELL, lora_r=64)
+    train = dict(
+        TRAIN,
+        gradient_checkpointing="auto",
+        memory_budget_gib=8,
+        kernels="liger",
+        recompute_lora_dropout=True,
+        cuda_graphs=True,
+        batch_size=4,
+    )
+    default = checkpointing.CheckpointPlan([], model_config, cell, train, "liger")
+    lower = checkpointing.CheckpointPlan([], model_config, cell, dict(train, cuda_graphs_headroom=1.05), "liger")
+    assert default.graph_peak_factor == GRAPH_PEAK_FACTOR == 1.08 and lower.graph_peak_factor == 1.05
+    fewer = 0
+    for seq in range(128, 1025, 128):
+        assert len(lower.layers_for(4, seq)) <= len(default.layers_for(4, seq))
+        fewer += len(default.layers_for(4, seq)) - len(lower.layers_for(4, seq))
+        assert lower.predicted[(4, seq)] <= 8 * 1024**3 and default.predicted[(4, seq)] <= 8 * 1024**3
+    # 256 tokens a row: 4 layers recomputed within 8 / 1.08 GiB, none within 8 / 1.05
+    assert (len(default.layers_for(4, 256)), len(lower.layers_for(4, 256))) == (4, 0)
+    assert fewer == 12  # over the eight shapes of a batch-4 guanaco epoch at multiples of 128
+    request = memory_model.expected_peak(model_config, cell, dict(train, pad_to_multiple_of=128), 1024, "liger", True)
+    lower_request = memory_model.expected_peak(
+        model_config, cell, dict(train, pad_to_multiple_of=128, cuda_graphs_headroom=1.05), 1024, "liger", True
+    )
+    assert request["expected"] == int(request["total"] * 1.08) and lower_request["expected"] == int(
+        lower_request["total"] * 1.05
     )
 
 
