@@ -35,3 +35,8 @@ $E $B4 --variant "$H105"
 $E $B4 tutorial
 $E $B4 --variant "$AHEAD"
 $E $B4 --variant "$H105"
+# 4. Does the loop's event wait (cudaEventSynchronize) leave the thread's launches alone, as
+#    cudaGraphLaunch did not (bench/results/profile_recorder_h200)? Steps 6-9 with the recorder.
+python3 bench/profile_step.py --batch 4 --lengths /tmp/epochs/lengths_b4_order.json --steps 14 --profile-from 5 \
+  --variants pad128_ahead_log10 --trace-dir /tmp/traces --out /tmp/bgout/profile_recorder_event_h200.json
+tar -C /tmp -czf /tmp/bgout/traces_recorder_event_h200.tgz traces
