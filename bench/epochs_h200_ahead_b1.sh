@@ -19,7 +19,7 @@
 #    the model's prediction. Is it faster, and does the peak stay under 8 GiB?
 # Rows after the CUDA tests and a 30-step warm-up; ~20 min from the repo root in the background.
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
-python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "recording_ahead or never_wait or recorder_runs" 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "recording_ahead or never_wait or recorder_runs or never_started" 2>&1 \
   | grep -E "^E|passed|failed|Error" | head -40 | tee /tmp/bgout/pytest_cuda_ahead_b1.txt
 E="python3 bench/epochs.py run --rows-dir /tmp/epochs --repeats-block 1"
 B1="--out /tmp/bgout/epochs_h200_ahead_b1 --append --jobs seed_epoch_b1 --recipes"
