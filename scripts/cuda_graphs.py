@@ -246,7 +246,7 @@ class GraphedSteps:
                     recording = self.record(key, inputs, num_items, loss_fn)
             if recording is None:
                 return self._eager("graphs off")
-            if self.recorder is not None:  # once, after the loop's first recording: the thread records
+            if self.recorder is not None:  # after the loop's first recording the thread records (no-op after)
                 self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])

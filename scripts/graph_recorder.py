@@ -132,9 +132,12 @@ class Recorder:
     def _run(self, device) -> None:
         graphs = self.graphs
         try:
-            if device.type == "cuda":  # a new thread's current device is the first one
-                torch.cuda.set_device(device)
+            try:
                 warm_up_libraries(device, graphs.attention)
+            except RuntimeError as error:  # the loop records every shape itself, as after a failed capture
+                self.failure = f"warm-up failed: {str(error).splitlines()[0][:300]}"
+                graphs.logger.warning("Recording ahead stopped: %s", self.failure)
+                return
             self.warmed.set()
             self.go.wait()
             if self.stopping:
@@ -170,6 +173,9 @@ def warm_up_libraries(device, attention: str) -> None:
     after the loop's first recording: the thread then lagged the loop at the first new shapes.)"""
     from cuda_graphs import attention_backends
 
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)  # a new thread's current device is the first one
     square = torch.ones(128, 128, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         square @ square  # cuBLAS

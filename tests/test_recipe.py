@@ -310,10 +310,20 @@ def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model,
     assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in eager]
 
 
-def test_the_recorder_runs_until_its_shapes_are_done_or_it_is_stopped():
+def stops_within(recorder, seconds: float = 30.0) -> bool:
+    """Recorder.stop() on a thread of its own: whether it returned in time (a hang fails the test)."""
+    import threading
+
+    stopper = threading.Thread(target=recorder.stop, daemon=True)
+    stopper.start()
+    stopper.join(seconds)
+    return not stopper.is_alive()
+
+
+def test_the_recorder_runs_until_it_is_stopped():
     """``Recorder.running`` (the loop waits for its previous replay on an event while it is true)
-    holds from start() until the thread ends: here it waits for the lock the loop holds, then
-    stop() ends it before it records anything."""
+    holds from start() until the thread ends: here the thread waits for the lock the loop holds, and
+    stop(), called meanwhile, ends it once the lock is free, before it records anything."""
     import cuda_graphs
     import graph_recorder
 
@@ -323,8 +333,8 @@ def test_the_recorder_runs_until_its_shapes_are_done_or_it_is_stopped():
     with graphs.lock:  # the loop's own recording under way
         recorder.start(None, torch.device("cpu"), loss_fn=None)
         assert recorder.running
-        recorder.stopping = True
-    recorder.stop()
+        assert not stops_within(recorder, 0.2)  # stop() waits for the thread, which waits for the lock
+    assert stops_within(recorder)
     assert not recorder.running and recorder.recorded == [] and recorder.error is None
 
 
@@ -340,8 +350,30 @@ def test_a_recorder_begun_but_never_started_ends_at_stop():
     recorder.begin(torch.device("cpu"))
     recorder.wait_warm()  # the loop's first recording waits for this
     assert recorder.warmed.is_set() and recorder.running  # waiting for start()
-    recorder.stop()
+    assert stops_within(recorder)
     assert not recorder.running and recorder.recorded == [] and recorder.error is None
+
+
+def test_a_failed_warm_up_leaves_every_shape_to_the_loop(tiny_model, tmp_path, monkeypatch):
+    """The recorder's warm-up failing (a library's set-up on its thread) stops recording ahead, says
+    why, and the run trains on: the loop records every shape itself, the same numbers as eager."""
+    import cuda_graphs
+    import graph_recorder
+
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
+
+    def failing(device, attention):
+        raise RuntimeError("CUDA error: out of memory\nmore lines")
+
+    monkeypatch.setattr(graph_recorder, "warm_up_libraries", failing)
+    settings = dict(pad_to_multiple_of=16, logging_steps=1, recompute_lora_dropout=True, cuda_graphs=True)
+    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **settings)
+    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(settings, cuda_graphs=False))
+    summary = trainer.graphs.summary()
+    assert summary["recorder_failure"] == "warm-up failed: CUDA error: out of memory"
+    assert summary["off_reason"] is None and summary["recorded_ahead"] == [] and summary["replayed_steps"] == 5
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in eager]
 
 
 def test_recordings_keep_no_step_alive(tiny_model, tmp_path, monkeypatch):
