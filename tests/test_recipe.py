@@ -322,8 +322,11 @@ def stops_within(recorder, seconds: float = 30.0) -> bool:
 
 def test_the_recorder_runs_until_it_is_stopped():
     """``Recorder.running`` (the loop waits for its previous replay on an event while it is true)
-    holds from start() until the thread ends: here the thread waits for the lock the loop holds, and
-    stop(), called meanwhile, ends it once the lock is free, before it records anything."""
+    holds from start() until the thread ends: here the thread cannot record while the loop holds
+    the lock, and stop(), called meanwhile, ends it once the lock is free, before it records
+    anything."""
+    import threading
+
     import cuda_graphs
     import graph_recorder
 
@@ -332,10 +335,13 @@ def test_the_recorder_runs_until_it_is_stopped():
     assert not recorder.running
     with graphs.lock:  # the loop's own recording under way
         recorder.start(None, torch.device("cpu"), loss_fn=None)
-        assert recorder.running
-        assert not stops_within(recorder, 0.2)  # stop() waits for the thread, which waits for the lock
-    assert stops_within(recorder)
-    assert not recorder.running and recorder.recorded == [] and recorder.error is None
+        recorder.warmed.wait()
+        assert recorder.running  # nothing to end it: not stopped, and the shape needs the lock
+        stopper = threading.Thread(target=recorder.stop, daemon=True)
+        stopper.start()  # stop() joins the thread, whether it reached the lock or not
+    stopper.join(30)
+    assert not stopper.is_alive() and not recorder.running
+    assert recorder.recorded == [] and recorder.error is None
 
 
 def test_a_recorder_begun_but_never_started_ends_at_stop():
