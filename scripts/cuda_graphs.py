@@ -246,14 +246,14 @@ class GraphedSteps:
                     recording = self.record(key, inputs, num_items, loss_fn)
             if recording is None:
                 return self._eager("graphs off")
-            if self.recorder is not None:  # after the loop's first recording the thread records (no-op after)
+            if self.recorder is not None:  # the thread records once the loop has recorded a shape
                 self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])
         # While the recorder captures, the loop waits for the previous replay on an event rather than
         # in cudaGraphLaunch, which waits for it holding the driver: the thread's captured launches
         # stalled as long (270 ms a 4 x 1024 step, bench/results/profile_recorder_h200).
-        waits_on_event = self.recorder is not None and self.recorder.running and torch.cuda.is_available()
+        waits_on_event = self.replayed is not None and self.recorder is not None and self.recorder.running
         if waits_on_event:
             self.replayed.synchronize()  # the step queued after it keeps the card busy meanwhile
         recording.replay()

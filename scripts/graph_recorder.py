@@ -17,8 +17,9 @@ runs on the host at a time (GraphedSteps.lock); the thread takes no new shape wh
 waits for the lock (``main_waiting``: the loop's eager steps and its own recordings, of a shape
 the thread has not reached), but a capture under way finishes first. The thread starts at the
 loop's first step (eager) and warms up beside it; it records after the loop's first recording
-(the first batch's shape), which waits for the warm-up to end. A background capture that fails stops the thread (``failure``, in the graph summary); the loop
-records the remaining shapes itself.
+(the first batch's shape), which waits for the warm-up to end. A failed warm-up or background
+capture stops the thread (``failure``, in the graph summary); the loop records the remaining
+shapes itself.
 
 What a background capture needs that the loop's does not (each found on an H200,
 bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
@@ -105,7 +106,10 @@ class Recorder:
             self.thread.start()
 
     def start(self, num_items_dtype, device, loss_fn) -> None:
-        """After the loop's first recording (the first batch's shape): record the others."""
+        """After the loop's first recording (the first batch's shape): record the others. Once; the
+        loop's later recordings call it too."""
+        if self.go.is_set():
+            return
         self.begin(device)
         self.recording_args = (num_items_dtype, loss_fn)
         self.go.set()
