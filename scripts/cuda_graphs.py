@@ -226,8 +226,6 @@ class GraphedSteps:
             return self._eager(self.checkpointed_eager_reason)
         if not self.warm:
             self.warm = True
-            if self.recorder is not None:  # its thread warms up beside this step
-                self.recorder.begin(inputs["input_ids"].device)
             return self._eager("first step")
         present = {k for k, v in inputs.items() if v is not None}
         if present != GRAPH_KEYS:
@@ -246,7 +244,7 @@ class GraphedSteps:
                     recording = self.record(key, inputs, num_items, loss_fn)
             if recording is None:
                 return self._eager("graphs off")
-            if self.recorder is not None:  # the thread records once the loop has recorded a shape
+            if self.recorder is not None:  # the thread starts once the loop has recorded a shape
                 self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])

@@ -15,11 +15,11 @@ The shapes come from the rows' lengths (``padded_shapes``), longest first (group
 the longest batch first, and a long recording needs the most host time). One forward/backward
 runs on the host at a time (GraphedSteps.lock); the thread takes no new shape while the loop
 waits for the lock (``main_waiting``: the loop's eager steps and its own recordings, of a shape
-the thread has not reached), but a capture under way finishes first. The thread starts at the
-loop's first step (eager) and warms up beside it; it records after the loop's first recording
-(the first batch's shape), which waits for the warm-up to end. A failed warm-up or background
-capture stops the thread (``failure``, in the graph summary); the loop records the remaining
-shapes itself.
+the thread has not reached), but a capture under way finishes first. The thread starts after
+the loop's first recording (the first batch's shape), warms up beside the replays and records;
+the loop's later recordings wait for the warm-up to end. A failed warm-up or background capture
+stops the thread (``failure``, in the graph summary); the loop records the remaining shapes
+itself.
 
 What a background capture needs that the loop's does not (each found on an H200,
 bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
@@ -38,7 +38,8 @@ bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
   thread would then fail (torch's CUDAGeneratorState::increase). The replays of other graphs
   advance their own states, never the capturing one. The dropout masks come from those Philox
   streams (seeded from the run's seed and the shape), not from the default generator's
-  sequence: the same distribution, other draws, so a run recorded ahead is reproducible but not
+  sequence: the same distribution, other draws, so a run recorded ahead is reproducible (the
+  dropout test's last step once in two sittings 4.8e-6 apart, cause not separated) but not
   bit-equal to one recorded in the loop (without dropout it is: tests/test_recipe.py on a GPU).
   Those states are not in a checkpoint: a resumed run starts each shape's stream afresh.
 
@@ -95,39 +96,33 @@ class Recorder:
         self.failure: str | None = None  # a capture that failed: the thread stopped there
         self.recorded: list[list[int]] = []  # shapes this thread recorded
         self.warmed = threading.Event()  # the thread's handles exist (or it ended)
-        self.go = threading.Event()  # start(): record
         self.recording_args: tuple | None = None  # (num_items dtype, loss_fn), set by start()
 
-    def begin(self, device) -> None:
-        """At the run's first step (eager): the thread starts and warms up beside it, without the
-        lock (no model, no random numbers); it records once start() says so."""
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, args=(device,), name="cuda-graph-recorder", daemon=True)
-            self.thread.start()
-
     def start(self, num_items_dtype, device, loss_fn) -> None:
-        """After the loop's first recording (the first batch's shape): record the others. Once; the
-        loop's later recordings call it too."""
-        if self.go.is_set():
+        """After the loop's first recording (the first batch's shape): the thread starts, warms up
+        beside the replays and records the other shapes. Once; the loop's later recordings call it
+        too. Nothing runs beside the run's first step or the loop's first recording: with the
+        warm-up beside the first (eager) step, that recording failed at once on the 7B shape
+        (bench/results/epochs_h200_ahead_b4)."""
+        if self.thread is not None:
             return
-        self.begin(device)
         self.recording_args = (num_items_dtype, loss_fn)
-        self.go.set()
+        self.thread = threading.Thread(target=self._run, args=(device,), name="cuda-graph-recorder", daemon=True)
+        self.thread.start()
 
     def wait_warm(self) -> None:
-        """The loop's captures never run beside the thread's warm-up (its libraries' set-up)."""
+        """The loop's later captures never run beside the thread's warm-up (its libraries' set-up)."""
         if self.thread is not None:
             self.warmed.wait()
 
     @property
     def running(self) -> bool:
-        """The thread has begun and not ended (warming up, waiting to record, or recording)."""
+        """The thread has started and not ended (warming up or recording)."""
         return self.thread is not None and self.thread.is_alive()
 
     def stop(self) -> None:
         """End of training: the thread finishes the capture under way and records no more."""
         self.stopping = True
-        self.go.set()  # a thread still waiting to record ends
         if self.thread is not None:
             self.thread.join()
         if self.error is not None:  # raised after the last step: no step left to raise it
@@ -143,9 +138,6 @@ class Recorder:
                 graphs.logger.warning("Recording ahead stopped: %s", self.failure)
                 return
             self.warmed.set()
-            self.go.wait()
-            if self.stopping:
-                return
             num_items_dtype, loss_fn = self.recording_args
             for batch, seq in self.shapes:
                 if graphs.max_tokens is not None and batch * seq > graphs.max_tokens:
@@ -172,9 +164,10 @@ def warm_up_libraries(device, attention: str) -> None:
     its per-thread handle (device allocations a capture cannot hold) at a thread's first call;
     without a warm-up the recorder's first capture failed at once on the H200
     (bench/results/epochs_h200_recorder_1). Small operands, no model, no random numbers: it runs
-    beside the loop's first step without the lock. (The sittings up to
-    bench/results/epochs_h200_recorder_event warmed up with a forward of the model under the lock,
-    after the loop's first recording: the thread then lagged the loop at the first new shapes.)"""
+    beside the loop's replays without the lock. (The sittings up to
+    bench/results/epochs_h200_recorder_event warmed up with a forward of the model under the lock:
+    the thread then lagged the loop at the first new shapes. Run beside the first, eager step
+    instead, the loop's first recording then failed, bench/results/epochs_h200_ahead_b4.)"""
     from cuda_graphs import attention_backends
 
     if device.type != "cuda":
