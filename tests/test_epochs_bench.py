@@ -194,6 +194,14 @@ RESULTS = {  # each file's rows that must be there
         ("pad64_ahead", "epoch_b4"),
         ("tutorial", "epoch_b4"),
     },
+    # this sitting's recorded-ahead rows trained eagerly too (the loop's first capture failed)
+    "epochs_h200_ahead_b1.json": {("pipeline", "seed_epoch_b1"), ("ahead", "seed_epoch_b1")},
+    "epochs_h200_ahead_b4.json": {
+        ("pad128_ahead", "epoch_b4"),
+        ("pad128_ahead_h105", "epoch_b4"),
+        ("tutorial", "epoch_b4"),
+    },
+    "epochs_h200_ahead_started.json": {("pad128_ahead_h105", "epoch_b4")},  # graph headroom 1.05
     "epochs_h200_layers.json": {
         ("pad128", "epoch_b4"),
         ("pad128_every", "epoch_b4"),
