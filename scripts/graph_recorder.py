@@ -39,7 +39,7 @@ bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
   advance their own states, never the capturing one. The dropout masks come from those Philox
   streams (seeded from the run's seed and the shape), not from the default generator's
   sequence: the same distribution, other draws, so a run recorded ahead is reproducible (the
-  dropout test's last step once in two sittings 4.8e-6 apart, cause not separated) but not
+  dropout test's last step 4.8e-6 apart in 2 of 4 sittings, cause not separated) but not
   bit-equal to one recorded in the loop (without dropout it is: tests/test_recipe.py on a GPU).
   Those states are not in a checkpoint: a resumed run starts each shape's stream afresh.
 
