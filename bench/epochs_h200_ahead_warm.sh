@@ -10,9 +10,13 @@
 # 2. Batch 4 at multiples of 128 recorded ahead (the thread's new start) against recorded in the
 #    loop and the tutorial's, the tutorial and ahead twice, interleaved (the tutorial's epoch
 #    varied 113.8-130.1 s between and within sittings).
+#    And multiples of 64 recorded ahead, once: the steps' time is ~13.2k tok/s at every batch
+#    shape after step 60 (epochs_h200_recorder_event), so padding is time: 7.6 % of the tokens
+#    at 64 against 13.6 % at 128, if the thread now keeps up with 16 shapes in the first 50 steps
+#    (it did not: the loop waited ~6 s).
 # 3. The profile of steps 6-9 with the recorder beside the loop's event wait (the one prepared in
 #    the last sitting profiled eager steps).
-# Rows after the CUDA tests and a 30-step warm-up; ~17 min from the repo root in the background.
+# Rows after the CUDA tests and a 30-step warm-up; ~19 min from the repo root in the background.
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "recording_ahead or recorder" 2>&1 \
   | grep -E "^E|passed|failed|Error" | head -40 | tee /tmp/bgout/pytest_cuda_ahead_warm.txt
@@ -28,6 +32,7 @@ $E $B4 --variant "$AHEAD"
 $E $B4 --variant "pad128:pad_to_multiple_of=128"
 $E $B4 tutorial
 $E $B4 --variant "$AHEAD"
+$E $B4 --variant "pad64_ahead:pad_to_multiple_of=64,cuda_graphs_capture=ahead"
 python3 bench/profile_step.py --batch 4 --lengths /tmp/epochs/lengths_b4_order.json --steps 14 --profile-from 5 \
   --variants pad128_ahead_log10 --trace-dir /tmp/traces --out /tmp/bgout/profile_recorder_event_h200_2.json
 tar -C /tmp -czf /tmp/bgout/traces_recorder_event_h200_2.tgz traces/trace_profile_recorder_event_h200_2_pad128_ahead_log10.json.gz
