@@ -330,9 +330,9 @@ def expected_peak(model_config, cell: dict, train: dict, max_length: int, kernel
     batch, multiple = train["batch_size"], train.get("pad_to_multiple_of") or 1
     records, limit = graphs and train.get("cuda_graphs", False), train.get("cuda_graphs_max_tokens")
     step = multiple if multiple > 1 else 64  # unpadded lengths: every 64th, and the longest
-    predictions = []
+    predictions, headroom = [], graph_headroom(train)
     for seq in sorted({*range(step, max_length + 1, step), max_length}):
-        factor = graph_headroom(train) if records and (limit is None or batch * seq <= limit) else 1.0
+        factor = headroom if records and (limit is None or batch * seq <= limit) else 1.0
         if train["gradient_checkpointing"] == "auto":
             plan = train.get("checkpoint_plan", "layers")
             _, prediction = planned_batch(shape, train["memory_budget_gib"] * GIB, recipe, batch, seq, factor, plan)

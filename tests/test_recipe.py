@@ -283,6 +283,10 @@ def test_recording_ahead_trains_like_the_eager_step(tmp_path, monkeypatch):
         assert {k: ours[k] for k in keys} == {k: first[k] for k in keys} == {k: theirs[k] for k in keys}
 
 
+# the recorder tests' settings on the CPU (GraphedSteps.replay_on_cpu)
+CPU_GRAPHS = dict(pad_to_multiple_of=16, logging_steps=1, recompute_lora_dropout=True, cuda_graphs=True)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's recordings (a failure made up on the CPU)")
 def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model, tmp_path, monkeypatch):
     """A background capture that fails stops the recorder thread, says why in the graph summary,
@@ -298,9 +302,8 @@ def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model,
         return record(self, inputs, num_items, loss_fn, background)
 
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "_record", failing)
-    settings = dict(pad_to_multiple_of=16, logging_steps=1, recompute_lora_dropout=True, cuda_graphs=True)
-    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **settings)
-    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(settings, cuda_graphs=False))
+    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **CPU_GRAPHS)
+    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
     summary = trainer.graphs.summary()
     assert summary["recorder_failure"].startswith("recording failed at batch shape (2, ")  # the first it tried
     assert "operation failed due to a previous error during capture" in summary["recorder_failure"]
@@ -308,16 +311,6 @@ def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model,
     assert summary["eager_reasons"] == {"first step": 1} and summary["replayed_steps"] == 5  # the loop's recordings
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
     assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in eager]
-
-
-def stops_within(recorder, seconds: float = 30.0) -> bool:
-    """Recorder.stop() on a thread of its own: whether it returned in time (a hang fails the test)."""
-    import threading
-
-    stopper = threading.Thread(target=recorder.stop, daemon=True)
-    stopper.start()
-    stopper.join(seconds)
-    return not stopper.is_alive()
 
 
 def test_the_recorder_runs_until_it_is_stopped():
@@ -363,8 +356,7 @@ def test_the_recorder_thread_starts_after_the_first_step_and_the_loops_first_rec
         return run(self, device)
 
     monkeypatch.setattr(graph_recorder.Recorder, "_run", observed)
-    settings = dict(pad_to_multiple_of=16, logging_steps=1, recompute_lora_dropout=True, cuda_graphs=True)
-    _, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **settings)
+    _, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **CPU_GRAPHS)
     assert begun == [(1, [(2, 320)])]
     summary = trainer.graphs.summary()
     assert summary["recorder_failure"] is None and summary["eager_reasons"] == {"first step": 1}
@@ -385,9 +377,8 @@ def test_a_failed_warm_up_leaves_every_shape_to_the_loop(tiny_model, tmp_path, m
         raise RuntimeError("CUDA error: out of memory\nmore lines")
 
     monkeypatch.setattr(graph_recorder, "warm_up_libraries", failing)
-    settings = dict(pad_to_multiple_of=16, logging_steps=1, recompute_lora_dropout=True, cuda_graphs=True)
-    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **settings)
-    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(settings, cuda_graphs=False))
+    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **CPU_GRAPHS)
+    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
     summary = trainer.graphs.summary()
     assert summary["recorder_failure"] == "warm-up failed: CUDA error: out of memory"
     assert summary["off_reason"] is None and summary["recorded_ahead"] == [] and summary["replayed_steps"] == 5
