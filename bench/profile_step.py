@@ -11,6 +11,7 @@ the host's time. Decides which lever pays before a measured epoch (bench/epochs.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -154,17 +155,38 @@ def run_variant(
     traces = {}
     recording_profile = profiled_recordings(recordings) if recordings else None
 
+    @contextlib.contextmanager
+    def recorder_between_shapes():
+        """No capture under way on the recorder thread (``train.cuda_graphs_capture: ahead``): a device
+        sync while it captures fails ("operation not permitted when stream is capturing"), and the
+        profiler's start and stop sync. The main thread takes the graphs' lock as its own steps do."""
+        graphs = getattr(trainer, "graphs", None)
+        if graphs is None or graphs.recorder is None:
+            yield
+            return
+        graphs.main_waiting += 1  # the recorder takes no new shape meanwhile (GraphedSteps.exclusive, untimed)
+        try:
+            graphs.lock.acquire()
+        finally:
+            graphs.main_waiting -= 1
+        try:
+            yield
+        finally:
+            graphs.lock.release()
+
     class Profile(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == profile_from:
                 traces["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-                traces["prof"].__enter__()
+                with recorder_between_shapes():
+                    traces["prof"].__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == profile_from + 4 and "prof" in traces:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                traces["prof"].__exit__(None, None, None)
+                with recorder_between_shapes():
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    traces["prof"].__exit__(None, None, None)
 
     with tempfile.TemporaryDirectory() as scratch:
         args, _ = recipe.sft_config(

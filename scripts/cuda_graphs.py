@@ -178,6 +178,8 @@ class GraphedSteps:
         self.waited_seconds = 0.0  # the main thread's wait for a recording under way
         self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
         self.instantiation_seconds: list[float] = []  # of which the graph's instantiation (capture_end)
+        self.entry_seconds: list[float] = []  # of which torch.cuda.graph's entry (GPU wait, flush, begin)
+        self.captured_seconds: list[float] = []  # of which the captured forward and backward
         # of which the wait for the GPU to finish the steps queued before the recording: the work
         # the host was ahead by when the new shape arrived (torch.cuda.graph waits for it anyway)
         self.drain_seconds: list[float] = []
@@ -198,6 +200,8 @@ class GraphedSteps:
             eager_reasons=self.eager_reasons,
             recording_seconds=[round(t, 4) for t in self.recording_seconds],
             instantiation_seconds=[round(t, 4) for t in self.instantiation_seconds],
+            entry_seconds=[round(t, 4) for t in self.entry_seconds],
+            captured_seconds=[round(t, 4) for t in self.captured_seconds],
             drain_seconds=[round(t, 4) for t in self.drain_seconds],
             recorded_ahead=self.recorder.recorded if self.recorder else [],
             recorder_failure=self.recorder.failure if self.recorder else None,
@@ -385,10 +389,14 @@ class GraphedSteps:
             torch.cuda.synchronize()
             self.drain_seconds.append(time.perf_counter() - draining)
         capture = torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=mode)
+        entering = time.perf_counter()
         with random_state, capture:
+            entered = time.perf_counter()
             loss, metrics = forward_backward()
             captured = time.perf_counter()
         self.instantiation_seconds.append(time.perf_counter() - captured)
+        self.entry_seconds.append(entered - entering)
+        self.captured_seconds.append(captured - entered)
         self.pool = graph.pool()
         self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))
         return Recording(replay=graph.replay, inputs=static, loss=loss, metrics=metrics)
