@@ -104,12 +104,40 @@ def set_cublas_workspace(config: str | None) -> str:
     return f"CUBLAS_WORKSPACE_CONFIG={config}"
 
 
+LAUNCH_QUEUES_VARIABLE = "CUDA_SCALE_LAUNCH_QUEUES"  # the driver's: 0.25x, 0.5x, 2x or 4x
+
+
+def set_launch_queues(scale: str | None) -> str:
+    """Sets the size of CUDA's launch queues (CUDA_SCALE_LAUNCH_QUEUES); says which applies.
+
+    A replayed 4 x 1,024 step of the 7B shape is ~5,500 kernels, more than the driver's default
+    queues hold: cudaGraphLaunch waited 131-140 ms a step for room ("Command Buffer Full"), and the
+    launches after it waited too, each holding the GIL, so the recorder thread
+    (cuda_graphs_capture: ahead) could not run meanwhile. At 4x the launch took 8 ms and a
+    background recording 0.57 against 1.19 s, replays as fast (one H200,
+    bench/results/profile_recorder_queues_h200_*; llama.cpp sets 4x for the same stalls). The
+    driver reads it when CUDA starts, so this runs before anything here touches CUDA; a value
+    already in the environment wins.
+    """
+    if os.environ.get(LAUNCH_QUEUES_VARIABLE):
+        return f"{LAUNCH_QUEUES_VARIABLE}={os.environ[LAUNCH_QUEUES_VARIABLE]} (from the environment)"
+    if not scale:
+        return "the driver's default"
+    os.environ[LAUNCH_QUEUES_VARIABLE] = scale
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # too late for this process's context
+        return f"{LAUNCH_QUEUES_VARIABLE}={scale} (child processes only: CUDA had started here)"
+    return f"{LAUNCH_QUEUES_VARIABLE}={scale}"
+
+
 def set_cuda_memory(train: dict) -> dict[str, str]:
-    """The train section's CUDA memory settings (expandable_segments, cublas_workspace_config),
-    applied before the model loads; what applies, as the train metrics and bench rows record it."""
+    """The train section's CUDA settings read once per process (expandable_segments,
+    cublas_workspace_config, cuda_launch_queues), applied before the model loads; what applies,
+    as the train metrics and bench rows record it."""
     return {
         "cuda_allocator": set_cuda_allocator(train.get("expandable_segments", False)),
         "cublas_workspace": set_cublas_workspace(train.get("cublas_workspace_config")),
+        "cuda_launch_queues": set_launch_queues(train.get("cuda_launch_queues")),
     }
 
 

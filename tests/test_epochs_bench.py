@@ -202,6 +202,15 @@ RESULTS = {  # each file's rows that must be there
         ("tutorial", "epoch_b4"),
     },
     "epochs_h200_ahead_started.json": {("pad128_ahead_h105", "epoch_b4")},  # graph headroom 1.05
+    "epochs_h200_ahead_warm_b1.json": {("pipeline", "seed_epoch_b1"), ("ahead", "seed_epoch_b1")},
+    "epochs_h200_ahead_warm_b4.json": {
+        ("tutorial", "epoch_b4"),
+        ("pad128_ahead", "epoch_b4"),
+        ("pad128", "epoch_b4"),
+        ("pad64_ahead", "epoch_b4"),
+    },
+    "epochs_h200_recorder_split_b1.json": {("pipeline", "seed_epoch_b1"), ("ahead", "seed_epoch_b1")},
+    "epochs_h200_recorder_split_b4.json": {("pad128_ahead", "epoch_b4")},
     "epochs_h200_layers.json": {
         ("pad128", "epoch_b4"),
         ("pad128_every", "epoch_b4"),

@@ -71,6 +71,7 @@ def test_tiny_grid_trains_both_arms(pipeline_run, tiny_config):
         # TRL casts a quantised model's adapters to bf16; the stage keeps both arms in fp32.
         assert metrics["adapter_dtypes"] == ["float32"]
         assert metrics["cuda_allocator"] == "torch's default" and metrics["cublas_workspace"] == "torch's default"
+        assert metrics["cuda_launch_queues"] == "the driver's default"
     by_key = {(m["method"], m["learning_rate"]): m for m in trained}
     for lr in tiny_config["grid"]["learning_rate"]:
         lora, qlora = by_key[("lora", lr)], by_key[("qlora", lr)]
@@ -277,6 +278,41 @@ def test_two_processes_train_on_the_same_examples_as_one_with_accumulation(pipel
         assert tokens_one == tokens_two  # the same examples in each optimizer step
         assert abs(loss_one - loss_two) <= 1e-3 * loss_one
     assert '"processes": 2' in (tmp_path / "p2" / "train.log").read_text()  # the first process wrote the log
+
+
+LAUNCH_QUEUES_PROBE = """
+import os, subprocess, sys
+sys.path.insert(0, "scripts")
+from runtime import set_launch_queues
+print(set_launch_queues(sys.argv[1] or None))
+child = "import os; print(os.environ.get('CUDA_SCALE_LAUNCH_QUEUES', 'unset'))"
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.strip())
+"""
+
+
+@pytest.mark.parametrize(
+    "environment, scale, said, child_sees",
+    [
+        ({}, "4x", "CUDA_SCALE_LAUNCH_QUEUES=4x", "4x"),
+        ({}, "", "the driver's default", "unset"),
+        ({"CUDA_SCALE_LAUNCH_QUEUES": "2x"}, "4x", "CUDA_SCALE_LAUNCH_QUEUES=2x (from the environment)", "2x"),
+    ],
+)
+def test_launch_queue_size_reaches_the_process_and_its_children_unless_the_user_set_it(
+    environment, scale, said, child_sees
+):
+    """train.cuda_launch_queues: set before CUDA starts (the driver reads it then), so torchrun's
+    processes inherit it; a value the user exported stays."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_SCALE_LAUNCH_QUEUES"}
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", LAUNCH_QUEUES_PROBE, scale],
+        env=env | environment,
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.splitlines() == [said, child_sees]
 
 
 ALLOCATOR_PROBE = """

@@ -1,0 +1,106 @@
+"""Where the host threads of a profiled step waited, from a torch.profiler timeline (bench/profile_step.py
+--trace-dir): the CUDA calls that blocked (longest first, per thread), the driver's "Command Buffer Full"
+stalls and the calls they sat in, and for each graph capture in the window the capturing thread's
+stretches without a CUDA call (the Python it could not run) beside the other threads' blocked calls.
+
+    python bench/trace_stalls.py traces/trace_x.json.gz --out bench/results/trace_stalls_x.json
+"""
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+CUDA_CALLS = ("cuda_runtime", "cuda_driver")
+
+
+def load_events(trace: Path) -> list[dict]:
+    opener = gzip.open if trace.suffix == ".gz" else open
+    with opener(trace, "rt") as handle:
+        return [e for e in json.load(handle)["traceEvents"] if e.get("ph") == "X"]
+
+
+def inside(inner: dict, outer: dict) -> bool:
+    return outer["ts"] <= inner["ts"] and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"] + 0.5
+
+
+def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float = 5.0) -> dict:
+    events = load_events(trace)
+    start = min(e["ts"] for e in events)
+
+    def ms(value: float) -> float:
+        return round(value / 1e3, 1)
+
+    calls = sorted((e for e in events if e.get("cat") in CUDA_CALLS), key=lambda e: e["ts"])
+    blocked = [e for e in calls if e["dur"] >= blocked_ms * 1e3]
+    threads = {}
+    for tid in sorted({e["tid"] for e in calls}, key=str):
+        own = [e for e in calls if e["tid"] == tid]
+        threads[str(tid)] = dict(
+            calls=len(own),
+            busiest=sorted({e["name"] for e in own}, key=lambda n: -sum(e["dur"] for e in own if e["name"] == n))[:4],
+            blocked=[dict(at_ms=ms(e["ts"] - start), call=e["name"], ms=ms(e["dur"])) for e in own if e in blocked],
+        )
+    full = [e for e in events if e["name"] == "Command Buffer Full"]
+    sat_in: dict[str, float] = {}
+    for stall in full:
+        outer = next((e for e in calls if inside(stall, e)), None)
+        key = f"{outer['tid']} {outer['name']}" if outer else "outside any call"
+        sat_in[key] = sat_in.get(key, 0.0) + stall["dur"]
+    captures = []
+    for begin in (e for e in calls if e["name"] == "cudaStreamBeginCapture"):
+        end = next((e for e in calls if e["name"] == "cudaStreamEndCapture" and e["ts"] > begin["ts"]), None)
+        if end is None:
+            continue
+        own = [e for e in calls if e["tid"] == begin["tid"] and begin["ts"] <= e["ts"] <= end["ts"]]
+        gaps = [
+            (a["ts"] + a["dur"], b["ts"])
+            for a, b in zip(own, own[1:], strict=False)
+            if b["ts"] - a["ts"] - a["dur"] > gap_ms * 1e3
+        ]
+        captures.append(
+            dict(
+                thread=str(begin["tid"]),
+                from_ms=ms(begin["ts"] - start),
+                ms=ms(end["ts"] - begin["ts"]),
+                in_cuda_calls_ms=ms(sum(e["dur"] for e in own)),
+                gaps=[
+                    dict(
+                        at_ms=ms(a - start),
+                        ms=ms(b - a),
+                        others_blocked=[
+                            f"{e['tid']} {e['name']} {ms(e['dur'])} ms"
+                            for e in blocked
+                            if e["tid"] != begin["tid"] and e["ts"] < b and e["ts"] + e["dur"] > a
+                        ],
+                    )
+                    for a, b in gaps
+                ],
+            )
+        )
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    result = dict(
+        trace=trace.name,
+        blocked_call_ms=blocked_ms,
+        threads=threads,
+        command_buffer_full=dict(
+            count=len(full), ms=ms(sum(e["dur"] for e in full)), sat_in={k: ms(v) for k, v in sat_in.items()}
+        ),
+        captures=captures,
+        gpu_busy_ms=ms(sum(e["dur"] for e in kernels)),
+        gpu_span_ms=ms(kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]) if kernels else 0,
+    )
+    if out:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trace", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--blocked-ms", type=float, default=3.0, help="a CUDA call at least this long counts as blocked"
+    )
+    a = parser.parse_args()
+    print(json.dumps(main(a.trace, a.out, a.blocked_ms), indent=1))
