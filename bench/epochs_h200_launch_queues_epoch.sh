@@ -6,8 +6,9 @@
 # 4 x 896 in 0.57 against 1.19 s (the loop's own: ~0.5 s); the loop waited 0.0 against 0.45 s.
 # In the epochs the loop waited 2.3-3.1 s for the thread in the first 50 steps
 # (epochs_h200_ahead_warm, epochs_h200_recorder_split): if the thread now keeps up, the batch-4
-# epoch recorded ahead drops from 42.4-44.9 s towards ~39.5 s (3x of the tutorial's 116.8-121.2 s
-# in those sittings is 38.9-40.4 s). The 7B config now sets 4x: `cuda_launch_queues=null` is the
+# epoch recorded ahead drops from 42.4-44.9 s towards 40.5-42.3 s (steps 2-49 at the later steps'
+# rate; 40.1 s at multiples of 64), where 3x of the tutorial's 116.8-121.2 s in those sittings is
+# 38.9-40.4 s. The 7B config now sets 4x: `cuda_launch_queues=null` is the
 # driver's default. Rows interleaved, after a 30-step warm-up; ~17 min from the repo root in the
 # background (two waits).
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
