@@ -24,20 +24,17 @@ the recomputation restores the RNG state on the host, and those batches train ea
 The first step of a run trains eagerly (lazy initialisation stays out of the recordings);
 each new shape is recorded at its first batch, then replayed. All graphs share one memory
 pool: only one step's activations are alive at a time, as in eager training.
-``train.cuda_graphs_capture: ahead`` records the shapes the epoch will meet on a thread of
-their own (scripts/graph_recorder.py) while the GPU replays the recorded ones: a recording is
-~0.5-0.9 s of host work, and waiting for it in the training loop leaves the GPU idle, while a
-replay holds the host in cudaGraphLaunch until the previous launch of its graph is done (so the
-host is never more than a step ahead: bench/results/epochs_h200_capture). One forward/backward
-runs on the host at a time (``exclusive``: the main thread's eager steps and recordings, the
-recorder's); a recording writes the gradients into the fixed buffers itself
-(torch.autograd.grad), never into ``.grad``, which the trainer resets between steps.
+``train.cuda_graphs_capture: ahead`` records the epoch's shapes on a thread of their own while
+the GPU replays (scripts/graph_recorder.py says why); one forward/backward runs on the host at a
+time (``exclusive``), and a background recording writes its gradients into the fixed buffers
+itself (torch.autograd.grad), never into ``.grad``, which the trainer resets between steps.
 
 tests/test_recipe.py trains the tiny model through this path (the same static-buffer
 function, run without a device graph on the CPU) against TRL's eager step.
 """
 
 import contextlib
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -180,6 +177,7 @@ class GraphedSteps:
         self.instantiation_seconds: list[float] = []  # of which the graph's instantiation (capture_end)
         self.entry_seconds: list[float] = []  # of which torch.cuda.graph's entry (GPU wait, flush, begin)
         self.captured_seconds: list[float] = []  # of which the captured forward and backward
+        self.launch_seconds: list[float] = []  # host time of each replay's launch while the recorder runs
         # of which the wait for the GPU to finish the steps queued before the recording: the work
         # the host was ahead by when the new shape arrived (torch.cuda.graph waits for it anyway)
         self.drain_seconds: list[float] = []
@@ -202,6 +200,7 @@ class GraphedSteps:
             instantiation_seconds=[round(t, 4) for t in self.instantiation_seconds],
             entry_seconds=[round(t, 4) for t in self.entry_seconds],
             captured_seconds=[round(t, 4) for t in self.captured_seconds],
+            launch_seconds_median=round(statistics.median(self.launch_seconds), 4) if self.launch_seconds else None,
             drain_seconds=[round(t, 4) for t in self.drain_seconds],
             recorded_ahead=self.recorder.recorded if self.recorder else [],
             recorder_failure=self.recorder.failure if self.recorder else None,
@@ -258,8 +257,10 @@ class GraphedSteps:
         waits_on_event = self.replayed is not None and self.recorder is not None and self.recorder.running
         if waits_on_event:
             self.replayed.synchronize()  # the step queued after it keeps the card busy meanwhile
+            launching = time.perf_counter()
         recording.replay()
-        if waits_on_event:
+        if waits_on_event:  # the previous replay is done: what is left is the launch queues' room
+            self.launch_seconds.append(time.perf_counter() - launching)
             self.replayed.record()
         self.replayed_steps += 1
         # The outputs live in the shared pool: copy them before another shape replays.
