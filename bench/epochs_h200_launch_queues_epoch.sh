@@ -11,8 +11,8 @@
 # 38.9-40.4 s. The 7B config now sets 4x: `cuda_launch_queues=null` is the
 # driver's default. The graph summary's launch_seconds_median (a replay's launch while the
 # recorder runs, after the previous replay ended) says whether 4x is in force: ~0.008 s at
-# 4 x 1,024 with it, ~0.13 s without (profile_recorder_queues_h200_*). Rows interleaved, after a 30-step warm-up; ~17 min from the repo root in the
-# background (two waits).
+# 4 x 1,024 with it, ~0.13 s without (profile_recorder_queues_h200_*). Rows interleaved, after
+# a 30-step warm-up; ~17 min from the repo root in the background (two waits).
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 E="python3 bench/epochs.py run --rows-dir /tmp/epochs --repeats-block 1"
 B4="--out /tmp/bgout/epochs_h200_launch_queues_b4 --append --jobs epoch_b4 --recipes"
