@@ -27,3 +27,7 @@ $E $B4 tutorial
 $E $B4 --variant "pad128_ahead_4x:$AHEAD"
 $E $B1 --variant "pipeline_4x:cuda_launch_queues=4x"
 $E $B1 --variant "pipeline_default:cuda_launch_queues=null"
+# Then where the first two steps' 2.7 s go (the eager first step ~1.7 s, the loop's own first
+# recording ~1 s; 0.6 s replayed): the profile of steps 0-4.
+python3 bench/profile_step.py --batch 4 --lengths /tmp/epochs/lengths_b4_order.json --steps 8 --profile-from 0 \
+  --variants pad128_ahead_log10 --out /tmp/bgout/profile_first_steps_h200.json
