@@ -43,11 +43,14 @@ bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
   bit-equal to one recorded in the loop (without dropout it is: tests/test_recipe.py on a GPU).
   Those states are not in a checkpoint: a resumed run starts each shape's stream afresh.
 
-Measured on one H200 at batch 4, multiples of 128 (bench/results/epochs_h200_recorder_warm and
-epochs_h200_recorder_event, after a warm-up): 42.9 s against 44.4 s recorded in the loop in one
-sitting, 42.1 s with the event wait (2.74x the tutorial's). The thread still lags at the first
-new shapes (a background recording 0.7-1.3 s, the loop's own 0.5-0.85 s; the loop waited ~2 s in
-all). Off by default (not measured at batch 1).
+Measured on one H200 at batch 4, multiples of 128, after a warm-up: 42.1-44.9 s against
+44.4-45.7 s recorded in the loop (2.70-2.76x the tutorial's; bench/results/epochs_h200_recorder_event,
+epochs_h200_ahead_warm_b4); at batch 1 nothing consistent (epochs_h200_ahead_warm_b1,
+epochs_h200_recorder_split_b1): off by default. The thread lagged at the first new shapes (its
+captures 0.65-1.72 s, the loop's own 0.47 s; the loop waited 2.3-3.1 s) because the loop's host
+sat in its launches holding the GIL while CUDA's launch queues were full (a replay is more
+kernels than they hold); with ``train.cuda_launch_queues: 4x`` a background capture took as long
+as the loop's own (bench/results/profile_recorder_queues_h200_*; no epoch measured with it yet).
 """
 
 import contextlib
