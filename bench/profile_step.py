@@ -155,24 +155,14 @@ def run_variant(
     traces = {}
     recording_profile = profiled_recordings(recordings) if recordings else None
 
-    @contextlib.contextmanager
     def recorder_between_shapes():
         """No capture under way on the recorder thread (``train.cuda_graphs_capture: ahead``): a device
         sync while it captures fails ("operation not permitted when stream is capturing"), and the
         profiler's start and stop sync. The main thread takes the graphs' lock as its own steps do."""
         graphs = getattr(trainer, "graphs", None)
         if graphs is None or graphs.recorder is None:
-            yield
-            return
-        graphs.main_waiting += 1  # the recorder takes no new shape meanwhile (GraphedSteps.exclusive, untimed)
-        try:
-            graphs.lock.acquire()
-        finally:
-            graphs.main_waiting -= 1
-        try:
-            yield
-        finally:
-            graphs.lock.release()
+            return contextlib.nullcontext()
+        return graphs.exclusive(timed=False)  # the training's own waits stay apart
 
     class Profile(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):

@@ -7,6 +7,7 @@ stretches without a CUDA call (the Python it could not run) beside the other thr
 """
 
 import argparse
+import collections
 import gzip
 import json
 from pathlib import Path
@@ -36,10 +37,15 @@ def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float =
     threads = {}
     for tid in sorted({e["tid"] for e in calls}, key=str):
         own = [e for e in calls if e["tid"] == tid]
+        time_by_call = collections.Counter()
+        for e in own:
+            time_by_call[e["name"]] += e["dur"]
         threads[str(tid)] = dict(
             calls=len(own),
-            busiest=sorted({e["name"] for e in own}, key=lambda n: -sum(e["dur"] for e in own if e["name"] == n))[:4],
-            blocked=[dict(at_ms=ms(e["ts"] - start), call=e["name"], ms=ms(e["dur"])) for e in own if e in blocked],
+            busiest=[name for name, _ in time_by_call.most_common(4)],
+            blocked=[
+                dict(at_ms=ms(e["ts"] - start), call=e["name"], ms=ms(e["dur"])) for e in blocked if e["tid"] == tid
+            ],
         )
     full = [e for e in events if e["name"] == "Command Buffer Full"]
     sat_in: dict[str, float] = {}

@@ -267,16 +267,18 @@ class GraphedSteps:
         return recording.loss.detach().clone(), tuple(m.clone() for m in recording.metrics)
 
     @contextlib.contextmanager
-    def exclusive(self):
+    def exclusive(self, timed: bool = True):
         """The main thread's forward/backward outside a replay (an eager step, a recording), never
-        beside the recorder's: it waits for a recording under way; the recorder waits for it."""
+        beside the recorder's: it waits for a recording under way; the recorder waits for it.
+        ``timed``: the wait counts in ``waited_seconds`` (a profiler's start and stop do not)."""
         self.main_waiting += 1
         started = time.perf_counter()
         try:
             self.lock.acquire()
         finally:
             self.main_waiting -= 1
-        self.waited_seconds += time.perf_counter() - started
+        if timed:
+            self.waited_seconds += time.perf_counter() - started
         try:
             yield
         finally:

@@ -96,12 +96,18 @@ def set_cublas_workspace(config: str | None) -> str:
     reads it when it makes its first workspace (the first matmul), so this runs before the model
     loads. A setting already in the environment wins.
     """
-    if os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
-        return f"CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']} (from the environment)"
-    if not config:
-        return "torch's default"
-    os.environ["CUBLAS_WORKSPACE_CONFIG"] = config
-    return f"CUBLAS_WORKSPACE_CONFIG={config}"
+    return set_read_once("CUBLAS_WORKSPACE_CONFIG", config, unset="torch's default")
+
+
+def set_read_once(name: str, value: str | None, unset: str) -> str:
+    """Sets an environment variable a library reads once, unless the environment has it (the
+    user's wins); says which applies: ``unset`` when neither sets it."""
+    if os.environ.get(name):
+        return f"{name}={os.environ[name]} (from the environment)"
+    if not value:
+        return unset
+    os.environ[name] = value
+    return f"{name}={value}"
 
 
 LAUNCH_QUEUES_VARIABLE = "CUDA_SCALE_LAUNCH_QUEUES"  # the driver's: 0.25x, 0.5x, 2x or 4x
@@ -119,15 +125,11 @@ def set_launch_queues(scale: str | None) -> str:
     driver reads it when CUDA starts, so this runs before anything here touches CUDA; a value
     already in the environment wins.
     """
-    if os.environ.get(LAUNCH_QUEUES_VARIABLE):
-        return f"{LAUNCH_QUEUES_VARIABLE}={os.environ[LAUNCH_QUEUES_VARIABLE]} (from the environment)"
-    if not scale:
-        return "the driver's default"
-    os.environ[LAUNCH_QUEUES_VARIABLE] = scale
+    said = set_read_once(LAUNCH_QUEUES_VARIABLE, scale, unset="the driver's default")
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():  # too late for this process's context
-        return f"{LAUNCH_QUEUES_VARIABLE}={scale} (child processes only: CUDA had started here)"
-    return f"{LAUNCH_QUEUES_VARIABLE}={scale}"
+    if said == f"{LAUNCH_QUEUES_VARIABLE}={scale}" and torch is not None and torch.cuda.is_initialized():
+        return f"{said} (child processes only: CUDA had started here)"  # too late for this process
+    return said
 
 
 def set_cuda_memory(train: dict) -> dict[str, str]:

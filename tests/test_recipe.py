@@ -287,6 +287,16 @@ def test_recording_ahead_trains_like_the_eager_step(tmp_path, monkeypatch):
 CPU_GRAPHS = dict(pad_to_multiple_of=16, logging_steps=1, recompute_lora_dropout=True, cuda_graphs=True)
 
 
+def recorded_ahead_and_eager(tiny_model, tmp_path) -> tuple[dict, list[dict], list[dict]]:
+    """The tiny run recorded ahead on the CPU and trained eagerly: the graph summary of the first,
+    and each run's logged values per step."""
+    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **CPU_GRAPHS)
+    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    values = [[{k: h[k] for k in keys} for h in history] for history in (ahead, eager)]
+    return trainer.graphs.summary(), *values
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's recordings (a failure made up on the CPU)")
 def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model, tmp_path, monkeypatch):
     """A background capture that fails stops the recorder thread, says why in the graph summary,
@@ -302,15 +312,12 @@ def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model,
         return record(self, inputs, num_items, loss_fn, background)
 
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "_record", failing)
-    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **CPU_GRAPHS)
-    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
-    summary = trainer.graphs.summary()
+    summary, ahead, eager = recorded_ahead_and_eager(tiny_model, tmp_path)
     assert summary["recorder_failure"].startswith("recording failed at batch shape (2, ")  # the first it tried
     assert "operation failed due to a previous error during capture" in summary["recorder_failure"]
     assert summary["off_reason"] is None and summary["recorded_ahead"] == []
     assert summary["eager_reasons"] == {"first step": 1} and summary["replayed_steps"] == 5  # the loop's recordings
-    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
-    assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in eager]
+    assert ahead == eager
 
 
 def test_the_recorder_runs_until_it_is_stopped():
@@ -377,13 +384,10 @@ def test_a_failed_warm_up_leaves_every_shape_to_the_loop(tiny_model, tmp_path, m
         raise RuntimeError("CUDA error: out of memory\nmore lines")
 
     monkeypatch.setattr(graph_recorder, "warm_up_libraries", failing)
-    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **CPU_GRAPHS)
-    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
-    summary = trainer.graphs.summary()
+    summary, ahead, eager = recorded_ahead_and_eager(tiny_model, tmp_path)
     assert summary["recorder_failure"] == "warm-up failed: CUDA error: out of memory"
     assert summary["off_reason"] is None and summary["recorded_ahead"] == [] and summary["replayed_steps"] == 5
-    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
-    assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in eager]
+    assert ahead == eager
 
 
 def test_recordings_keep_no_step_alive(tiny_model, tmp_path, monkeypatch):
