@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 15, one H200: the launch queues 4x in force in the epoch. The sitting before
+# Issue 15, one H200 (ran at commit f18ab1f: bench/results/epochs_h200_launch_queues_env_b4,
+# cuda_start_probe_h200.txt; 4x no faster). The launch queues 4x in force in the epoch. The sitting before
 # (bench/epochs_h200_launch_queues_epoch.sh) set train.cuda_launch_queues: 4x, which its rows
-# recorded as "child processes only: CUDA had started here": bitsandbytes starts CUDA when it is
-# imported, before the train stage sets the variable, so its 4x rows ran with the driver's default
+# recorded as "child processes only: CUDA had started here": importing peft (bitsandbytes) starts CUDA,
+# before the train stage sets the variable, so its 4x rows ran with the driver's default
 # queues. Here the variable is in each row's environment when its process starts (an upper-case
 # variant key), interleaved with the default and the tutorial, after a 30-step warm-up; first, which
 # import starts CUDA. ~9 min from the repo root in the background.

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Issue 15, prepared for the next sitting on one H200 (not yet run): the epochs behind
-# train.cuda_launch_queues. bench/results/profile_recorder_queues_h200_* measured, in profiles of
+# Issue 15, one H200 (ran at commit 793278e: bench/results/epochs_h200_launch_queues_{b1,b4},
+# profile_first_steps_h200). Its 4x did not apply: train.cuda_launch_queues set the variable after
+# importing peft had started CUDA (the rows say so; since removed); epochs_h200_launch_queues_env.sh
+# measured 4x from the process's start. The epochs behind train.cuda_launch_queues. bench/results/profile_recorder_queues_h200_* measured, in profiles of
 # steps 5-9 of the batch-4 order, the loop's cudaGraphLaunch at 8 against 134 ms of host time with
 # CUDA's launch queues 4x, no "Command Buffer Full" stall, and the recorder thread's recording of
 # 4 x 896 in 0.57 against 1.19 s (the loop's own: ~0.5 s); the loop waited 0.0 against 0.45 s.

@@ -177,7 +177,12 @@ class GraphedSteps:
         self.instantiation_seconds: list[float] = []  # of which the graph's instantiation (capture_end)
         self.entry_seconds: list[float] = []  # of which torch.cuda.graph's entry (GPU wait, flush, begin)
         self.captured_seconds: list[float] = []  # of which the captured forward and backward
-        self.launch_seconds: list[float] = []  # host time of each replay's launch while the recorder runs
+        # the capturing thread's CPU time in them (the backward's launches run on autograd's device
+        # thread): against captured_seconds, how long a background capture waited rather than ran
+        self.captured_cpu_seconds: list[float] = []
+        # host time of each replay's launch while the recorder runs: ~2 ms in the batch-4 epochs,
+        # 130 ms under the profiler (launch queues full), bench/results/epochs_h200_launch_queues_env_b4
+        self.launch_seconds: list[float] = []
         # of which the wait for the GPU to finish the steps queued before the recording: the work
         # the host was ahead by when the new shape arrived (torch.cuda.graph waits for it anyway)
         self.drain_seconds: list[float] = []
@@ -200,6 +205,7 @@ class GraphedSteps:
             instantiation_seconds=[round(t, 4) for t in self.instantiation_seconds],
             entry_seconds=[round(t, 4) for t in self.entry_seconds],
             captured_seconds=[round(t, 4) for t in self.captured_seconds],
+            captured_cpu_seconds=[round(t, 4) for t in self.captured_cpu_seconds],
             launch_seconds_median=round(statistics.median(self.launch_seconds), 4) if self.launch_seconds else None,
             drain_seconds=[round(t, 4) for t in self.drain_seconds],
             recorded_ahead=self.recorder.recorded if self.recorder else [],
@@ -394,12 +400,13 @@ class GraphedSteps:
         capture = torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=mode)
         entering = time.perf_counter()
         with random_state, capture:
-            entered = time.perf_counter()
+            entered, cpu = time.perf_counter(), time.thread_time()
             loss, metrics = forward_backward()
-            captured = time.perf_counter()
+            captured, cpu = time.perf_counter(), time.thread_time() - cpu
         self.instantiation_seconds.append(time.perf_counter() - captured)
         self.entry_seconds.append(entered - entering)
         self.captured_seconds.append(captured - entered)
+        self.captured_cpu_seconds.append(cpu)
         self.pool = graph.pool()
         self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))
         return Recording(replay=graph.replay, inputs=static, loss=loss, metrics=metrics)

@@ -44,13 +44,15 @@ bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
   Those states are not in a checkpoint: a resumed run starts each shape's stream afresh.
 
 Measured on one H200 at batch 4, multiples of 128, after a warm-up: 42.1-44.9 s against
-44.4-45.7 s recorded in the loop (2.70-2.76x the tutorial's; bench/results/epochs_h200_recorder_event,
-epochs_h200_ahead_warm_b4); at batch 1 nothing consistent (epochs_h200_ahead_warm_b1,
-epochs_h200_recorder_split_b1): off by default. The thread lagged at the first new shapes (its
-captures 0.65-1.72 s, the loop's own 0.47 s; the loop waited 2.3-3.1 s) because the loop's host
-sat in its launches holding the GIL while CUDA's launch queues were full (a replay is more
-kernels than they hold); with ``train.cuda_launch_queues: 4x`` a background capture took as long
-as the loop's own (bench/results/profile_recorder_queues_h200_*; no epoch measured with it yet).
+44.4-45.7 s recorded in the loop (2.70-2.85x the tutorial's; bench/results/epochs_h200_recorder_event,
+epochs_h200_ahead_warm_b4, epochs_h200_launch_queues*); at batch 1 nothing consistent
+(epochs_h200_ahead_warm_b1, epochs_h200_recorder_split_b1, epochs_h200_launch_queues_b1): off by
+default. The thread lags at the first new shapes (its recordings 0.66-1.89 s, the loop's own
+0.48-0.74 s; the loop waited 2.2-3.0 s). Not for CUDA's launch queues: under the profiler the
+loop's launches sat in full queues holding the GIL (profile_recorder_queues_h200_*), but in the
+epochs a replay's launch beside the thread took 2 ms (``launch_seconds_median``), and 4x queues
+set before CUDA started changed neither the lag nor the epoch (epochs_h200_launch_queues_env_b4).
+The cause is not separated.
 """
 
 import contextlib

@@ -96,50 +96,26 @@ def set_cublas_workspace(config: str | None) -> str:
     reads it when it makes its first workspace (the first matmul), so this runs before the model
     loads. A setting already in the environment wins.
     """
-    return set_read_once("CUBLAS_WORKSPACE_CONFIG", config, unset="torch's default")
-
-
-def set_read_once(name: str, value: str | None, unset: str) -> str:
-    """Sets an environment variable a library reads once, unless the environment has it (the
-    user's wins); says which applies: ``unset`` when neither sets it."""
+    name = "CUBLAS_WORKSPACE_CONFIG"
     if os.environ.get(name):
         return f"{name}={os.environ[name]} (from the environment)"
-    if not value:
-        return unset
-    os.environ[name] = value
-    return f"{name}={value}"
-
-
-LAUNCH_QUEUES_VARIABLE = "CUDA_SCALE_LAUNCH_QUEUES"  # the driver's: 0.25x, 0.5x, 2x or 4x
-
-
-def set_launch_queues(scale: str | None) -> str:
-    """Sets the size of CUDA's launch queues (CUDA_SCALE_LAUNCH_QUEUES); says which applies.
-
-    A replayed 4 x 1,024 step of the 7B shape is ~5,500 kernels, more than the driver's default
-    queues hold: cudaGraphLaunch waited 131-140 ms a step for room ("Command Buffer Full"), and the
-    launches after it waited too, each holding the GIL, so the recorder thread
-    (cuda_graphs_capture: ahead) could not run meanwhile. At 4x the launch took 8 ms and a
-    background recording 0.57 against 1.19 s, replays as fast (one H200,
-    bench/results/profile_recorder_queues_h200_*; llama.cpp sets 4x for the same stalls). The
-    driver reads it when CUDA starts, so this runs before anything here touches CUDA; a value
-    already in the environment wins.
-    """
-    said = set_read_once(LAUNCH_QUEUES_VARIABLE, scale, unset="the driver's default")
-    torch = sys.modules.get("torch")
-    if said == f"{LAUNCH_QUEUES_VARIABLE}={scale}" and torch is not None and torch.cuda.is_initialized():
-        return f"{said} (child processes only: CUDA had started here)"  # too late for this process
-    return said
+    if not config:
+        return "torch's default"
+    os.environ[name] = config
+    return f"{name}={config}"
 
 
 def set_cuda_memory(train: dict) -> dict[str, str]:
     """The train section's CUDA settings read once per process (expandable_segments,
-    cublas_workspace_config, cuda_launch_queues), applied before the model loads; what applies,
-    as the train metrics and bench rows record it."""
+    cublas_workspace_config), applied before the model loads; what applies, as the train
+    metrics and bench rows record it.
+
+    CUDA's launch-queue size (CUDA_SCALE_LAUNCH_QUEUES) is not among them: read when CUDA starts,
+    which importing peft does, and 4x measured no faster in the batch-4 epoch (42.4, 43.2 against
+    42.9 s, bench/results/epochs_h200_launch_queues_env_b4); export it to try it."""
     return {
         "cuda_allocator": set_cuda_allocator(train.get("expandable_segments", False)),
         "cublas_workspace": set_cublas_workspace(train.get("cublas_workspace_config")),
-        "cuda_launch_queues": set_launch_queues(train.get("cuda_launch_queues")),
     }
 
 

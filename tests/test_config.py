@@ -53,7 +53,6 @@ def _set(config: dict, dotted: str, value) -> dict:
         ("train.cuda_graphs_headroom", 0.95, "train.cuda_graphs_headroom"),  # below the model's prediction
         ("train.checkpoint_every", 0, "train.checkpoint_every"),
         ("train.cublas_workspace_config", "4096:8", "train.cublas_workspace_config"),  # no leading colon
-        ("train.cuda_launch_queues", "8x", "train.cuda_launch_queues"),  # the driver takes up to 4x
     ],
 )
 def test_schema_names_the_bad_key(dotted, value, named):

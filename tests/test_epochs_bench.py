@@ -211,6 +211,22 @@ RESULTS = {  # each file's rows that must be there
     },
     "epochs_h200_recorder_split_b1.json": {("pipeline", "seed_epoch_b1"), ("ahead", "seed_epoch_b1")},
     "epochs_h200_recorder_split_b4.json": {("pad128_ahead", "epoch_b4")},
+    # the *_4x_unapplied rows ran with the default queues (CUDA had started before the setting)
+    "epochs_h200_launch_queues_b4.json": {
+        ("tutorial", "epoch_b4"),
+        ("pad128_ahead_4x_unapplied", "epoch_b4"),
+        ("pad128_ahead_default", "epoch_b4"),
+        ("pad64_ahead_4x_unapplied", "epoch_b4"),
+    },
+    "epochs_h200_launch_queues_b1.json": {
+        ("pipeline_4x_unapplied", "seed_epoch_b1"),
+        ("pipeline_default", "seed_epoch_b1"),
+    },
+    "epochs_h200_launch_queues_env_b4.json": {
+        ("tutorial", "epoch_b4"),
+        ("pad128_ahead_4x_env", "epoch_b4"),
+        ("pad128_ahead_default", "epoch_b4"),
+    },
     "epochs_h200_layers.json": {
         ("pad128", "epoch_b4"),
         ("pad128_every", "epoch_b4"),

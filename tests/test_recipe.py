@@ -596,6 +596,9 @@ def test_recording_ahead_records_what_the_training_loop_records(tmp_path, monkey
     assert trainer.graphs.recorder.shapes == [(2, 320), (2, 304), (2, 288), (2, 64), (2, 48), (2, 32)]
     assert summary["recorded_ahead"] == [[2, 304], [2, 288], [2, 64], [2, 48], [2, 32]]
     assert len(summary["shapes_recorded"]) == 6 and summary["replayed_steps"] == 5
+    # each recording's capture timed on its own thread: its CPU time within its wall time
+    pairs = list(zip(summary["captured_cpu_seconds"], summary["captured_seconds"], strict=True))
+    assert len(pairs) == 6 and all(0 < cpu <= wall + 1e-3 for cpu, wall in pairs)
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
     assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in synced]
 

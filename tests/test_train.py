@@ -71,7 +71,6 @@ def test_tiny_grid_trains_both_arms(pipeline_run, tiny_config):
         # TRL casts a quantised model's adapters to bf16; the stage keeps both arms in fp32.
         assert metrics["adapter_dtypes"] == ["float32"]
         assert metrics["cuda_allocator"] == "torch's default" and metrics["cublas_workspace"] == "torch's default"
-        assert metrics["cuda_launch_queues"] == "the driver's default"
     by_key = {(m["method"], m["learning_rate"]): m for m in trained}
     for lr in tiny_config["grid"]["learning_rate"]:
         lora, qlora = by_key[("lora", lr)], by_key[("qlora", lr)]
@@ -286,33 +285,6 @@ def probe_output(probe: str, argument: str, cleared: tuple[str, ...], environmen
     env = {k: v for k, v in os.environ.items() if k not in cleared} | environment
     command = [str(BIN / "python"), "-c", probe, argument]
     return subprocess.run(command, env=env, cwd=PROJECT, capture_output=True, text=True, check=True).stdout.splitlines()
-
-
-LAUNCH_QUEUES_PROBE = """
-import os, subprocess, sys
-sys.path.insert(0, "scripts")
-from runtime import set_launch_queues
-print(set_launch_queues(sys.argv[1] or None))
-child = "import os; print(os.environ.get('CUDA_SCALE_LAUNCH_QUEUES', 'unset'))"
-print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.strip())
-"""
-
-
-@pytest.mark.parametrize(
-    "environment, scale, said, child_sees",
-    [
-        ({}, "4x", "CUDA_SCALE_LAUNCH_QUEUES=4x", "4x"),
-        ({}, "", "the driver's default", "unset"),
-        ({"CUDA_SCALE_LAUNCH_QUEUES": "2x"}, "4x", "CUDA_SCALE_LAUNCH_QUEUES=2x (from the environment)", "2x"),
-    ],
-)
-def test_launch_queue_size_reaches_the_process_and_its_children_unless_the_user_set_it(
-    environment, scale, said, child_sees
-):
-    """train.cuda_launch_queues: set before CUDA starts (the driver reads it then), so torchrun's
-    processes inherit it; a value the user exported stays."""
-    lines = probe_output(LAUNCH_QUEUES_PROBE, scale, ("CUDA_SCALE_LAUNCH_QUEUES",), environment)
-    assert lines == [said, child_sees]
 
 
 ALLOCATOR_PROBE = """
