@@ -116,6 +116,19 @@ def profiled_recordings(count: int) -> dict:
     return found
 
 
+def stack_options(python_stacks: bool) -> dict:
+    """The profiler's Python stacks on every thread (the recorder's and autograd's too), for
+    bench/trace_stalls.py to name the call each stretch without CUDA calls sat in."""
+    if not python_stacks:
+        return {}
+    from torch._C._profiler import _ExperimentalConfig
+
+    try:
+        return dict(with_stack=True, experimental_config=_ExperimentalConfig(profile_all_threads=True))
+    except TypeError:  # a torch without the option: the stacks of the threads it follows
+        return dict(with_stack=True)
+
+
 def run_variant(
     name: str,
     lengths: list[int],
@@ -125,6 +138,7 @@ def run_variant(
     batch: int = 1,
     trace: str = "",
     recordings: int = 0,
+    python_stacks: bool = False,
 ) -> dict:
     import datasets
     from torch.profiler import ProfilerActivity, profile
@@ -167,7 +181,9 @@ def run_variant(
     class Profile(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == profile_from:
-                traces["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                traces["prof"] = profile(
+                    activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], **stack_options(python_stacks)
+                )
                 with recorder_between_shapes():
                     traces["prof"].__enter__()
 
@@ -257,6 +273,7 @@ def main(
     batch: int = 1,
     trace_dir: Path | None = None,
     recordings: int = 0,
+    python_stacks: bool = False,
 ) -> None:
     from gpu_recipes import build_model
 
@@ -275,6 +292,7 @@ def main(
                 batch=batch,
                 trace=str(trace_dir / f"trace_{out.stem}_{name}.json") if trace_dir else "",
                 recordings=recordings,
+                python_stacks=python_stacks,
             )
         )
         t0 = time.time()
@@ -309,14 +327,24 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("profile_step.json"))
     parser.add_argument("--trace-dir", type=Path, help="write each profiled window's timeline here (gzipped)")
     parser.add_argument("--profile-recordings", type=int, default=0, help="cProfile the first N graph recordings")
+    parser.add_argument("--python-stacks", action="store_true", help="Python stacks of every thread in the timeline")
     a = parser.parse_args()
     if a.child:
         c = json.loads(a.child)
-        keys = ("name", "lengths", "steps", "profile_from", "batch", "trace", "recordings")
+        keys = ("name", "lengths", "steps", "profile_from", "batch", "trace", "recordings", "python_stacks")
         result = run_variant(model_dir=Path(c["model_dir"]), **{k: c[k] for k in keys})
         print("ROW " + json.dumps(result), flush=True)
     else:
         lengths = [a.block] * (a.steps * a.batch) if a.block else json.loads(a.lengths.read_text())
         main(
-            a.variants, lengths, a.steps, a.profile_from, a.model_dir, a.out, a.batch, a.trace_dir, a.profile_recordings
+            a.variants,
+            lengths,
+            a.steps,
+            a.profile_from,
+            a.model_dir,
+            a.out,
+            a.batch,
+            a.trace_dir,
+            a.profile_recordings,
+            a.python_stacks,
         )

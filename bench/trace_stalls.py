@@ -1,7 +1,9 @@
 """Where the host threads of a profiled step waited, from a torch.profiler timeline (bench/profile_step.py
 --trace-dir): the CUDA calls that blocked (longest first, per thread), the driver's "Command Buffer Full"
 stalls and the calls they sat in, and for each graph capture in the window the capturing thread's
-stretches without a CUDA call (the Python it could not run) beside the other threads' blocked calls.
+stretches without a CUDA call beside the other threads' blocked calls and their CUDA calls (the
+capture's backward launches from autograd's device thread), and, where the timeline has Python
+stacks (bench/profile_step.py --python-stacks), the innermost Python call each stretch sat in.
 
     python bench/trace_stalls.py traces/trace_x.json.gz --out bench/results/trace_stalls_x.json
 """
@@ -25,9 +27,16 @@ def inside(inner: dict, outer: dict) -> bool:
     return outer["ts"] <= inner["ts"] and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"] + 0.5
 
 
+def innermost_python_call(python_calls: list[dict], tid, a: float, b: float) -> str | None:
+    """The innermost Python call on thread ``tid`` spanning the stretch from a to b."""
+    spanning = [e for e in python_calls if e["tid"] == tid and e["ts"] <= a and b <= e["ts"] + e["dur"]]
+    return min(spanning, key=lambda e: e["dur"])["name"] if spanning else None
+
+
 def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float = 5.0) -> dict:
     events = load_events(trace)
     start = min(e["ts"] for e in events)
+    python_calls = [e for e in events if e.get("cat") == "python_function"]
 
     def ms(value: float) -> float:
         return round(value / 1e3, 1)
@@ -79,6 +88,12 @@ def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float =
                             for e in blocked
                             if e["tid"] != begin["tid"] and e["ts"] < b and e["ts"] + e["dur"] > a
                         ],
+                        others_calls=dict(
+                            collections.Counter(
+                                str(e["tid"]) for e in calls if e["tid"] != begin["tid"] and a < e["ts"] < b
+                            )
+                        ),
+                        sat_in=innermost_python_call(python_calls, begin["tid"], a, b),
                     )
                     for a, b in gaps
                 ],

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import python_gc
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
 from cuda_graphs import GraphedSteps, scoring_every_position
 from graph_recorder import Recorder, padded_shapes
@@ -228,6 +229,7 @@ def make_trainer(
             super().__init__(*args, **kwargs)
             self._pending_metrics = []  # per step: TRL's metric tensors, read back at the next log
             self.graphs = None
+            self.collections = None  # python_gc.CollectionTimes of the last train()
             self.step_losses = []  # each micro-batch's loss, on the device (read with step_losses_on_host)
             self._host_facts = None  # the current batch's BatchFacts
 
@@ -273,11 +275,12 @@ def make_trainer(
                 return super().training_step(model, inputs, num_items_in_batch)
 
         def train(self, *args, **kwargs):
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                if self.graphs is not None:
-                    self.graphs.stop()  # no recording beside what the caller does with the model next
+            with python_gc.during_training(train.get("gc_freeze", False)) as self.collections:
+                try:
+                    return super().train(*args, **kwargs)
+                finally:
+                    if self.graphs is not None:
+                        self.graphs.stop()  # no recording beside what the caller does with the model next
 
         def _save_checkpoint(self, model, trial):
             if self.graphs is None:

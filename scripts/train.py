@@ -248,6 +248,7 @@ def main(
         "plan_predicted_peak_bytes": plan.predicted_peak_bytes() if plan else None,
         "metric_sync_deferred": trainer.metric_sync_deferred,
         "cuda_graphs": trainer.graphs.summary() if trainer.graphs else None,
+        "python_gc": trainer.collections.summary(),
         **cuda_memory,
         "optimizer_state_bytes": optimizer_bytes,
         "optimizer_paged": optimizer_paged,

@@ -71,6 +71,10 @@ def test_tiny_grid_trains_both_arms(pipeline_run, tiny_config):
         # TRL casts a quantised model's adapters to bf16; the stage keeps both arms in fp32.
         assert metrics["adapter_dtypes"] == ["float32"]
         assert metrics["cuda_allocator"] == "torch's default" and metrics["cublas_workspace"] == "torch's default"
+        # Python's collector: not frozen (train.gc_freeze off), its collections timed
+        assert (
+            metrics["python_gc"]["frozen_objects"] is None and metrics["python_gc"]["by_generation"]["0"]["count"] > 0
+        )
     by_key = {(m["method"], m["learning_rate"]): m for m in trained}
     for lr in tiny_config["grid"]["learning_rate"]:
         lora, qlora = by_key[("lora", lr)], by_key[("qlora", lr)]

@@ -1,0 +1,49 @@
+"""bench/trace_stalls.py on a small timeline in torch.profiler's chrome-trace format: a loop thread
+waiting on an event, a recorder thread capturing, autograd's thread launching the capture's backward."""
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT / "bench"))
+
+
+def call(tid, name, ts_ms, dur_ms, cat="cuda_runtime"):
+    return dict(ph="X", cat=cat, name=name, tid=tid, pid=1, ts=ts_ms * 1e3, dur=dur_ms * 1e3)
+
+
+def test_a_capture_gap_names_the_waits_beside_it_and_the_python_call_it_sat_in(tmp_path):
+    import trace_stalls
+
+    events = [
+        call("loop", "cudaGraphLaunch", 0, 2),
+        call("loop", "cudaEventSynchronize", 3, 250),  # blocked: the recorder's gap lies inside it
+        call("recorder", "cudaStreamBeginCapture", 8, 0.1),
+        call("recorder", "cudaLaunchKernel", 10, 0.1),
+        call("recorder", "cudaLaunchKernel", 110, 0.1),  # 100 ms without a CUDA call before this
+        call("recorder", "cudaLaunchKernel", 111, 0.1),
+        call("recorder", "cudaStreamEndCapture", 400, 1),  # the backward: autograd's thread meanwhile
+        *[call("autograd", "cuLaunchKernelEx", 120 + i, 0.05, cat="cuda_driver") for i in range(200)],
+        call("recorder", "forward", 5, 104, cat="python_function"),
+        call("recorder", "decoder_layer", 10.05, 100, cat="python_function"),  # the innermost span
+        call("recorder", "backward", 111.05, 289, cat="python_function"),
+        call("loop", "Command Buffer Full", 0.5, 1, cat="cpu_instant_event"),
+    ]
+    trace = tmp_path / "trace.json.gz"
+    with gzip.open(trace, "wt") as handle:
+        json.dump({"traceEvents": events}, handle)
+    result = trace_stalls.main(trace, tmp_path / "out.json", blocked_ms=3.0, gap_ms=5.0)
+    assert json.loads((tmp_path / "out.json").read_text()) == result
+    assert result["threads"]["loop"]["blocked"] == [dict(at_ms=3.0, call="cudaEventSynchronize", ms=250.0)]
+    assert result["command_buffer_full"] == dict(count=1, ms=1.0, sat_in={"loop cudaGraphLaunch": 1.0})
+    (capture,) = result["captures"]
+    assert capture["thread"] == "recorder" and capture["from_ms"] == 8.0 and capture["ms"] == 392.0
+    first, second = capture["gaps"]
+    assert (first["at_ms"], first["ms"]) == (10.1, 99.9)  # the first stretch of Python without CUDA
+    assert first["others_blocked"] == ["loop cudaEventSynchronize 250.0 ms"] and first["others_calls"] == {}
+    assert first["sat_in"] == "decoder_layer"
+    # the capture's backward: no CUDA call on the recorder, 200 launches on autograd's thread
+    assert (second["at_ms"], second["ms"]) == (111.1, 288.9) and second["others_calls"] == {"autograd": 200}
+    assert second["sat_in"] == "backward"
