@@ -5,7 +5,7 @@
 # launch queues (bench/results/epochs_h200_launch_queues_env_b4). In the profiles the thread's
 # forward stood 66-317 ms at a time without a CUDA call while the loop waited on the card with the
 # GIL released (trace_stalls_*), and a full collection of the ~580k objects alive when training
-# starts took 0.30 s on a 2-core CPU, none with gc.freeze() (bench/results/gc_pauses_cpu.json). Each row now records every collection (python_gc: count and
+# starts took 0.29 s on a 2-core CPU, none with gc.freeze() (bench/results/gc_pauses_cpu.json). Each row now records every collection (python_gc: count and
 # seconds per generation, and on which thread) and each capture's CPU time on its thread
 # (cuda_graphs.captured_cpu_seconds: near its wall time the thread works slower, near the loop's
 # own it waits). Rows: multiples of 128 recorded ahead with and without train.gc_freeze, twice each,

@@ -1,16 +1,15 @@
 """Python's garbage collector during training: each collection timed, and the heap that was there
 before training frozen out of them (``train.gc_freeze``).
 
-A full (generation 2) collection walks every tracked object: ~580k when a run starts training,
-and one such collection in 30 steps of the tests' tiny model took 0.30 s on a 2-core CPU, none
-with the heap frozen (bench/results/gc_pauses_cpu.json). The collections run on
-whichever thread allocates when a threshold is crossed: in the training loop between launches, or
-on the recorder thread in the middle of a capture (cuda_graphs_capture: ahead), whose captures
-stood 66-317 ms at a time without a CUDA call while the loop waited on the card
-(bench/results/trace_stalls_*; whether collections were among those stretches is not yet
-measured: the times here say). Freezing
-moves the objects alive at the start into a permanent generation that collections skip; it is
-undone when training ends, so what follows collects as before. Nothing numeric changes.
+A full (generation 2) collection walks every tracked object, ~580k when a run starts training: in
+30 steps of the tests' tiny model one ran, 0.29 s on a 2-core CPU, and took no time with the heap
+frozen (bench/results/gc_pauses_cpu.json). A collection runs on whichever thread allocates when a
+threshold is crossed: the training loop between launches, or the recorder thread in the middle
+of a capture (cuda_graphs_capture: ahead), whose captures stood 66-317 ms at a time without a CUDA
+call while the loop waited on the card (bench/results/trace_stalls_*; whether collections were
+among those stretches the times recorded here will say). Freezing moves the objects alive at the
+start into a permanent generation that collections skip; it is undone when training ends, so what
+follows collects as before. Nothing numeric changes.
 """
 
 import contextlib
