@@ -47,3 +47,33 @@ def test_a_capture_gap_names_the_waits_beside_it_and_the_python_call_it_sat_in(t
     # the capture's backward: no CUDA call on the recorder, 200 launches on autograd's thread
     assert (second["at_ms"], second["ms"]) == (111.1, 288.9) and second["others_calls"] == {"autograd": 200}
     assert second["sat_in"] == "backward"
+
+
+def test_python_stacks_cover_every_thread_running_when_the_profile_starts(tmp_path):
+    """bench/profile_step.py --python-stacks: the recorder thread starts before the profiled steps;
+    its Python calls are in the timeline beside the main thread's."""
+    import threading
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from profile_step import stack_options
+
+    go = threading.Event()
+
+    def work():
+        go.wait()
+        for _ in range(20):
+            torch.ones(32, 32) @ torch.ones(32, 32)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    with profile(activities=[ProfilerActivity.CPU], **stack_options(True)) as timeline:
+        go.set()
+        work()
+        worker.join()
+    timeline.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    python_threads = {e["tid"] for e in events if e.get("cat") == "python_function"}
+    assert len(python_threads) == 2
+    assert stack_options(False) == {}
