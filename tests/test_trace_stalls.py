@@ -75,5 +75,5 @@ def test_python_stacks_cover_every_thread_running_when_the_profile_starts(tmp_pa
     timeline.export_chrome_trace(str(tmp_path / "trace.json"))
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     python_threads = {e["tid"] for e in events if e.get("cat") == "python_function"}
-    assert len(python_threads) == 2
+    assert {threading.main_thread().native_id, worker.native_id} <= python_threads
     assert stack_options(False) == {}
