@@ -8,6 +8,7 @@ tests' tiny model with train.gc_freeze off and on (scripts/python_gc.py times th
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -35,9 +36,7 @@ def main(out: Path, steps: int) -> dict:
     import test_recipe
     import train  # noqa: F401
 
-    result = dict(
-        machine=f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores"
-    )
+    result = dict(machine=f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores")
     result["command"] = " ".join(["python", "bench/gc_pauses.py", *sys.argv[1:]])
     result["python"] = platform.python_version()
     result["tracked_objects"] = len(gc.get_objects())

@@ -27,9 +27,9 @@ def inside(inner: dict, outer: dict) -> bool:
     return outer["ts"] <= inner["ts"] and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"] + 0.5
 
 
-def innermost_python_call(python_calls: list[dict], tid, a: float, b: float) -> str | None:
-    """The innermost Python call on thread ``tid`` spanning the stretch from a to b."""
-    spanning = [e for e in python_calls if e["tid"] == tid and e["ts"] <= a and b <= e["ts"] + e["dur"]]
+def innermost_python_call(python_calls: list[dict], a: float, b: float) -> str | None:
+    """The innermost of a thread's Python calls spanning the stretch from a to b."""
+    spanning = [e for e in python_calls if e["ts"] <= a and b <= e["ts"] + e["dur"]]
     return min(spanning, key=lambda e: e["dur"])["name"] if spanning else None
 
 
@@ -62,12 +62,29 @@ def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float =
         outer = next((e for e in calls if inside(stall, e)), None)
         key = f"{outer['tid']} {outer['name']}" if outer else "outside any call"
         sat_in[key] = sat_in.get(key, 0.0) + stall["dur"]
+
+    def gap(a: float, b: float, tid, own_python: list[dict]) -> dict:
+        """A stretch of thread ``tid`` without CUDA calls, and the other threads meanwhile."""
+        return dict(
+            at_ms=ms(a - start),
+            ms=ms(b - a),
+            others_blocked=[
+                f"{e['tid']} {e['name']} {ms(e['dur'])} ms"
+                for e in blocked
+                if e["tid"] != tid and e["ts"] < b and e["ts"] + e["dur"] > a
+            ],
+            others_calls=dict(collections.Counter(str(e["tid"]) for e in calls if e["tid"] != tid and a < e["ts"] < b)),
+            sat_in=innermost_python_call(own_python, a, b),
+        )
+
     captures = []
     for begin in (e for e in calls if e["name"] == "cudaStreamBeginCapture"):
         end = next((e for e in calls if e["name"] == "cudaStreamEndCapture" and e["ts"] > begin["ts"]), None)
         if end is None:
             continue
-        own = [e for e in calls if e["tid"] == begin["tid"] and begin["ts"] <= e["ts"] <= end["ts"]]
+        tid = begin["tid"]
+        own = [e for e in calls if e["tid"] == tid and begin["ts"] <= e["ts"] <= end["ts"]]
+        own_python = [e for e in python_calls if e["tid"] == tid]
         gaps = [
             (a["ts"] + a["dur"], b["ts"])
             for a, b in zip(own, own[1:], strict=False)
@@ -75,28 +92,11 @@ def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float =
         ]
         captures.append(
             dict(
-                thread=str(begin["tid"]),
+                thread=str(tid),
                 from_ms=ms(begin["ts"] - start),
                 ms=ms(end["ts"] - begin["ts"]),
                 in_cuda_calls_ms=ms(sum(e["dur"] for e in own)),
-                gaps=[
-                    dict(
-                        at_ms=ms(a - start),
-                        ms=ms(b - a),
-                        others_blocked=[
-                            f"{e['tid']} {e['name']} {ms(e['dur'])} ms"
-                            for e in blocked
-                            if e["tid"] != begin["tid"] and e["ts"] < b and e["ts"] + e["dur"] > a
-                        ],
-                        others_calls=dict(
-                            collections.Counter(
-                                str(e["tid"]) for e in calls if e["tid"] != begin["tid"] and a < e["ts"] < b
-                            )
-                        ),
-                        sat_in=innermost_python_call(python_calls, begin["tid"], a, b),
-                    )
-                    for a, b in gaps
-                ],
+                gaps=[gap(a, b, tid, own_python) for a, b in gaps],
             )
         )
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])

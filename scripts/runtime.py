@@ -96,13 +96,12 @@ def set_cublas_workspace(config: str | None) -> str:
     reads it when it makes its first workspace (the first matmul), so this runs before the model
     loads. A setting already in the environment wins.
     """
-    name = "CUBLAS_WORKSPACE_CONFIG"
-    if os.environ.get(name):
-        return f"{name}={os.environ[name]} (from the environment)"
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        return f"CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']} (from the environment)"
     if not config:
         return "torch's default"
-    os.environ[name] = config
-    return f"{name}={config}"
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = config
+    return f"CUBLAS_WORKSPACE_CONFIG={config}"
 
 
 def set_cuda_memory(train: dict) -> dict[str, str]:

@@ -283,14 +283,6 @@ def test_two_processes_train_on_the_same_examples_as_one_with_accumulation(pipel
     assert '"processes": 2' in (tmp_path / "p2" / "train.log").read_text()  # the first process wrote the log
 
 
-def probe_output(probe: str, argument: str, cleared: tuple[str, ...], environment: dict) -> list[str]:
-    """A probe's output lines from a fresh interpreter in the project, the ``cleared`` variables
-    unset unless ``environment`` sets them (the stage's own process starts that way)."""
-    env = {k: v for k, v in os.environ.items() if k not in cleared} | environment
-    command = [str(BIN / "python"), "-c", probe, argument]
-    return subprocess.run(command, env=env, cwd=PROJECT, capture_output=True, text=True, check=True).stdout.splitlines()
-
-
 ALLOCATOR_PROBE = """
 import sys, torch
 sys.path.insert(0, "scripts")
@@ -319,9 +311,16 @@ print(getter() if getter else "(this torch does not say)")
 def test_allocator_settings_reach_torch_unless_the_user_set_them(environment, expandable, said, in_force):
     """train.expandable_segments: torch's allocator (imported first, as in the stage) ends up with the
     setting, in a fresh process as the stage's own."""
-    answer, settings = probe_output(
-        ALLOCATOR_PROBE, expandable, ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"), environment
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", ALLOCATOR_PROBE, expandable],
+        env=env | environment,
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
+    answer, settings = done.stdout.splitlines()
     if settings == "(this torch does not say)":
         pytest.skip(f"torch {torch.__version__} has no getter for its allocator's settings")
     assert said in answer and settings == in_force
