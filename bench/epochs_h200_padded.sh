@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15, one H200: train.cuda_graphs_capture ahead_padded. In bench/results/epochs_h200_gc_b4
+# Issue 15, one H200 (run once, at commit ef2d901; ahead_padded was removed after it: slower, see
+# bench/results/epochs_h200_padded_b4): train.cuda_graphs_capture ahead_padded. In bench/results/epochs_h200_gc_b4
 # the loop waited 2.2-3.0 s an epoch for the recorder thread (a shape it had not reached), and
 # the other steps of the first 50 ran at the later rate; neither the collector (gc_freeze: no
 # gain) nor CUDA's launch queues were the cause. ahead_padded replays the next longer recorded

@@ -58,10 +58,7 @@ def scoring_every_position():
         trl_utils._use_triton = original
 
 
-CAPTURES = ("synchronized", "ahead", "ahead_padded")  # train.cuda_graphs_capture
-# a padded-up batch's positions beyond its own length (ahead_padded): masked out of attention's
-# mask and of the loss, as the collator's own right padding is
-PAD_FILL = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+CAPTURES = ("synchronized", "ahead")  # train.cuda_graphs_capture
 RECORDED_ATTENTION = ("cudnn", "flash")  # train.cuda_graphs_attention: the kernel a recording tries first
 
 
@@ -169,15 +166,11 @@ class GraphedSteps:
         if capture not in CAPTURES:
             raise ValueError(f"train.cuda_graphs_capture must be one of {CAPTURES}, not {capture!r}")
         self.capture = capture
-        # ahead_padded: a batch whose shape the recorder has not reached replays the next longer
-        # recorded shape instead of waiting for it (its steps, with the seq each padded up from)
-        self.pad_up = capture == "ahead_padded"
-        self.padded_up: dict[int, int] = {}
         self.prepare = None  # prepare(batch, seq) -> checkpointed layers: set on the model before a recording
         self.stream = None  # the side stream every recording is captured on
         self.lock = threading.Lock()  # one forward/backward on the host at a time
         self.main_waiting = 0  # the main thread waits for the lock: the recorder steps aside
-        self.recorder = None  # graph_recorder.Recorder, with capture "ahead" or "ahead_padded"
+        self.recorder = None  # graph_recorder.Recorder, with capture "ahead"
         self.replayed = torch.cuda.Event() if torch.cuda.is_available() else None  # the last replay's end
         self.waited_seconds = 0.0  # the main thread's wait for a recording under way
         self.recording_seconds: list[float] = []  # host time of each recording (capture and instantiation)
@@ -216,7 +209,6 @@ class GraphedSteps:
             launch_seconds_median=round(statistics.median(self.launch_seconds), 4) if self.launch_seconds else None,
             drain_seconds=[round(t, 4) for t in self.drain_seconds],
             recorded_ahead=self.recorder.recorded if self.recorder else [],
-            padded_up={str(seq): n for seq, n in sorted(self.padded_up.items())},
             recorder_failure=self.recorder.failure if self.recorder else None,
             waited_seconds=round(self.waited_seconds, 4),
         )
@@ -252,8 +244,6 @@ class GraphedSteps:
         key = (tuple(inputs["input_ids"].shape), None if num_items is None else torch.as_tensor(num_items).dtype)
         recording = self.recordings.get(key)
         self._bind_grads()
-        if recording is None and self.pad_up:
-            recording = self._longer_recorded(key)
         if recording is None:
             if self.recorder is not None:
                 self.recorder.wait_warm()
@@ -265,18 +255,8 @@ class GraphedSteps:
                 return self._eager("graphs off")
             if self.recorder is not None:  # the thread starts once the loop has recorded a shape
                 self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
-        seq = inputs["input_ids"].shape[-1]
-        if recording.inputs["input_ids"].shape[-1] == seq:
-            for name, buffer in recording.inputs.items():
-                buffer.copy_(num_items if name == "num_items" else inputs[name])
-        else:  # padded up: the batch, then more right padding
-            self.padded_up[seq] = self.padded_up.get(seq, 0) + 1
-            for name, buffer in recording.inputs.items():
-                if name == "num_items":
-                    buffer.copy_(num_items)
-                else:
-                    buffer[:, :seq].copy_(inputs[name])
-                    buffer[:, seq:].fill_(PAD_FILL[name])
+        for name, buffer in recording.inputs.items():
+            buffer.copy_(num_items if name == "num_items" else inputs[name])
         # While the recorder captures, the loop waits for the previous replay on an event rather than
         # in cudaGraphLaunch, which waits for it holding the driver: the thread's captured launches
         # stalled as long (270 ms a 4 x 1024 step, bench/results/profile_recorder_h200).
@@ -291,16 +271,6 @@ class GraphedSteps:
         self.replayed_steps += 1
         # The outputs live in the shared pool: copy them before another shape replays.
         return recording.loss.detach().clone(), tuple(m.clone() for m in recording.metrics)
-
-    def _longer_recorded(self, key) -> Recording | None:
-        """ahead_padded: for a shape the recorder will record but has not yet, the recorded shape
-        next longer in seq (same batch size and token-count dtype); None: wait for it, as ahead."""
-        if self.recorder is None or not self.recorder.running or key[0] not in self.recorder.shapes:
-            return None
-        (batch, seq), dtype = key
-        longer = [(k[0][1], r) for k, r in list(self.recordings.items()) if k[1] == dtype and k[0][0] == batch]
-        longer = [(s, r) for s, r in longer if s > seq]
-        return min(longer, key=lambda pair: pair[0])[1] if longer else None
 
     @contextlib.contextmanager
     def exclusive(self, timed: bool = True):

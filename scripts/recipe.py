@@ -376,9 +376,7 @@ def make_trainer(
             train.get("cuda_graphs_capture", "synchronized"),
         )
         trainer.graphs.prepare = plan.select if plan is not None else None
-        if (
-            trainer.graphs.capture in ("ahead", "ahead_padded") and not train["padding_free"]
-        ):  # the shapes this epoch's rows make
+        if trainer.graphs.capture == "ahead" and not train["padding_free"]:  # the shapes this epoch's rows make
             lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
             shapes = padded_shapes(
                 lengths, args.per_device_train_batch_size, train["pad_to_multiple_of"], args.max_length

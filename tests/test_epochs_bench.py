@@ -262,6 +262,19 @@ RESULTS = {  # each file's rows that must be there
         ("lean_yaml_5.75", "block_2048x4"),
     },
     "epochs_h200_cudnn.json": {("all_recorded", "epoch_b4"), ("all_recorded", "block_2048x4")},
+    "epochs_h200_gc_b4.json": {
+        ("tutorial", "epoch_b4"),
+        ("pad128_ahead", "epoch_b4"),
+        ("pad128_ahead_gc_freeze", "epoch_b4"),
+        ("pad128_gc_freeze", "epoch_b4"),
+    },
+    "epochs_h200_gc_b1.json": {("pipeline", "seed_epoch_b1"), ("pipeline_gc_freeze", "seed_epoch_b1")},
+    # cuda_graphs_capture ahead_padded: removed after this sitting (slower)
+    "epochs_h200_padded_b4.json": {
+        ("pad128_ahead_padded", "epoch_b4"),
+        ("pad128_ahead", "epoch_b4"),
+        ("tutorial", "epoch_b4"),
+    },
 }
 
 

@@ -320,56 +320,6 @@ def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model,
     assert ahead == eager
 
 
-def recorder_held_back(monkeypatch, replays: int) -> None:
-    """The recorder thread starts recording only once the loop has replayed ``replays`` steps (or
-    training ended): until then every shape it would record is missing."""
-    import time
-
-    import graph_recorder
-
-    run = graph_recorder.Recorder._run
-
-    def held_back(self, device):
-        while not self.stopping and self.graphs.replayed_steps < replays:
-            time.sleep(0.001)
-        return run(self, device)
-
-    monkeypatch.setattr(graph_recorder.Recorder, "_run", held_back)
-
-
-# ahead_padded against the eager steps on this CPU: loss and gradient norm bit-equal, entropy
-# (a mean over more masked positions) 6.9e-8 relative apart at most; 14x that
-PADDED_CPU_REL = 1e-6
-PADDED_GPU_REL = 1e-2
-PADDED_UP = {"48": 1, "64": 1, "304": 1}  # LENGTHS' steps 2-4, each replaying the 2 x 320 recording
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's recordings: on a GPU the test below")
-def test_ahead_padded_replays_the_next_longer_recording_instead_of_waiting(tmp_path, monkeypatch):
-    """cuda_graphs_capture ahead_padded, the thread held back until the last step: each batch
-    whose shape it has not recorded replays the loop's one recording (2 x 320), padded further on
-    the right, and trains as the eager steps do (no dropout: the masks would take the longer
-    shape); the loop never waits and records nothing else."""
-    import cuda_graphs
-
-    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
-    recorder_held_back(monkeypatch, replays=5)
-    model_dir = build_tiny_model(tmp_path / "model", dropout=0.0)
-    padded, _, trainer = train_tiny(
-        model_dir, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead_padded", **CPU_GRAPHS
-    )
-    eager, _, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
-    summary = trainer.graphs.summary()
-    assert summary["capture"] == "ahead_padded" and summary["eager_reasons"] == {"first step": 1}
-    assert summary["padded_up"] == PADDED_UP and summary["replayed_steps"] == 5
-    assert summary["waited_seconds"] < 0.5  # the lock only for the loop's own recording
-    assert [2, 320] in summary["shapes_recorded"] and [2, 320] not in summary["recorded_ahead"]
-    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
-    assert len(padded) == len(eager) == 6
-    for ours, theirs in zip(padded, eager, strict=True):
-        assert {k: ours[k] for k in keys} == pytest.approx({k: theirs[k] for k in keys}, rel=PADDED_CPU_REL)
-
-
 def test_the_recorder_runs_until_it_is_stopped():
     """``Recorder.running`` (the loop waits for its previous replay on an event while it is true)
     holds from start() until the thread ends: here the thread cannot record while the loop holds
@@ -651,26 +601,6 @@ def test_recording_ahead_records_what_the_training_loop_records(tmp_path, monkey
     assert len(pairs) == 6 and all(0 < cpu <= wall + 1e-3 for cpu, wall in pairs)
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
     assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in synced]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
-def test_ahead_padded_device_graphs_train_as_recorded_at_each_shape(tmp_path, monkeypatch):
-    """ahead_padded with device graphs (no dropout), the thread held back until the last step:
-    steps 2-4 replay the 2 x 320 graph padded further; the values those recorded at each shape's
-    first batch give, within the longer shape's rounding."""
-    model_dir = build_tiny_model(tmp_path / "model", dropout=0.0)
-    synced, _, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **GPU_GRAPHS)
-    recorder_held_back(monkeypatch, replays=5)
-    settings = dict(GPU_GRAPHS, cuda_graphs_capture="ahead_padded")
-    padded, _, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, **settings)
-    summary = trainer.graphs.summary()
-    assert summary["padded_up"] == PADDED_UP and summary["eager_reasons"] == {"first step": 1}
-    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy")
-    gaps = {k: max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for a, b in zip(padded, synced, strict=True)) for k in keys}
-    print("ahead_padded against synchronized, largest relative gap per value:", gaps)
-    assert [h["num_tokens"] for h in padded] == [h["num_tokens"] for h in synced]
-    for ours, theirs in zip(padded, synced, strict=True):
-        assert {k: ours[k] for k in keys} == pytest.approx({k: theirs[k] for k in keys}, rel=PADDED_GPU_REL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
