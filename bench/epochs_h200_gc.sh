@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15, prepared for the next sitting on one H200 (not yet run): why the recorder thread lags,
-# and Python's garbage collector. The thread's background recordings took 0.66-1.89 s against the
+# Issue 15, one H200 (run at commit 8a3b553: bench/results/epochs_h200_gc_{b4,b1}): why the recorder
+# thread lags, and Python's garbage collector. The thread's background recordings took 0.66-1.89 s against the
 # loop's own 0.48-0.74 s, and the loop waited 2.2-3.0 s for it in the first 50 steps; not for CUDA's
 # launch queues (bench/results/epochs_h200_launch_queues_env_b4). In the profiles the thread's
 # forward stood 66-317 ms at a time without a CUDA call while the loop waited on the card with the

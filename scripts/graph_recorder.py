@@ -52,7 +52,10 @@ default. The thread lags at the first new shapes (its recordings 0.66-1.89 s, th
 loop's launches sat in full queues holding the GIL (profile_recorder_queues_h200_*), but in the
 epochs a replay's launch beside the thread took 2 ms (``launch_seconds_median``), and 4x queues
 set before CUDA started changed neither the lag nor the epoch (epochs_h200_launch_queues_env_b4).
-The cause is not separated.
+Nor Python's collector (with the heap frozen the thread lagged as much, epochs_h200_gc_b4). Its
+captures take more CPU time on its thread than the loop's (0.19-0.75 s against 0.15-0.22 s,
+``captured_cpu_seconds``) and wait longer besides; the cause is not separated. Replaying a longer
+recorded shape instead of waiting for the thread cost more than the wait (epochs_h200_padded_b4).
 """
 
 import contextlib
