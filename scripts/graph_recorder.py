@@ -59,6 +59,7 @@ recorded shape instead of waiting for the thread cost more than the wait (epochs
 """
 
 import contextlib
+import sys
 import threading
 import time
 
@@ -95,9 +96,13 @@ class Recorder:
     """Records ``shapes`` for ``graphs`` (a cuda_graphs.GraphedSteps) on a thread of its own, with
     placeholder batches (a recording holds buffers, not values)."""
 
-    def __init__(self, graphs, shapes: list[tuple[int, int]]):
+    def __init__(self, graphs, shapes: list[tuple[int, int]], switch_interval: float | None = None):
         self.graphs = graphs
         self.shapes = list(shapes)
+        # Python's thread switch interval while the thread runs (train.cuda_graphs_switch_interval):
+        # how long a thread running Python keeps the GIL from one that waits for it
+        self.switch_interval = switch_interval
+        self.restored_interval: float | None = None  # Python's own, put back when the thread ends
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the main thread raises it at its next step
         self.stopping = False
@@ -115,6 +120,9 @@ class Recorder:
         if self.thread is not None:
             return
         self.recording_args = (num_items_dtype, loss_fn)
+        if self.switch_interval is not None:
+            self.restored_interval = sys.getswitchinterval()
+            sys.setswitchinterval(self.switch_interval)
         self.thread = threading.Thread(target=self._run, args=(device,), name="cuda-graph-recorder", daemon=True)
         self.thread.start()
 
@@ -164,6 +172,8 @@ class Recorder:
         except BaseException as error:
             self.error = error
         finally:
+            if self.restored_interval is not None:
+                sys.setswitchinterval(self.restored_interval)
             self.warmed.set()
 
 

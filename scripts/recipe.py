@@ -381,7 +381,7 @@ def make_trainer(
             shapes = padded_shapes(
                 lengths, args.per_device_train_batch_size, train["pad_to_multiple_of"], args.max_length
             )
-            trainer.graphs.recorder = Recorder(trainer.graphs, shapes)
+            trainer.graphs.recorder = Recorder(trainer.graphs, shapes, train.get("cuda_graphs_switch_interval"))
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):
         plan.graph_peak_factor = 1.0  # no recording will run: the eager step's budget
     if train["padding_free"]:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 15, prepared for the next sitting on one H200 (not yet run): Python's switch interval while
+# the recorder thread runs (train.cuda_graphs_switch_interval). The thread's captures take more CPU
+# time on their thread than the loop's (0.19-0.75 s against 0.15-0.22 s) and wait longer besides
+# (bench/results/epochs_h200_gc_b4); the loop waited 1.55-3.0 s an epoch for it. Three threads share
+# the GIL then: the loop, the recorder and autograd's device thread, where a background capture's
+# backward calls a Python saved-tensor hook per saved tensor; Python lets a thread running Python
+# keep the GIL 5 ms from one waiting for it. Each capture's backward is now timed apart
+# (cuda_graphs.captured_backward_seconds: is the backward or the forward the slower part?). The
+# CUDA recorder tests first, a 12-step warm-up, then multiples of 128 recorded ahead with Python's
+# 5 ms and with 0.5 ms, twice each, and the tutorial twice, interleaved; ~13 min from the repo root
+# in the background (bg.sh start ... 540, then one wait).
+. bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
+python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "recording_ahead or recorder" 2>&1 \
+  | grep -E "^E|passed|failed|Error" | head -40 | tee /tmp/bgout/pytest_cuda_switch.txt
+E="python3 bench/epochs.py run --rows-dir /tmp/epochs --repeats-block 1"
+B4="--out /tmp/bgout/epochs_h200_switch_b4 --append --jobs epoch_b4 --recipes"
+AHEAD="pad_to_multiple_of=128,cuda_graphs_capture=ahead"
+$E --out /tmp/warmup_h200 --jobs epoch_b4 --recipes pipeline --steps 12
+$E $B4 tutorial
+$E $B4 --variant "pad128_ahead:$AHEAD"
+$E $B4 --variant "pad128_ahead_switch_0.5ms:$AHEAD,cuda_graphs_switch_interval=0.0005"
+$E $B4 tutorial
+$E $B4 --variant "pad128_ahead_switch_0.5ms:$AHEAD,cuda_graphs_switch_interval=0.0005"
+$E $B4 --variant "pad128_ahead:$AHEAD"
