@@ -8,8 +8,11 @@
 # keep the GIL 5 ms from one waiting for it. Each capture's backward is now timed apart
 # (cuda_graphs.captured_backward_seconds: is the backward or the forward the slower part?). The
 # CUDA recorder tests first, a 12-step warm-up, then multiples of 128 recorded ahead with Python's
-# 5 ms and with 0.5 ms, twice each, and the tutorial twice, interleaved; ~13 min from the repo root
-# in the background (bg.sh start ... 540, then one wait).
+# 5 ms and with 0.5 ms, twice each, and the tutorial twice, interleaved; then the profile of steps
+# 5-9 with Python stacks and its trace_stalls, whose ``beside`` now lists the stretches of
+# autograd's device thread during the capture's backward and the Python calls inside them (the
+# saved-tensor hooks). ~14 min from the repo root in the background (bg.sh start ... 540, then
+# one wait).
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "recording_ahead or recorder" 2>&1 \
   | grep -E "^E|passed|failed|Error" | head -40 | tee /tmp/bgout/pytest_cuda_switch.txt
@@ -23,3 +26,7 @@ $E $B4 --variant "pad128_ahead_switch_0.5ms:$AHEAD,cuda_graphs_switch_interval=0
 $E $B4 tutorial
 $E $B4 --variant "pad128_ahead_switch_0.5ms:$AHEAD,cuda_graphs_switch_interval=0.0005"
 $E $B4 --variant "pad128_ahead:$AHEAD"
+python3 bench/profile_step.py --batch 4 --lengths /tmp/epochs/lengths_b4_order.json --steps 12 --profile-from 5 \
+  --variants pad128_ahead_log10 --python-stacks --trace-dir /tmp/traces --out /tmp/bgout/profile_recorder_backward_h200.json
+python3 bench/trace_stalls.py /tmp/traces/trace_profile_recorder_backward_h200_pad128_ahead_log10.json.gz \
+  --out /tmp/bgout/trace_stalls_recorder_backward_h200.json > /dev/null

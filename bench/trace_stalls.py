@@ -2,8 +2,10 @@
 --trace-dir): the CUDA calls that blocked (longest first, per thread), the driver's "Command Buffer Full"
 stalls and the calls they sat in, and for each graph capture in the window the capturing thread's
 stretches without a CUDA call beside the other threads' blocked calls and their CUDA calls (the
-capture's backward launches from autograd's device thread), and, where the timeline has Python
-stacks (bench/profile_step.py --python-stacks), the innermost Python call each stretch sat in.
+capture's backward launches from autograd's device thread), the same for every other thread
+with CUDA calls during the capture (``beside``: autograd's device thread running the backward, the
+loop replaying), and, where the timeline has Python stacks (bench/profile_step.py --python-stacks),
+the innermost Python call each stretch sat in and the Python calls inside it.
 
     python bench/trace_stalls.py traces/trace_x.json.gz --out bench/results/trace_stalls_x.json
 """
@@ -31,6 +33,16 @@ def innermost_python_call(python_calls: list[dict], a: float, b: float) -> str |
     """The innermost of a thread's Python calls spanning the stretch from a to b."""
     spanning = [e for e in python_calls if e["ts"] <= a and b <= e["ts"] + e["dur"]]
     return min(spanning, key=lambda e: e["dur"])["name"] if spanning else None
+
+
+def python_inside(python_calls: list[dict], a: float, b: float) -> dict[str, float]:
+    """A thread's Python calls inside the stretch from a to b: the three longest names' total ms
+    (a nested call counts in its own right): what a stretch no single call spans ran."""
+    total = collections.Counter()
+    for e in python_calls:
+        if a <= e["ts"] and e["ts"] + e["dur"] <= b:
+            total[e["name"]] += e["dur"]
+    return {name: round(us / 1e3, 1) for name, us in total.most_common(3)}
 
 
 def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float = 5.0) -> dict:
@@ -75,6 +87,22 @@ def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float =
             ],
             others_calls=dict(collections.Counter(str(e["tid"]) for e in calls if e["tid"] != tid and a < e["ts"] < b)),
             sat_in=innermost_python_call(own_python, a, b),
+            python_inside=python_inside(own_python, a, b),
+        )
+
+    def stretches(tid, begin: dict, end: dict) -> dict:
+        """Thread ``tid``'s CUDA calls from ``begin`` to ``end`` and its stretches without one."""
+        own = [e for e in calls if e["tid"] == tid and begin["ts"] <= e["ts"] <= end["ts"]]
+        own_python = [e for e in python_calls if e["tid"] == tid]
+        gaps = [
+            (a["ts"] + a["dur"], b["ts"])
+            for a, b in zip(own, own[1:], strict=False)
+            if b["ts"] - a["ts"] - a["dur"] > gap_ms * 1e3
+        ]
+        return dict(
+            calls=len(own),
+            in_cuda_calls_ms=ms(sum(e["dur"] for e in own)),
+            gaps=[gap(a, b, tid, own_python) for a, b in gaps],
         )
 
     captures = []
@@ -83,20 +111,14 @@ def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float =
         if end is None:
             continue
         tid = begin["tid"]
-        own = [e for e in calls if e["tid"] == tid and begin["ts"] <= e["ts"] <= end["ts"]]
-        own_python = [e for e in python_calls if e["tid"] == tid]
-        gaps = [
-            (a["ts"] + a["dur"], b["ts"])
-            for a, b in zip(own, own[1:], strict=False)
-            if b["ts"] - a["ts"] - a["dur"] > gap_ms * 1e3
-        ]
+        others = {e["tid"] for e in calls if e["tid"] != tid and begin["ts"] <= e["ts"] <= end["ts"]}
         captures.append(
             dict(
                 thread=str(tid),
                 from_ms=ms(begin["ts"] - start),
                 ms=ms(end["ts"] - begin["ts"]),
-                in_cuda_calls_ms=ms(sum(e["dur"] for e in own)),
-                gaps=[gap(a, b, tid, own_python) for a, b in gaps],
+                **stretches(tid, begin, end),
+                beside={str(other): stretches(other, begin, end) for other in sorted(others, key=str)},
             )
         )
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])

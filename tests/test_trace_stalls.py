@@ -26,6 +26,8 @@ def test_a_capture_gap_names_the_waits_beside_it_and_the_python_call_it_sat_in(t
         call("recorder", "cudaLaunchKernel", 111, 0.1),
         call("recorder", "cudaStreamEndCapture", 400, 1),  # the backward: autograd's thread meanwhile
         *[call("autograd", "cuLaunchKernelEx", 120 + i, 0.05, cat="cuda_driver") for i in range(200)],
+        *[call("autograd", "cuLaunchKernelEx", 340 + i, 0.05, cat="cuda_driver") for i in range(50)],
+        call("autograd", "_same", 320.1, 19.8, cat="python_function"),  # 20 ms between its launches
         call("recorder", "forward", 5, 104, cat="python_function"),
         call("recorder", "decoder_layer", 10.05, 100, cat="python_function"),  # the innermost span
         call("recorder", "backward", 111.05, 289, cat="python_function"),
@@ -43,10 +45,20 @@ def test_a_capture_gap_names_the_waits_beside_it_and_the_python_call_it_sat_in(t
     first, second = capture["gaps"]
     assert (first["at_ms"], first["ms"]) == (10.1, 99.9)  # the first stretch of Python without CUDA
     assert first["others_blocked"] == ["loop cudaEventSynchronize 250.0 ms"] and first["others_calls"] == {}
-    assert first["sat_in"] == "decoder_layer"
+    assert first["sat_in"] == "decoder_layer" and first["python_inside"] == {}
     # the capture's backward: no CUDA call on the recorder, 200 launches on autograd's thread
-    assert (second["at_ms"], second["ms"]) == (111.1, 288.9) and second["others_calls"] == {"autograd": 200}
+    assert (second["at_ms"], second["ms"]) == (111.1, 288.9) and second["others_calls"] == {"autograd": 250}
     assert second["sat_in"] == "backward"
+    assert capture["calls"] == 5
+    # beside it, autograd's thread stood 21 ms between its launches, a Python hook inside; the loop
+    # made no call in the window (its synchronize began 5 ms before the capture)
+    assert set(capture["beside"]) == {"autograd"}
+    beside = capture["beside"]["autograd"]
+    assert beside["calls"] == 250
+    (stretch,) = beside["gaps"]
+    assert (stretch["at_ms"], stretch["ms"], stretch["sat_in"]) == (319.1, 20.9, None)  # no call spans it
+    assert stretch["python_inside"] == {"_same": 19.8}  # a saved-tensor hook ran inside it
+    assert stretch["others_calls"] == {} and stretch["others_blocked"] == []  # the loop's wait ended at 253 ms
 
 
 def test_python_stacks_cover_every_thread_running_when_the_profile_starts(tmp_path):
