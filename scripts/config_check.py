@@ -86,6 +86,12 @@ def _cross_key_checks(config: dict) -> None:
         if train["padding_free"] or train.get("compile", False):
             key = "padding_free" if train["padding_free"] else "compile"
             raise ConfigError(f"config key 'train.cuda_graphs': not with train.{key} (one or the other)")
+        coarse, multiple = train.get("cuda_graphs_coarse_multiple"), train.get("pad_to_multiple_of")
+        if coarse and multiple and coarse % multiple:
+            raise ConfigError(
+                f"config key 'train.cuda_graphs_coarse_multiple': {coarse} must be a multiple of "
+                f"train.pad_to_multiple_of ({multiple}), so that each coarse shape holds the finer ones below it"
+            )
     from grid import grid_table
 
     try:

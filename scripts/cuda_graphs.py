@@ -42,6 +42,9 @@ from dataclasses import dataclass
 import torch
 
 GRAPH_KEYS = {"input_ids", "attention_mask", "labels"}
+# what a batch padded further on the right holds there (cuda_graphs_coarse_multiple): masked out
+# of attention's mask and of the loss, as the collator's own padding is
+PAD_FILL = {"input_ids": 0, "attention_mask": 0, "labels": -100}
 
 
 @contextlib.contextmanager
@@ -119,6 +122,18 @@ def right_padded(inputs: dict) -> bool:
     return bool(ordered & ((mask == 1) | (labels == -100)).all())
 
 
+def padded_to(inputs: dict, seq: int) -> dict:
+    """The batch's graph inputs padded further on the right to ``seq`` positions (PAD_FILL): the
+    same loss and gradients, the positions added masked as the collator's padding is."""
+    extra = seq - inputs["input_ids"].shape[-1]
+    if extra <= 0:
+        return inputs
+    return {
+        name: torch.nn.functional.pad(value, (0, extra), value=PAD_FILL[name]) if name in GRAPH_KEYS else value
+        for name, value in inputs.items()
+    }
+
+
 def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
@@ -148,6 +163,8 @@ class GraphedSteps:
         max_tokens: int | None = None,
         attention: str = "cudnn",
         capture: str = "synchronized",
+        coarse_multiple: int | None = None,
+        coarse_steps: int = 0,
     ):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.grads: list[torch.Tensor] | None = None
@@ -166,6 +183,11 @@ class GraphedSteps:
         if capture not in CAPTURES:
             raise ValueError(f"train.cuda_graphs_capture must be one of {CAPTURES}, not {capture!r}")
         self.capture = capture
+        # the first coarse_steps batches replay shapes padded further, to multiples of
+        # coarse_multiple: fewer shapes to record while the epoch starts, the finer ones after
+        self.coarse_multiple, self.coarse_steps = coarse_multiple, coarse_steps
+        self.batches = 0  # batches seen: the step index the coarse shapes hold to
+        self.coarse_replays = 0
         self.prepare = None  # prepare(batch, seq) -> checkpointed layers: set on the model before a recording
         self.stream = None  # the side stream every recording is captured on
         self.lock = threading.Lock()  # one forward/backward on the host at a time
@@ -214,6 +236,7 @@ class GraphedSteps:
             launch_seconds_median=round(statistics.median(self.launch_seconds), 4) if self.launch_seconds else None,
             drain_seconds=[round(t, 4) for t in self.drain_seconds],
             recorded_ahead=self.recorder.recorded if self.recorder else [],
+            coarse_replays=self.coarse_replays,
             recorder_failure=self.recorder.failure if self.recorder else None,
             waited_seconds=round(self.waited_seconds, 4),
         )
@@ -232,6 +255,7 @@ class GraphedSteps:
         GPU copy here would be a device sync per step)."""
         if self.recorder is not None and self.recorder.error is not None:
             raise RuntimeError("the CUDA graph recorder thread failed") from self.recorder.error
+        self.batches += 1
         if self.off_reason:
             return self._eager("graphs off")
         if self.max_tokens is not None and inputs["input_ids"].numel() > self.max_tokens:
@@ -246,6 +270,11 @@ class GraphedSteps:
             return self._eager(f"batch keys {sorted(present)}")
         if not layout:
             return self._eager("not right-padded")
+        # (not where a checkpointed recording would replay random numbers on the host: the longer
+        # shape may recompute layers the batch's own does not)
+        coarse = self.coarse_multiple and self.batches <= self.coarse_steps and not self.checkpointed_eager_reason
+        if coarse:
+            inputs = padded_to(inputs, -(-inputs["input_ids"].shape[-1] // self.coarse_multiple) * self.coarse_multiple)
         key = (tuple(inputs["input_ids"].shape), None if num_items is None else torch.as_tensor(num_items).dtype)
         recording = self.recordings.get(key)
         self._bind_grads()
@@ -274,6 +303,7 @@ class GraphedSteps:
             self.launch_seconds.append(time.perf_counter() - launching)
             self.replayed.record()
         self.replayed_steps += 1
+        self.coarse_replays += bool(coarse)
         # The outputs live in the shared pool: copy them before another shape replays.
         return recording.loss.detach().clone(), tuple(m.clone() for m in recording.metrics)
 

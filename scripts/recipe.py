@@ -374,13 +374,17 @@ def make_trainer(
             train.get("cuda_graphs_max_tokens"),
             train.get("cuda_graphs_attention", "cudnn"),
             train.get("cuda_graphs_capture", "synchronized"),
+            train.get("cuda_graphs_coarse_multiple"),
+            train.get("cuda_graphs_coarse_steps", 50),
         )
         trainer.graphs.prepare = plan.select if plan is not None else None
         if trainer.graphs.capture == "ahead" and not train["padding_free"]:  # the shapes this epoch's rows make
             lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-            shapes = padded_shapes(
-                lengths, args.per_device_train_batch_size, train["pad_to_multiple_of"], args.max_length
-            )
+            batch, coarse = args.per_device_train_batch_size, train.get("cuda_graphs_coarse_multiple")
+            shapes = padded_shapes(lengths, batch, train["pad_to_multiple_of"], args.max_length)
+            if coarse:  # the coarse shapes first: the epoch's first batches replay them
+                first = padded_shapes(lengths, batch, coarse, args.max_length)
+                shapes = first + [shape for shape in shapes if shape not in first]
             trainer.graphs.recorder = Recorder(trainer.graphs, shapes, train.get("cuda_graphs_switch_interval"))
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):
         plan.graph_peak_factor = 1.0  # no recording will run: the eager step's budget

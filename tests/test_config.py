@@ -70,6 +70,15 @@ def test_missing_key_is_named():
         validate_config(config)
 
 
+def test_coarse_multiple_must_hold_the_collators():
+    config = load("tests/config/config.yaml")
+    config["train"].update(cuda_graphs=True, pad_to_multiple_of=64, cuda_graphs_coarse_multiple=96)
+    with pytest.raises(ConfigError, match=r"'train.cuda_graphs_coarse_multiple': 96 must be a multiple of .*\(64\)"):
+        validate_config(config)
+    config["train"]["cuda_graphs_coarse_multiple"] = 128
+    validate_config(config)
+
+
 def test_cross_key_rule_hub_source_needs_revision():
     config = _set(_set(load("tests/config/config.yaml"), "model.source", "hub"), "model.revision", None)
     with pytest.raises(ConfigError, match="model.hub_id'/'model.revision"):

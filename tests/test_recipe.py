@@ -361,6 +361,31 @@ def test_the_switch_interval_holds_while_the_recorder_runs(tiny_model, tmp_path,
     assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in eager]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's recordings")
+def test_coarse_shapes_serve_the_first_batches_with_the_same_numbers(tmp_path, monkeypatch):
+    """train.cuda_graphs_coarse_multiple 32 over the collator's 16, for the first 4 batches: the
+    2 x 304 batch replays the 2 x 320 recording padded further (no 304 recorded), the 2 x 48 one
+    after them its own; without dropout the values of the eager steps. Recording ahead, the
+    thread takes the coarse shapes first."""
+    import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
+    model_dir = build_tiny_model(tmp_path / "model", dropout=0.0)
+    settings = dict(CPU_GRAPHS, cuda_graphs_coarse_multiple=32, cuda_graphs_coarse_steps=4)
+    coarse, _, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, **settings)
+    eager, _, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
+    summary = trainer.graphs.summary()
+    # batches 48 (eager), 320, 64, 304 -> 320 (coarse), then 48, 320 as they are
+    assert summary["shapes_recorded"] == [[2, 320], [2, 64], [2, 48]]
+    assert summary["coarse_replays"] == 3 and summary["replayed_steps"] == 5
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert len(coarse) == 6
+    # bit for bit on this CPU (the positions added are masked out of every value)
+    assert [{k: h[k] for k in keys} for h in coarse] == [{k: h[k] for k in keys} for h in eager]
+    _, _, ahead = train_tiny(model_dir, tmp_path / "c", LENGTHS, **dict(settings, cuda_graphs_capture="ahead"))
+    assert ahead.graphs.recorder.shapes == [(2, 320), (2, 288), (2, 64), (2, 32), (2, 304), (2, 48)]
+
+
 def test_the_recorder_runs_until_it_is_stopped():
     """``Recorder.running`` (the loop waits for its previous replay on an event while it is true)
     holds from start() until the thread ends: here the thread cannot record while the loop holds
@@ -645,6 +670,22 @@ def test_recording_ahead_records_what_the_training_loop_records(tmp_path, monkey
     assert len(backward) == 6 and all(0 < b < wall for b, (_, wall) in zip(backward, pairs, strict=True))
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
     assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in synced]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
+def test_recorder_coarse_shapes_train_as_each_batchs_own(tmp_path):
+    """Device graphs, no dropout: with cuda_graphs_coarse_multiple 32 for the first 4 batches (the
+    2 x 304 batch replays the 2 x 320 graph padded further) the values of graphs recorded at each
+    batch's own shape, bit for bit (a batch padded further on the card: 0.0 apart,
+    bench/results/pytest_cuda_padded.txt)."""
+    model_dir = build_tiny_model(tmp_path / "model", dropout=0.0)
+    synced, _, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **dict(GPU_GRAPHS, pad_to_multiple_of=16))
+    settings = dict(GPU_GRAPHS, pad_to_multiple_of=16, cuda_graphs_coarse_multiple=32, cuda_graphs_coarse_steps=4)
+    coarse, _, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, **settings)
+    summary = trainer.graphs.summary()
+    assert summary["coarse_replays"] == 3 and summary["shapes_recorded"] == [[2, 320], [2, 64], [2, 48]]
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert [{k: h[k] for k in keys} for h in coarse] == [{k: h[k] for k in keys} for h in synced]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
