@@ -8,13 +8,15 @@
 # thread running Python keep the GIL 5 ms from one waiting for it. Each capture's backward is now
 # timed apart (cuda_graphs.captured_backward_seconds). (2) Multiples of 64 recorded ahead with the
 # first 50 batches on multiples of 128 (train.cuda_graphs_coarse_multiple): 8 shapes to record
-# first, then 64's finer padding for steps 50-249 (7.6 % of the tokens padding against 13.6 %).
+# first, then 64's finer padding for steps 50-249 (7.6 % of the tokens padding against 13.6 %;
+# the thread then records the finer shapes while the second megabatch may need them: one row with
+# the first 100 batches coarse).
 # The CUDA recorder and coarse-shape tests first, a 12-step warm-up, then multiples of 128
 # recorded ahead with Python's 5 ms and with 0.5 ms twice each, the tutorial twice, interleaved,
-# and the coarse-first rows twice; last the profile of steps 5-9 with Python stacks and its
+# and the coarse-first rows (twice, and once with 100 batches); last the profile of steps 5-9 with Python stacks and its
 # trace_stalls (``beside``: autograd's device thread's stretches during a capture's backward and
-# the Python calls inside them). ~17 min from the repo root in the background (bg.sh start ...
-# 540, then one wait of 560).
+# the Python calls inside them). ~18.5 min from the repo root in the background (bg.sh start ...
+# 540, then a wait of 560 and a short one).
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "recording_ahead or recorder or coarse" 2>&1 \
   | grep -E "^E|passed|failed|Error" | head -40 | tee /tmp/bgout/pytest_cuda_switch.txt
@@ -30,6 +32,7 @@ $E $B4 tutorial
 $E $B4 --variant "pad128_ahead_switch_0.5ms:$AHEAD,cuda_graphs_switch_interval=0.0005"
 $E $B4 --variant "pad128_ahead:$AHEAD"
 $E $B4 --variant "pad64_coarse128_ahead:$COARSE"
+$E $B4 --variant "pad64_coarse128_100_ahead:$COARSE,cuda_graphs_coarse_steps=100"
 $E $B4 --variant "pad64_coarse128_ahead:$COARSE"
 python3 bench/profile_step.py --batch 4 --lengths /tmp/epochs/lengths_b4_order.json --steps 12 --profile-from 5 \
   --variants pad128_ahead_log10 --python-stacks --trace-dir /tmp/traces --out /tmp/bgout/profile_recorder_backward_h200.json
