@@ -28,6 +28,9 @@ pool: only one step's activations are alive at a time, as in eager training.
 the GPU replays (scripts/graph_recorder.py says why); one forward/backward runs on the host at a
 time (``exclusive``), and a background recording writes its gradients into the fixed buffers
 itself (torch.autograd.grad), never into ``.grad``, which the trainer resets between steps.
+``train.cuda_graphs_coarse_multiple``: the first ``cuda_graphs_coarse_steps`` batches replay their
+shape padded further to that coarser multiple (``padded_to``; the same numbers), fewer shapes to
+record while the epoch starts; which graph serves a batch depends on its step alone.
 
 tests/test_recipe.py trains the tiny model through this path (the same static-buffer
 function, run without a device graph on the CPU) against TRL's eager step.
@@ -187,7 +190,7 @@ class GraphedSteps:
         # coarse_multiple: fewer shapes to record while the epoch starts, the finer ones after
         self.coarse_multiple, self.coarse_steps = coarse_multiple, coarse_steps
         self.batches = 0  # batches seen: the step index the coarse shapes hold to
-        self.coarse_replays = 0
+        self.coarse_replays = 0  # replays of the first coarse_steps batches
         self.prepare = None  # prepare(batch, seq) -> checkpointed layers: set on the model before a recording
         self.stream = None  # the side stream every recording is captured on
         self.lock = threading.Lock()  # one forward/backward on the host at a time
@@ -270,11 +273,14 @@ class GraphedSteps:
             return self._eager(f"batch keys {sorted(present)}")
         if not layout:
             return self._eager("not right-padded")
-        # (not where a checkpointed recording would replay random numbers on the host: the longer
-        # shape may recompute layers the batch's own does not)
-        coarse = self.coarse_multiple and self.batches <= self.coarse_steps and not self.checkpointed_eager_reason
-        if coarse:
-            inputs = padded_to(inputs, -(-inputs["input_ids"].shape[-1] // self.coarse_multiple) * self.coarse_multiple)
+        # Not where a checkpointed recording would replay random numbers on the host (the longer
+        # shape may recompute layers the batch's own does not), nor past cuda_graphs_max_tokens.
+        coarse = False
+        if self.coarse_multiple and self.batches <= self.coarse_steps and not self.checkpointed_eager_reason:
+            batch, seq = inputs["input_ids"].shape[0], -(-inputs["input_ids"].shape[-1] // self.coarse_multiple)
+            seq *= self.coarse_multiple
+            if self.max_tokens is None or batch * seq <= self.max_tokens:
+                inputs, coarse = padded_to(inputs, seq), True
         key = (tuple(inputs["input_ids"].shape), None if num_items is None else torch.as_tensor(num_items).dtype)
         recording = self.recordings.get(key)
         self._bind_grads()
@@ -303,7 +309,7 @@ class GraphedSteps:
             self.launch_seconds.append(time.perf_counter() - launching)
             self.replayed.record()
         self.replayed_steps += 1
-        self.coarse_replays += bool(coarse)
+        self.coarse_replays += coarse
         # The outputs live in the shared pool: copy them before another shape replays.
         return recording.loss.detach().clone(), tuple(m.clone() for m in recording.metrics)
 
