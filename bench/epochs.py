@@ -107,7 +107,7 @@ def run_row(row: dict) -> dict:
     settings.update(max_steps=-1, save_steps=10**6, padding_free=False)  # losses: the trainer's step_losses
     if tutorial:  # TRL's default padding, eager steps, the tutorial's optimizer and log cadence
         settings.update(pad_to_multiple_of=None, cuda_graphs=False, optimizer="paged_adamw_32bit", logging_steps=25)
-        settings["gc_freeze"] = False  # Python's collector as the tutorial ran
+        settings.update(gc_freeze=False)  # Python's collector as the tutorial ran
     cell_keys, overrides = split_cell_keys(row["train"])  # a variant may set the cell's quantisation
     cell = dict(bench_cell(seed=SEED), **cell_keys)
     settings.update(overrides)

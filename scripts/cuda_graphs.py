@@ -189,7 +189,6 @@ class GraphedSteps:
         # the first coarse_steps batches replay shapes padded further, to multiples of
         # coarse_multiple: fewer shapes to record while the epoch starts, the finer ones after
         self.coarse_multiple, self.coarse_steps = coarse_multiple, coarse_steps
-        self.batches = 0  # batches seen: the step index the coarse shapes hold to
         self.coarse_replays = 0  # replays of the first coarse_steps batches
         self.prepare = None  # prepare(batch, seq) -> checkpointed layers: set on the model before a recording
         self.stream = None  # the side stream every recording is captured on
@@ -258,7 +257,7 @@ class GraphedSteps:
         GPU copy here would be a device sync per step)."""
         if self.recorder is not None and self.recorder.error is not None:
             raise RuntimeError("the CUDA graph recorder thread failed") from self.recorder.error
-        self.batches += 1
+        earlier = self.eager_steps + self.replayed_steps  # the batches before this one (the coarse ones' count)
         if self.off_reason:
             return self._eager("graphs off")
         if self.max_tokens is not None and inputs["input_ids"].numel() > self.max_tokens:
@@ -276,9 +275,9 @@ class GraphedSteps:
         # Not where a checkpointed recording would replay random numbers on the host (the longer
         # shape may recompute layers the batch's own does not), nor past cuda_graphs_max_tokens.
         coarse = False
-        if self.coarse_multiple and self.batches <= self.coarse_steps and not self.checkpointed_eager_reason:
-            batch, seq = inputs["input_ids"].shape[0], -(-inputs["input_ids"].shape[-1] // self.coarse_multiple)
-            seq *= self.coarse_multiple
+        if self.coarse_multiple and earlier < self.coarse_steps and not self.checkpointed_eager_reason:
+            batch, seq = inputs["input_ids"].shape
+            seq = -(-seq // self.coarse_multiple) * self.coarse_multiple
             if self.max_tokens is None or batch * seq <= self.max_tokens:
                 inputs, coarse = padded_to(inputs, seq), True
         key = (tuple(inputs["input_ids"].shape), None if num_items is None else torch.as_tensor(num_items).dtype)
