@@ -49,17 +49,20 @@ epochs_h200_ahead_warm_b4, epochs_h200_launch_queues*); at batch 1 nothing consi
 (epochs_h200_ahead_warm_b1, epochs_h200_recorder_split_b1, epochs_h200_launch_queues_b1): off by
 default. The thread lags at the first new shapes (its recordings 0.66-1.89 s, the loop's own
 0.48-0.74 s; the loop waited 2.2-3.0 s). Not for CUDA's launch queues: under the profiler the
-loop's launches sat in full queues holding the GIL (profile_recorder_queues_h200_*), but in the
-epochs a replay's launch beside the thread took 2 ms (``launch_seconds_median``), and 4x queues
-set before CUDA started changed neither the lag nor the epoch (epochs_h200_launch_queues_env_b4).
-Nor Python's collector (with the heap frozen the thread lagged as much, epochs_h200_gc_b4). Its
+loop's launches sat in full queues and the thread stood still until each returned (torch's replay
+releases the GIL: a lock in the driver; profile_recorder_queues_h200_*,
+trace_stalls_recorder_backward_h200), but in the epochs a replay's launch beside the thread took
+2 ms (``launch_seconds_median``), and 4x queues set before CUDA started changed neither the lag
+nor the epoch (epochs_h200_launch_queues_env_b4). Nor Python's collector (with the heap frozen
+the thread lagged as much, epochs_h200_gc_b4), nor the GIL's switch interval (0.5 ms instead of
+5 ms while the thread ran, removed: epochs_h200_switch_b4). About half of each capture is its
+backward (``captured_backward_seconds``, 43-55 %). Its
 captures take more CPU time on its thread than the loop's (0.19-0.75 s against 0.15-0.22 s,
 ``captured_cpu_seconds``) and wait longer besides; the cause is not separated. Replaying a longer
 recorded shape instead of waiting for the thread cost more than the wait (epochs_h200_padded_b4).
 """
 
 import contextlib
-import sys
 import threading
 import time
 
@@ -96,13 +99,9 @@ class Recorder:
     """Records ``shapes`` for ``graphs`` (a cuda_graphs.GraphedSteps) on a thread of its own, with
     placeholder batches (a recording holds buffers, not values)."""
 
-    def __init__(self, graphs, shapes: list[tuple[int, int]], switch_interval: float | None = None):
+    def __init__(self, graphs, shapes: list[tuple[int, int]]):
         self.graphs = graphs
         self.shapes = list(shapes)
-        # Python's thread switch interval while the thread runs (train.cuda_graphs_switch_interval):
-        # how long a thread running Python keeps the GIL from one that waits for it
-        self.switch_interval = switch_interval
-        self.restored_interval: float | None = None  # Python's own, put back when the thread ends
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the main thread raises it at its next step
         self.stopping = False
@@ -120,9 +119,6 @@ class Recorder:
         if self.thread is not None:
             return
         self.recording_args = (num_items_dtype, loss_fn)
-        if self.switch_interval is not None:
-            self.restored_interval = sys.getswitchinterval()
-            sys.setswitchinterval(self.switch_interval)
         self.thread = threading.Thread(target=self._run, args=(device,), name="cuda-graph-recorder", daemon=True)
         self.thread.start()
 
@@ -172,8 +168,6 @@ class Recorder:
         except BaseException as error:
             self.error = error
         finally:
-            if self.restored_interval is not None:
-                sys.setswitchinterval(self.restored_interval)
             self.warmed.set()
 
 

@@ -51,7 +51,6 @@ def _set(config: dict, dotted: str, value) -> dict:
         ("train.cuda_graphs_attention", "xformers", "train.cuda_graphs_attention"),
         ("train.cuda_graphs_capture", "eager", "train.cuda_graphs_capture"),
         ("train.cuda_graphs_headroom", 0.95, "train.cuda_graphs_headroom"),  # below the model's prediction
-        ("train.cuda_graphs_switch_interval", 0, "train.cuda_graphs_switch_interval"),  # Python refuses 0
         ("train.checkpoint_every", 0, "train.checkpoint_every"),
         ("train.cublas_workspace_config", "4096:8", "train.cublas_workspace_config"),  # no leading colon
     ],

@@ -321,47 +321,6 @@ def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's recordings")
-def test_the_switch_interval_holds_while_the_recorder_runs(tiny_model, tmp_path, monkeypatch):
-    """train.cuda_graphs_switch_interval: Python's switch interval is the setting's from the
-    recorder's start (after the loop's first recording, step 2) until its thread ends (held here
-    until the loop has replayed 3 steps), then Python's own again; the same numbers."""
-    import sys
-    import time
-
-    from transformers import TrainerCallback
-
-    import cuda_graphs
-    import graph_recorder
-
-    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
-    run = graph_recorder.Recorder._run
-
-    def held_back(self, device):
-        self.warmed.set()  # the loop records its new shapes itself meanwhile (no handles on a CPU)
-        while not self.stopping and self.graphs.replayed_steps < 3:
-            time.sleep(0.001)
-        return run(self, device)
-
-    monkeypatch.setattr(graph_recorder.Recorder, "_run", held_back)
-    seen = {}
-
-    class Interval(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            seen[state.global_step] = sys.getswitchinterval()
-
-    own = sys.getswitchinterval()
-    settings = dict(CPU_GRAPHS, cuda_graphs_capture="ahead", cuda_graphs_switch_interval=0.0005)
-    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, callbacks=[Interval()], **settings)
-    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
-    assert own == 0.005 and sys.getswitchinterval() == own
-    assert seen[1] == own  # the first, eager step: no thread yet
-    assert seen[2] == seen[3] == 0.0005  # the thread started at step 2's recording, held until 3 replays
-    assert trainer.graphs.recorder.restored_interval == own and not trainer.graphs.recorder.thread.is_alive()
-    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
-    assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in eager]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's recordings")
 def test_coarse_shapes_serve_the_first_batches_with_the_same_numbers(tmp_path, monkeypatch):
     """train.cuda_graphs_coarse_multiple 32 over the collator's 16, for the first 4 batches: the
     2 x 304 batch replays the 2 x 320 recording padded further (no 304 recorded), the 2 x 48 one
