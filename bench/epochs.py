@@ -10,7 +10,8 @@ them); ``run`` trains every recipe on those rows in that order with a sequential
 every recipe sees the same example at every step. Recipes: ``tutorial`` (gpu_recipes'
 tutorial model), ``pipeline`` (the train stage's own code, config/llama2-7b.yaml), ``reference``
 (the pipeline without kernels, checkpointing every layer: its losses are the yardstick),
-``unsloth`` (bench/unsloth_row.py) and ``--variant NAME:KEY=VALUE,...`` pipeline variants.
+``unsloth`` (bench/unsloth_row.py) and ``--variant NAME:KEY=VALUE,...`` pipeline variants
+(``NAME:@config/batch4.yaml``: a config overlay's train settings).
 Every (job, recipe) runs in a fresh process; results are written after every row.
 
     python bench/epochs.py prepare --out .carry/epochs
@@ -267,9 +268,25 @@ def recipe_specs(recipes: list[str], overrides: dict, variants: list[str]) -> di
     for variant in variants:
         name, sep, items = variant.partition(":")
         if not sep or not name:
-            raise SystemExit(f"--variant {variant!r} is not NAME:KEY=VALUE,KEY=VALUE")
-        specs[name] = ("pipeline", dict(overrides, **parse_overrides(items.split(","))))
+            raise SystemExit(f"--variant {variant!r} is not NAME:KEY=VALUE,KEY=VALUE or NAME:@OVERLAY.yaml")
+        settings = overlay_settings(Path(items[1:])) if items.startswith("@") else parse_overrides(items.split(","))
+        specs[name] = ("pipeline", dict(overrides, **settings))
     return specs
+
+
+def overlay_settings(path: Path) -> dict:
+    """A config overlay's settings as a variant's (``NAME:@config/batch4.yaml``): its train section
+    but the batch size (the job's), and its grid's single-valued cell keys."""
+    if not path.is_file():
+        raise SystemExit(f"--variant overlay {path} is not a file")
+    overlay = yaml.safe_load(path.read_text()) or {}
+    settings = {k: v for k, v in (overlay.get("train") or {}).items() if k != "batch_size"}
+    for key, values in (overlay.get("grid") or {}).items():
+        if key in CELL_KEYS:
+            if len(values) != 1:
+                raise SystemExit(f"--variant overlay {path}: grid.{key} must hold one value for a bench row")
+            settings[key] = values[0]
+    return settings
 
 
 def rows_summary(rows_dir: Path) -> dict:
@@ -342,7 +359,12 @@ if __name__ == "__main__":
     r.add_argument("--rows-dir", type=Path, required=True)
     r.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS))
     r.add_argument("--recipes", nargs="*", choices=["tutorial", "pipeline", "reference", "unsloth"])
-    r.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... a pipeline variant")
+    r.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:KEY=VALUE,... or NAME:@OVERLAY.yaml (its train section): a pipeline variant",
+    )
     r.add_argument("--pipeline-train", action="append", default=[], help="KEY=VALUE for every pipeline recipe")
     r.add_argument("--repeats-block", type=int, default=2)
     r.add_argument(

@@ -1,6 +1,7 @@
 """The config schema: shipped configs pass; typos and bad values stop the run naming the key."""
 
 import copy
+import json
 import re
 import subprocess
 
@@ -224,7 +225,43 @@ def test_lean_overlay_changes_only_the_memory_settings_of_the_7b_study():
         "train.cublas_workspace_config",
     }
     assert merged["train"]["cuda_graphs_max_tokens"] is None  # null: every batch recorded
-    configs = [str(PROJECT / "config" / name) for name in ("llama2-7b.yaml", "lean.yaml")]
+    assert_plans_the_7b_study_with("lean.yaml")
+
+
+def test_batch4_overlay_is_the_measured_batch4_recipe_over_the_7b_study():
+    """config/batch4.yaml over config/llama2-7b.yaml: valid, batch 4 and the recorder's settings
+    and nothing else change, and they are the train settings of the row its comment quotes (the
+    fastest batch-4 epoch of bench/results/epochs_h200_switch_b4.json); Snakemake plans the study."""
+    from snakemake.utils import update_config
+
+    base, merged = load("config/llama2-7b.yaml"), load("config/llama2-7b.yaml")
+    overlay = load("config/batch4.yaml")
+    update_config(merged, overlay)
+    validate_config(merged)
+    changed = {f"{s}.{k}" for s in ("grid", "train") for k in merged[s] if merged[s][k] != base[s].get(k)}
+    assert changed == {
+        "train.batch_size",
+        "train.cuda_graphs_capture",
+        "train.cuda_graphs_coarse_multiple",
+        "train.cuda_graphs_coarse_steps",
+    }
+    assert base["train"]["pad_to_multiple_of"] == merged["train"]["pad_to_multiple_of"] == 64  # stated in both
+    assert merged["results_dir"] != base["results_dir"]
+    report = json.loads((PROJECT / "bench" / "results" / "epochs_h200_switch_b4.json").read_text())
+    table = {row["recipe"]: row for row in report["table"] if row["job"] == "epoch_b4"}
+    fastest = min((r for r in table.values() if r["recipe"] != "tutorial"), key=lambda r: r["epoch_seconds"])
+    assert fastest["recipe"] == "pad64_coarse128_100_ahead" and fastest["vs_tutorial"] == 2.98
+    measured = [row["train"] for row in report["rows"] if row["recipe"] == fastest["recipe"]]
+    assert len(measured) == 3 and all(m == measured[0] for m in measured)
+    assert {k: v for k, v in overlay["train"].items() if k != "batch_size"} == measured[0]
+    assert overlay["train"]["batch_size"] == 4
+    assert_plans_the_7b_study_with("batch4.yaml")
+
+
+def assert_plans_the_7b_study_with(overlay: str) -> None:
+    """Snakemake plans the 7B study from config/llama2-7b.yaml and the overlay (stock kernels: no
+    Liger on a CPU)."""
+    configs = [str(PROJECT / "config" / name) for name in ("llama2-7b.yaml", overlay)]
     done = subprocess.run(
         [
             str(BIN / "snakemake"),

@@ -108,6 +108,31 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
     assert "| pipeline | epoch_b4 | 4 | 0.4 | 2,500 (2,500) | 2.5 |" in text
 
 
+def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
+    """--variant NAME:@OVERLAY.yaml: the overlay's train section but the batch size (the job's) and
+    its grid's single-valued cell keys; a missing file or a grid key of several values is refused."""
+    import epochs
+
+    specs = epochs.recipe_specs([], {}, ["b4:@config/batch4.yaml", "lean:@config/lean.yaml"])
+    assert specs["b4"] == (
+        "pipeline",
+        dict(
+            pad_to_multiple_of=64,
+            cuda_graphs_capture="ahead",
+            cuda_graphs_coarse_multiple=128,
+            cuda_graphs_coarse_steps=100,
+        ),
+    )
+    kind, lean = specs["lean"]
+    assert lean["double_quant"] is True and lean["memory_budget_gib"] == 4.84 and "batch_size" not in lean
+    with pytest.raises(SystemExit, match=r"--variant overlay missing\.yaml is not a file"):
+        epochs.recipe_specs([], {}, ["x:@missing.yaml"])
+    two = tmp_path / "two.yaml"
+    two.write_text("grid:\n  double_quant: [true, false]\n")
+    with pytest.raises(SystemExit, match=r"grid\.double_quant must hold one value"):
+        epochs.recipe_specs([], {}, [f"x:@{two}"])
+
+
 def test_tiny_run_trains_every_recipe_on_the_same_rows(rows_dir, tmp_path):
     """The run command end to end on a 2-layer Llama: the tutorial's and the pipeline's code
     paths, the file's order, the loss gap; rows cut to 64 tokens to keep it short."""
