@@ -113,7 +113,8 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
     its grid's single-valued cell keys; a missing file or a grid key of several values is refused."""
     import epochs
 
-    specs = epochs.recipe_specs([], {}, ["b4:@config/batch4.yaml", "lean:@config/lean.yaml"])
+    config = PROJECT / "config"
+    specs = epochs.recipe_specs([], {}, [f"b4:@{config / 'batch4.yaml'}", f"lean:@{config / 'lean.yaml'}"])
     assert specs["b4"] == (
         "pipeline",
         dict(
@@ -146,8 +147,9 @@ def test_tiny_run_trains_every_recipe_on_the_same_rows(rows_dir, tmp_path):
     command = [sys.executable, str(PROJECT / "bench" / "epochs.py"), "run", "--rows-dir", str(short)]
     command += ["--shape", "tiny", "--model-dir", str(tmp_path / "model"), "--jobs", "seed_epoch_b1"]
     command += ["--recipes", "tutorial", "reference", "unsloth", "--steps", "2", "--out", str(out)]
-    # a variant with a cell key (double quantisation) and offloaded checkpoints, as the memory rows run
-    command += ["--variant", "lean:double_quant=true,offload_checkpoints=true,kernels=none"]
+    # config/lean.yaml as a variant: a cell key (double quantisation) and offloaded checkpoints, as
+    # the memory rows run (stock kernels on a CPU, for every pipeline recipe)
+    command += ["--variant", f"lean:@{PROJECT / 'config' / 'lean.yaml'}", "--pipeline-train", "kernels=none"]
     # An unsloth layer without unsloth: bench/unsloth_row.py runs and reports its own not-run row.
     env = dict(os.environ, UNSLOTH_SITE=str(tmp_path / "unsloth-site"))
     (tmp_path / "unsloth-site").mkdir()
