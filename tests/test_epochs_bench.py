@@ -310,6 +310,7 @@ RESULTS = {  # each file's rows that must be there
         ("pad64_coarse128_ahead", "epoch_b4"),
         ("pad64_coarse128_100_ahead", "epoch_b4"),
     },
+    "epochs_h200_headroom_probe.json": {("batch4_headroom_1.05", "epoch_b4"), ("batch4", "epoch_b4")},
 }
 
 
