@@ -2,7 +2,8 @@
 # Issue 15, run on one H200 at commit a92f002 -> bench/results/epochs_h200_switch_b4.{json,md},
 # profile_recorder_backward_h200.json, trace_stalls_recorder_backward_h200.json, pytest_cuda_switch.txt.
 # cuda_graphs_switch_interval measured no gain and was removed after it: this script is the
-# record of what the sitting ran (its switch rows need that commit). (1) Python's switch interval
+# record of what the sitting ran (its switch rows need that commit, its pad64_coarse128_ahead rows
+# the coarse_steps default of then, 50; now 100). (1) Python's switch interval
 # while the recorder thread runs (train.cuda_graphs_switch_interval). The thread's captures take
 # more CPU time on their thread than the loop's (0.19-0.75 s against 0.15-0.22 s) and wait longer
 # besides (bench/results/epochs_h200_gc_b4); the loop waited 1.55-3.0 s an epoch for it. Three

@@ -375,7 +375,7 @@ def make_trainer(
             train.get("cuda_graphs_attention", "cudnn"),
             train.get("cuda_graphs_capture", "synchronized"),
             train.get("cuda_graphs_coarse_multiple"),
-            train.get("cuda_graphs_coarse_steps", 50),
+            train.get("cuda_graphs_coarse_steps", 100),
         )
         trainer.graphs.prepare = plan.select if plan is not None else None
         if trainer.graphs.capture == "ahead" and not train["padding_free"]:  # the shapes this epoch's rows make

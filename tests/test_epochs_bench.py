@@ -124,7 +124,7 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
             cuda_graphs_coarse_steps=100,
         ),
     )
-    kind, lean = specs["lean"]
+    lean = specs["lean"][1]
     assert lean["double_quant"] is True and lean["memory_budget_gib"] == 4.84 and "batch_size" not in lean
     with pytest.raises(SystemExit, match=r"--variant overlay missing\.yaml is not a file"):
         epochs.recipe_specs([], {}, ["x:@missing.yaml"])
