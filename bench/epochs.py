@@ -11,7 +11,7 @@ every recipe sees the same example at every step. Recipes: ``tutorial`` (gpu_rec
 tutorial model), ``pipeline`` (the train stage's own code, config/llama2-7b.yaml), ``reference``
 (the pipeline without kernels, checkpointing every layer: its losses are the yardstick),
 ``unsloth`` (bench/unsloth_row.py) and ``--variant NAME:KEY=VALUE,...`` pipeline variants
-(``NAME:@config/batch4.yaml``: a config overlay's train settings).
+(``NAME:@config/batch4.yaml,KEY=VALUE,...``: a config overlay's train settings, then the keys).
 Every (job, recipe) runs in a fresh process; results are written after every row.
 
     python bench/epochs.py prepare --out .carry/epochs
@@ -268,8 +268,10 @@ def recipe_specs(recipes: list[str], overrides: dict, variants: list[str]) -> di
     for variant in variants:
         name, sep, items = variant.partition(":")
         if not sep or not name:
-            raise SystemExit(f"--variant {variant!r} is not NAME:KEY=VALUE,KEY=VALUE or NAME:@OVERLAY.yaml")
-        settings = overlay_settings(Path(items[1:])) if items.startswith("@") else parse_overrides(items.split(","))
+            raise SystemExit(f"--variant {variant!r} is not NAME:[@OVERLAY.yaml,]KEY=VALUE,KEY=VALUE")
+        items = items.split(",")
+        settings = overlay_settings(Path(items.pop(0)[1:])) if items[0].startswith("@") else {}
+        settings.update(parse_overrides(items))  # KEY=VALUE after an overlay: over its settings
         specs[name] = ("pipeline", dict(overrides, **settings))
     return specs
 
@@ -363,7 +365,7 @@ if __name__ == "__main__":
         "--variant",
         action="append",
         default=[],
-        help="NAME:KEY=VALUE,... or NAME:@OVERLAY.yaml (its train section): a pipeline variant",
+        help="NAME:[@OVERLAY.yaml,]KEY=VALUE,...: a pipeline variant (an overlay: its train section, then the keys)",
     )
     r.add_argument("--pipeline-train", action="append", default=[], help="KEY=VALUE for every pipeline recipe")
     r.add_argument("--repeats-block", type=int, default=2)

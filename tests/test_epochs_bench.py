@@ -110,14 +110,17 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
 
 def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
     """--variant NAME:@OVERLAY.yaml: the overlay's train section but the batch size (the job's) and
-    its grid's single-valued cell keys; a missing file or a grid key of several values is refused."""
+    its grid's single-valued cell keys, KEY=VALUE after it over them; a missing file or a grid key
+    of several values is refused."""
     import epochs
 
     config = PROJECT / "config"
-    specs = epochs.recipe_specs([], {}, [f"b4:@{config / 'batch4.yaml'}", f"lean:@{config / 'lean.yaml'}"])
+    lean = f"lean:@{config / 'lean.yaml'},memory_budget_gib=5.75"
+    specs = epochs.recipe_specs([], {"memory_budget_gib": 8}, [f"b4:@{config / 'batch4.yaml'}", lean])
     assert specs["b4"] == (
         "pipeline",
         dict(
+            memory_budget_gib=8,  # --pipeline-train's, under the overlay
             pad_to_multiple_of=64,
             cuda_graphs_capture="ahead",
             cuda_graphs_coarse_multiple=128,
@@ -125,7 +128,8 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
         ),
     )
     lean = specs["lean"][1]
-    assert lean["double_quant"] is True and lean["memory_budget_gib"] == 4.84 and "batch_size" not in lean
+    assert lean["double_quant"] is True and lean["offload_checkpoints"] is True and "batch_size" not in lean
+    assert lean["memory_budget_gib"] == 5.75  # the variant's key over the overlay's 4.84
     with pytest.raises(SystemExit, match=r"--variant overlay missing\.yaml is not a file"):
         epochs.recipe_specs([], {}, ["x:@missing.yaml"])
     two = tmp_path / "two.yaml"
