@@ -285,8 +285,8 @@ def overlay_settings(path: Path) -> dict:
     settings = {k: v for k, v in (overlay.get("train") or {}).items() if k != "batch_size"}
     for key, values in (overlay.get("grid") or {}).items():
         if key in CELL_KEYS:
-            if len(values) != 1:
-                raise SystemExit(f"--variant overlay {path}: grid.{key} must hold one value for a bench row")
+            if not isinstance(values, list) or len(values) != 1:
+                raise SystemExit(f"--variant overlay {path}: grid.{key} must be a list of one value for a bench row")
             settings[key] = values[0]
     return settings
 

@@ -134,7 +134,10 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
         epochs.recipe_specs([], {}, ["x:@missing.yaml"])
     two = tmp_path / "two.yaml"
     two.write_text("grid:\n  double_quant: [true, false]\n")
-    with pytest.raises(SystemExit, match=r"grid\.double_quant must hold one value"):
+    with pytest.raises(SystemExit, match=r"grid\.double_quant must be a list of one value"):
+        epochs.recipe_specs([], {}, [f"x:@{two}"])
+    two.write_text("grid:\n  double_quant: true\n")  # not a grid axis (a list)
+    with pytest.raises(SystemExit, match=r"grid\.double_quant must be a list of one value"):
         epochs.recipe_specs([], {}, [f"x:@{two}"])
 
 
