@@ -67,6 +67,17 @@ def per_process_accumulation(train: dict, processes: int) -> int:
     return steps // processes
 
 
+def from_main(value):
+    """The first process's ``value`` on every process (the value itself when alone)."""
+    if world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def gather_memory(stats: dict) -> list[dict]:
     """Every process's memory statistics, in rank order (just this one's when alone)."""
     if world_size() == 1:

@@ -1,6 +1,7 @@
 """Resuming a killed training job: its checkpoints are kept only for exactly the same settings."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,10 @@ def prepare_checkpoints(checkpoint_dir: Path, signature: dict, logger) -> str | 
             logger.warning("checkpoints in %s were made with other settings: discarded", checkpoint_dir)
             shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    signature_path.write_text(json.dumps(signature, indent=2, sort_keys=True))
+    # Replaced whole (a rename): a process reading it meanwhile sees the old or the new settings.
+    written = signature_path.with_name(f".{SIGNATURE_FILE}.{os.getpid()}")
+    written.write_text(json.dumps(signature, indent=2, sort_keys=True))
+    os.replace(written, signature_path)
     # A kill during a save leaves a partial checkpoint: trainer_state.json is written last.
     while (last := get_last_checkpoint(str(checkpoint_dir))) and not checkpoint_is_complete(Path(last)):
         logger.warning("discarding incomplete checkpoint %s (killed while saving)", last)

@@ -31,7 +31,14 @@ import preemption
 import trackers
 from cell_lock import CellBusy, CellLock
 from checkpointing import CheckpointPlan, decoder_layers
-from data_parallel import gather_memory, join_processes, launch_command, per_process_accumulation, world_size
+from data_parallel import (
+    from_main,
+    gather_memory,
+    join_processes,
+    launch_command,
+    per_process_accumulation,
+    world_size,
+)
 from gpu_assign import assign_gpus
 from modeling import device
 from recipe import choose_optimizer, make_trainer, prepare_model, sft_config
@@ -189,7 +196,9 @@ def main(
             "rows": len(dataset),
             "processes": processes,
         }
-        resume_from = prepare_checkpoints(Path(checkpoint_dir), signature, logger)
+        # The first process alone tidies the checkpoints; every process resumes where it decided.
+        resume_from = prepare_checkpoints(Path(checkpoint_dir), signature, logger) if main_process else None
+    resume_from = from_main(resume_from)
 
     timer = step_timer()
     callbacks = [timer, preemption.save_on_warning(logger)]

@@ -237,6 +237,41 @@ def test_partial_checkpoint_is_discarded(tmp_path):
     assert resume.prepare_checkpoints(checkpoints, {"cell": "y"}, logging.getLogger("test")) is None
 
 
+def test_a_reader_never_sees_a_partial_run_signature(tmp_path):
+    """prepare_checkpoints replaces the run signature whole: a process reading it meanwhile (another
+    rank of a data-parallel job; CI once caught rank 1 reading an empty one) sees the old or the
+    new settings, never a truncated file."""
+    import json
+    import logging
+    import threading
+
+    checkpoints = tmp_path / "ckpt"
+    signature = {"cell": "x", "train": {f"key_{i}": i for i in range(2000)}}
+    resume.prepare_checkpoints(checkpoints, signature, logging.getLogger("test"))
+    path = checkpoints / resume.SIGNATURE_FILE
+    partial, done = [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            try:
+                json.loads(path.read_text())
+            except ValueError:
+                partial.append(1)
+            except FileNotFoundError:  # between the removal and the rename would be a defect too
+                partial.append(1)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(300):
+            resume.prepare_checkpoints(checkpoints, signature, logging.getLogger("test"))
+    finally:
+        done.set()
+        reader.join()
+    assert not partial, f"{len(partial)} reads of a partial run signature"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [resume.SIGNATURE_FILE]  # no temporary left
+
+
 def test_launch_command_runs_one_process_per_gpu(tmp_path):
     command = train.launch_command(4, tmp_path / "arguments.json")
     assert command[:3] == [train.sys.executable, "-m", "torch.distributed.run"]
