@@ -204,9 +204,9 @@ class GraphedSteps:
         # the capturing thread's CPU time in them (the backward's launches run on autograd's device
         # thread): against captured_seconds, how long a background capture waited rather than ran
         self.captured_cpu_seconds: list[float] = []
-        # of captured_seconds, the backward's (from the loss to the gradients in their buffers): a
-        # background capture's backward calls a Python saved-tensor hook per saved tensor on
-        # autograd's device thread, each holding the GIL
+        # of captured_seconds, the backward's (from the loss to the gradients in their buffers): 43-55 %
+        # of a capture on one H200, its stalls without a Python call in them (bench/results/
+        # trace_stalls_recorder_backward_h200: not the saved-tensor hooks)
         self.captured_backward_seconds: list[float] = []
         # host time of each replay's launch while the recorder runs: ~2 ms in the batch-4 epochs,
         # 130 ms under the profiler (launch queues full), bench/results/epochs_h200_launch_queues_env_b4
@@ -380,7 +380,7 @@ class GraphedSteps:
         if num_items is not None:  # the trainer's token count over the accumulated batches
             static["num_items"] = torch.as_tensor(num_items, device=inputs["input_ids"].device).clone()
         parameters, buffers = self.parameters, self.grads
-        backward_seconds = {}  # the capture's, kept with its other times
+        backward_seconds = 0.0  # the capture's, kept with its other times
 
         # A background capture runs while the main thread's optimizer updates the adapters in place:
         # their version counters move between the captured forward and backward, and autograd would
@@ -389,6 +389,7 @@ class GraphedSteps:
         saved = torch.autograd.graph.saved_tensors_hooks(_same, _same) if background else contextlib.nullcontext()
 
         def forward_backward():
+            nonlocal backward_seconds
             # The backward too: a checkpointed layer's recomputation must run the forward's
             # attention kernel (its saved tensors' shapes).
             with attention_backends(self.attention), causal_flag_while_recording(), saved:
@@ -402,7 +403,7 @@ class GraphedSteps:
                     grads = torch.autograd.grad(loss, parameters, allow_unused=True)
                     pairs = [(buffer, grad) for buffer, grad in zip(buffers, grads, strict=True) if grad is not None]
                     torch._foreach_add_([buffer for buffer, _ in pairs], [grad for _, grad in pairs])
-                backward_seconds["captured"] = time.perf_counter() - backward
+                backward_seconds = time.perf_counter() - backward
             # Keep the values, not the autograd graph behind the loss: with checkpointing it ends
             # at the embedding output (a leaf made to require grad), which it would keep alive with
             # its gradient, two hidden-state tensors per recorded shape.
@@ -450,7 +451,7 @@ class GraphedSteps:
         self.entry_seconds.append(entered - entering)
         self.captured_seconds.append(captured - entered)
         self.captured_cpu_seconds.append(cpu)
-        self.captured_backward_seconds.append(backward_seconds["captured"])
+        self.captured_backward_seconds.append(backward_seconds)
         self.pool = graph.pool()
         self.logger.info("CUDA graph recorded for batch shape %s", tuple(inputs["input_ids"].shape))
         return Recording(replay=graph.replay, inputs=static, loss=loss, metrics=metrics)
