@@ -125,6 +125,7 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
             cuda_graphs_capture="ahead",
             cuda_graphs_coarse_multiple=128,
             cuda_graphs_coarse_steps=100,
+            cuda_graphs_headroom=1.05,
         ),
     )
     lean = specs["lean"][1]
@@ -318,6 +319,17 @@ RESULTS = {  # each file's rows that must be there
         ("pad64_coarse128_100_ahead", "epoch_b4"),
     },
     "epochs_h200_headroom_probe.json": {("batch4_headroom_1.05", "epoch_b4"), ("batch4", "epoch_b4")},
+    "epochs_h200_batch4.json": {
+        ("tutorial", "epoch_b4"),
+        ("batch4", "epoch_b4"),
+        ("batch4_headroom_1.05", "epoch_b4"),
+    },
+    "epochs_h200_lean_blocks.json": {("lean_yaml_5.75", "block_2048x4")},
+    "epochs_h200_lean_blocks_2.json": {
+        ("lean_yaml_5.75", "block_2048x4"),
+        ("lean_5.75_cublas_32mib", "block_2048x4"),
+        ("lean_5.75_eager", "block_2048x4"),
+    },
 }
 
 
