@@ -6,7 +6,8 @@ SFTTrainer as unsloth patches it, the rows in the given order (a sequential samp
 and memory as the train stage measures them (scripts/train_metrics.py). Any failure, the
 import included, still prints a row: ``status: "not run: <type>: <message>"``, exit 0.
 
-Its own package layer (trl <= 1.15, datasets < 5): ``bash .carry/unsloth/install.sh``, then
+Its own package layer (trl <= 1.15, datasets < 5): ``bash bench/unsloth_layer.sh`` where the registry is
+reachable, ``bash bench/unsloth_install.sh`` on the GPU host, then
     PYTHONPATH=/tmp/unsloth-site:/tmp/site python3 bench/unsloth_row.py --row '{"model_dir": ..., ...}'
 
 Row keys: model_dir, rows_file (JSON {"input_ids": [[...], ...]}) or seq (random rows as
