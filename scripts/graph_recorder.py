@@ -40,7 +40,7 @@ bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
   streams (seeded from the run's seed and the shape), not from the default generator's
   sequence: the same distribution, other draws, so a run recorded ahead is reproducible (the
   dropout test's last step 4.8e-6 apart in 2 of 4 sittings, cause not separated) but not
-  bit-equal to one recorded in the loop (without dropout it is: tests/test_recipe.py on a GPU).
+  bit-equal to one recorded in the loop (without dropout it is: tests/test_graph_recorder.py on a GPU).
   Those states are not in a checkpoint: a resumed run starts each shape's stream afresh.
 
 Measured on one H200 at batch 4, multiples of 128, after a warm-up: 42.1-44.9 s against
@@ -180,7 +180,7 @@ def warm_up_libraries(device, attention: str) -> None:
     bench/results/epochs_h200_recorder_event warmed up with a forward of the model under the lock:
     the thread then lagged the loop at the first new shapes. Run beside the first, eager step
     instead, the loop's first recording then failed, bench/results/epochs_h200_ahead_b4.)"""
-    from cuda_graphs import attention_backends
+    from graph_attention import attention_backends
 
     if device.type != "cuda":
         return

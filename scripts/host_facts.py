@@ -1,6 +1,6 @@
 """What the training step needs to know of each batch, read by the collator while the batch is
 still in host memory (scripts/recipe.py wraps the trainer's collator in HostFacts): read from the
-batch's GPU copy, each was a device sync per step (tests/test_recipe.py counts them)."""
+batch's GPU copy, each was a device sync per step (tests/test_cuda_graphs.py counts them)."""
 
 import dataclasses
 

@@ -30,7 +30,8 @@ import torch
 
 import python_gc
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
-from cuda_graphs import GraphedSteps, scoring_every_position
+from cuda_graphs import GraphedSteps
+from graph_attention import scoring_every_position
 from graph_recorder import Recorder, padded_shapes
 from host_facts import HOST_FACTS, HostFacts
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
