@@ -12,7 +12,8 @@
 # bench/results/epochs_h200_recorded), twice; unsloth's row is not in this sitting (its layer
 # does not fit the call's carry), so compare it with care. The CUDA recorder tests first, then a
 # 12-step warm-up. ~18 min from the repo root in the background (bg.sh start ... 540, then a wait
-# of 560).
+# of 560). Ran at commit f195402; the recorder tests it selects are in tests/test_graph_recorder.py
+# since, and config/batch4.yaml sets the headroom of 1.05 this sitting measured.
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "recording_ahead or recorder or coarse" 2>&1 \
   | grep -E "^E|passed|failed|Error" | head -40 | tee /tmp/bgout/pytest_cuda_batch4.txt

@@ -7,7 +7,9 @@
 # separates the two differences, each twice, interleaved with the shipped overlay: torch's 32 MiB
 # cuBLAS workspaces instead of lean's 8 MiB (the 8 MiB measured the same speed at batch 1 only),
 # and the blocks eager (cuda_graphs_max_tokens 4096, the 7B config's) with expandable segments on.
-# ~5 min from the repo root in the background (bg.sh start ... 420).
+# ~5 min from the repo root in the background (bg.sh start ... 420). Ran at commit b0de750, where
+# config/lean.yaml recorded every block (cuda_graphs_max_tokens: null); it leaves them eager since,
+# so its first two variants now need cuda_graphs_max_tokens=null to repeat this sitting.
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 E="python3 bench/epochs.py run --rows-dir /tmp/epochs --repeats-block 1 --jobs block_2048x4 --recipes"
 O="--out /tmp/bgout/epochs_h200_lean_blocks_2 --append"

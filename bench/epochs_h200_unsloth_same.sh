@@ -15,6 +15,7 @@ BLOCKS="--jobs block_2048x4 --recipes --variant lean_yaml_5.75:@config/lean.yaml
 $E $O $BLOCKS
 $E $O --jobs epoch_b4 --recipes --variant "lean_yaml:@config/lean.yaml"
 for _ in $(seq 300); do [ -f /tmp/unsloth-site/unsloth/__init__.py ] && break; sleep 2; done
+[ -f /tmp/unsloth-site/unsloth/__init__.py ] || { echo "unsloth's layer did not arrive in 600 s"; exit 1; }
 $E $O --jobs block_2048x4 --recipes unsloth
 $E $O $BLOCKS
 $E $O --jobs block_2048x4 --recipes unsloth

@@ -8,11 +8,11 @@
 set -eu
 out=.carry/unsloth/wheels
 rm -rf "$out" && mkdir -p "$out"
-get() { pip download -q --no-deps -d "$out" "$@"; }
+get() { pip download -q --no-deps -d "$out" --python-version 3.12 --only-binary :all: "$@"; }
 get unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 "fsspec==2026.2.0" \
   tyro docstring_parser typeguard cut_cross_entropy einops json5 structlog nest_asyncio \
   typer rich markdown_it_py mdurl shellingham click diffusers dill==0.4.1
-get --python-version 3.12 --only-binary :all: --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+get --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 \
   sentencepiece msgspec hf_transfer torchao multiprocess==0.70.19 xxhash
 ls "$out" | wc -l && du -sh "$out"

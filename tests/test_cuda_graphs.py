@@ -1,7 +1,9 @@
-"""CUDA graphs for the training step (scripts/cuda_graphs.py, graph_recorder.py, graph_attention.py)
+"""CUDA graphs for the training step (scripts/cuda_graphs.py, graph_attention.py)
 on the tiny random Llama with a real 4-bit base: a replayed step trains to the numbers of TRL's
-eager step (on the CPU the recorded function runs as the replay), recording ahead and the coarse
-shapes keep them, and the device-only tests (a real graph) run where CUDA is."""
+eager step (on the CPU the recorded function runs as the replay), the batches the graphs cannot
+serve train eagerly, recordings attend as eager steps do and keep no step alive, and the
+device-only tests (a real graph, no device syncs) run where CUDA is. Recording ahead and the
+coarse shapes: tests/test_graph_recorder.py."""
 
 import pytest
 import torch
