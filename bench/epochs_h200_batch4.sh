@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 15, prepared for the next sitting on one H200 (not yet run): config/batch4.yaml as shipped
-# (`--variant batch4:@config/batch4.yaml`: multiples of 64 after 100 batches on 128, recorded
-# ahead) three times against the tutorial's batch-4 epoch three times, interleaved, and twice with
+# Issue 15, run on one H200 (bench/results/epochs_h200_batch4, epochs_h200_lean_blocks):
+# config/batch4.yaml as shipped (`--variant batch4:@config/batch4.yaml`: multiples of 64 after 100
+# batches on 128, recorded ahead) three times against the tutorial's batch-4 epoch three times, interleaved, and twice with
 # a graph headroom of 1.05 instead of 1.08 (the per-batch plan keeps more layers: 15.0 recomputed a
 # step on average at multiples of 128 against 16.8; a fresh machine's epoch at 1.05 peaked at
 # 7.91 GiB). The switch sitting measured the overlay's recipe at 2.98x by the medians (41.75 s
@@ -12,8 +12,8 @@
 # bench/results/epochs_h200_recorded), twice; unsloth's row is not in this sitting (its layer
 # does not fit the call's carry), so compare it with care. The CUDA recorder tests first, then a
 # 12-step warm-up. ~18 min from the repo root in the background (bg.sh start ... 540, then a wait
-# of 560). Ran at commit f195402; the recorder tests it selects are in tests/test_graph_recorder.py
-# since, and config/batch4.yaml sets the headroom of 1.05 this sitting measured.
+# of 560). Ran at commit f195402, the record of that sitting: the recorder tests it selects are in
+# tests/test_graph_recorder.py since, and config/batch4.yaml sets the headroom of 1.05 it measured.
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 python3 -m pytest -q -p no:cacheprovider tests/test_recipe.py -k "recording_ahead or recorder or coarse" 2>&1 \
   | grep -E "^E|passed|failed|Error" | head -40 | tee /tmp/bgout/pytest_cuda_batch4.txt

@@ -59,5 +59,13 @@ def base_model_dir(pipeline_run) -> Path:
     return pipeline_run / "model" / "base"
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer random Llama's folder (tests/test_recipe.py build_tiny_model), one per test module."""
+    from test_recipe import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

@@ -210,12 +210,7 @@ def test_grid_exclude_leaves_out_matching_rows_and_rejects_a_typo():
 def test_lean_overlay_changes_only_the_memory_settings_of_the_7b_study():
     """config/lean.yaml over config/llama2-7b.yaml, merged as Snakemake merges --configfile files:
     valid, the lean settings and nothing else change, and Snakemake plans the study from both."""
-    from snakemake.utils import update_config
-
-    base, merged = load("config/llama2-7b.yaml"), load("config/llama2-7b.yaml")
-    update_config(merged, load("config/lean.yaml"))
-    validate_config(merged)
-    changed = {f"{s}.{k}" for s in ("grid", "train") for k in merged[s] if merged[s][k] != base[s].get(k)}
+    merged, changed = merged_over_the_7b_study("lean.yaml")
     assert changed == {
         "grid.double_quant",
         "train.optimizer",  # the paged one its rows measured (its state outside the allocator's peak)
@@ -233,13 +228,8 @@ def test_batch4_overlay_is_the_measured_batch4_recipe_over_the_7b_study():
     """config/batch4.yaml over config/llama2-7b.yaml: valid, batch 4 and the recorder's settings
     and nothing else change, and they are the train settings of the row its comment quotes (the
     fastest batch-4 epoch of bench/results/epochs_h200_batch4.json); Snakemake plans the study."""
-    from snakemake.utils import update_config
-
-    base, merged = load("config/llama2-7b.yaml"), load("config/llama2-7b.yaml")
-    overlay = load("config/batch4.yaml")
-    update_config(merged, overlay)
-    validate_config(merged)
-    changed = {f"{s}.{k}" for s in ("grid", "train") for k in merged[s] if merged[s][k] != base[s].get(k)}
+    base, overlay = load("config/llama2-7b.yaml"), load("config/batch4.yaml")
+    merged, changed = merged_over_the_7b_study("batch4.yaml")
     assert changed == {
         "train.batch_size",
         "train.cuda_graphs_capture",
@@ -259,6 +249,17 @@ def test_batch4_overlay_is_the_measured_batch4_recipe_over_the_7b_study():
     assert {k: v for k, v in overlay["train"].items() if k != "batch_size"} == measured[0]
     assert overlay["train"]["batch_size"] == 4
     assert_plans_the_7b_study_with("batch4.yaml")
+
+
+def merged_over_the_7b_study(overlay: str) -> tuple[dict, set[str]]:
+    """config/llama2-7b.yaml with the overlay merged as Snakemake merges --configfile files, validated,
+    and the grid and train keys the overlay changed."""
+    from snakemake.utils import update_config
+
+    base, merged = load("config/llama2-7b.yaml"), load("config/llama2-7b.yaml")
+    update_config(merged, load(f"config/{overlay}"))
+    validate_config(merged)
+    return merged, {f"{s}.{k}" for s in ("grid", "train") for k in merged[s] if merged[s][k] != base[s].get(k)}
 
 
 def assert_plans_the_7b_study_with(overlay: str) -> None:

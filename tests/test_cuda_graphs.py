@@ -10,12 +10,7 @@ import torch
 
 import checkpointing
 import host_facts
-from test_recipe import LENGTHS, LOGGER, PROJECT, build_tiny_model, train_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+from test_recipe import LENGTHS, LOGGER, PROJECT, train_tiny
 
 
 def test_cuda_graph_step_trains_like_the_eager_step(tiny_model, tmp_path, monkeypatch):

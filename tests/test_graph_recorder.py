@@ -14,11 +14,6 @@ from memory_model import GRAPH_PEAK_FACTOR, ModelShape, predict_peak
 from test_recipe import LENGTHS, build_tiny_model, train_tiny
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
-
-
 @pytest.mark.skipif(
     torch.cuda.is_available(),
     reason="on a GPU the recorder's graphs draw their dropout from states of their own: "

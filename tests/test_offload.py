@@ -13,12 +13,7 @@ import torch
 import checkpointing
 from gpu_recipes import LLAMA2_7B
 from memory_model import GIB, GRAPH_PEAK_FACTOR, ModelShape, choose_checkpointing, predict_peak
-from test_recipe import LENGTHS, PROJECT, build_tiny_model, train_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+from test_recipe import LENGTHS, PROJECT, train_tiny
 
 
 @pytest.mark.parametrize("folded", [True, False], ids=["folded_dropout", "peft_dropout"])

@@ -7,12 +7,7 @@ import pytest
 from transformers import TrainerCallback
 
 import python_gc
-from test_recipe import LENGTHS, build_tiny_model, train_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+from test_recipe import LENGTHS, train_tiny
 
 
 class FreezeCount(TrainerCallback):

@@ -43,11 +43,6 @@ TRAIN = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
-
-
 def build_tiny_model(folder: Path, layers: int = 2, dropout: float = 0.1) -> Path:
     """A small Llama (2 layers unless said) with random weights, its initial q/v adapter (LoRA
     dropout 0.1 unless said) and a tokenizer for its pad id."""
