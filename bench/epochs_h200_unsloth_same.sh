@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15, goal 3 in one sitting on one H200 (prepared, not yet run): config/lean.yaml against
+# Issue 15, goal 3 in one sitting on one H200 (ran at cefcc7b: bench/results/epochs_h200_unsloth_same;
+# this is the sitting's record): config/lean.yaml against
 # unsloth 2026.10.9 on the 2048 x 4 blocks (lean at unsloth's block peak, 5.75 GiB, the blocks
 # eager as lean.yaml leaves them: 11,647 tok/s at 5.29 / 5.77 GiB in epochs_h200_lean_blocks_2,
 # against unsloth's 11,215-11,457 at 5.75 / 6.14 in three earlier sittings), the batch-4 epoch

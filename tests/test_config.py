@@ -224,6 +224,26 @@ def test_lean_overlay_changes_only_the_memory_settings_of_the_7b_study():
     assert_plans_the_7b_study_with("lean.yaml")
 
 
+def test_lean_overlay_leads_unsloth_on_every_job_of_one_sitting():
+    """bench/results/epochs_h200_unsloth_same.json, config/lean.yaml against unsloth on one card in
+    one sitting: each lean row trained lean.yaml's settings (the budget set to unsloth's peak on
+    the blocks and at batch 1) and is at or above unsloth's tokens/s at or below both of its peaks."""
+    overlay = load("config/lean.yaml")
+    report = json.loads((PROJECT / "bench" / "results" / "epochs_h200_unsloth_same.json").read_text())
+    lean = dict(overlay["train"], double_quant=overlay["grid"]["double_quant"][0])
+    for row in (r for r in report["rows"] if r["recipe"].startswith("lean_yaml")):
+        assert row["status"] == "ok" and row["train"] == dict(lean, memory_budget_gib=row["train"]["memory_budget_gib"])
+    table = {(row["recipe"] == "unsloth", row["job"]): row for row in report["table"]}
+    for job in ("seed_epoch_b1", "epoch_b4", "block_2048x4"):
+        ours, theirs = table[False, job], table[True, job]
+        assert ours["status"] == theirs["status"] == "ok"
+        assert ours["tokens_per_second"] >= theirs["tokens_per_second"], job
+        assert ours["peak_allocated_gib"] <= theirs["peak_allocated_gib"], job
+        assert ours["peak_reserved_gib"] <= theirs["peak_reserved_gib"], job
+        if job != "block_2048x4":  # epochs: the same rows, so the same tokens
+            assert ours["epoch_seconds"] < theirs["epoch_seconds"], job
+
+
 def test_batch4_overlay_is_the_measured_batch4_recipe_over_the_7b_study():
     """config/batch4.yaml over config/llama2-7b.yaml: valid, batch 4 and the recorder's settings
     and nothing else change, and they are the train settings of the row its comment quotes (the

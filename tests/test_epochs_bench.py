@@ -330,6 +330,11 @@ RESULTS = {  # each file's rows that must be there
         ("lean_5.75_cublas_32mib", "block_2048x4"),
         ("lean_5.75_eager", "block_2048x4"),
     },
+    "epochs_h200_unsloth_same.json": {
+        ("lean_yaml_5.75", "block_2048x4"),
+        ("lean_yaml", "epoch_b4"),
+        ("lean_yaml_4.2", "seed_epoch_b1"),
+    },
 }
 
 
