@@ -131,6 +131,11 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
     lean = specs["lean"][1]
     assert lean["double_quant"] is True and lean["offload_checkpoints"] is True and "batch_size" not in lean
     assert lean["memory_budget_gib"] == 5.75  # the variant's key over the overlay's 4.84
+    levels = "cuda_graphs_coarse_multiple=[256,128],cuda_graphs_coarse_steps=[50, 150]"
+    specs = epochs.recipe_specs([], {}, [f"b4:@{config / 'batch4.yaml'},{levels},cuda_graphs_headroom=1.08"])
+    assert specs["b4"][1]["cuda_graphs_coarse_multiple"] == [256, 128]
+    assert specs["b4"][1]["cuda_graphs_coarse_steps"] == [50, 150]
+    assert specs["b4"][1]["cuda_graphs_headroom"] == 1.08
     with pytest.raises(SystemExit, match=r"--variant overlay missing\.yaml is not a file"):
         epochs.recipe_specs([], {}, ["x:@missing.yaml"])
     two = tmp_path / "two.yaml"
