@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -270,7 +269,7 @@ def recipe_specs(recipes: list[str], overrides: dict, variants: list[str]) -> di
         name, sep, items = variant.partition(":")
         if not sep or not name:
             raise SystemExit(f"--variant {variant!r} is not NAME:[@OVERLAY.yaml,]KEY=VALUE,KEY=VALUE")
-        items = re.split(r",(?![^\[]*\])", items)  # KEY=[256,128]: a list's commas are its own
+        items = items.split(",")
         settings = overlay_settings(Path(items.pop(0)[1:])) if items[0].startswith("@") else {}
         settings.update(parse_overrides(items))  # KEY=VALUE after an overlay: over its settings
         specs[name] = ("pipeline", dict(overrides, **settings))

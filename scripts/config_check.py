@@ -86,7 +86,12 @@ def _cross_key_checks(config: dict) -> None:
         if train["padding_free"] or train.get("compile", False):
             key = "padding_free" if train["padding_free"] else "compile"
             raise ConfigError(f"config key 'train.cuda_graphs': not with train.{key} (one or the other)")
-        check_coarse_levels(train)
+        coarse, multiple = train.get("cuda_graphs_coarse_multiple"), train.get("pad_to_multiple_of")
+        if coarse and multiple and coarse % multiple:
+            raise ConfigError(
+                f"config key 'train.cuda_graphs_coarse_multiple': {coarse} must be a multiple of "
+                f"train.pad_to_multiple_of ({multiple}), so that each coarse shape holds the finer ones below it"
+            )
     from grid import grid_table
 
     try:
@@ -101,36 +106,6 @@ def _cross_key_checks(config: dict) -> None:
 
     check_lm_eval(config)
     check_trackers(config)
-
-
-def check_coarse_levels(train: dict) -> None:
-    """train.cuda_graphs_coarse_multiple and _steps: one integer each or lists of one length, the
-    multiples coarsest first and each a multiple of the collator's, the steps rising."""
-    multiples, steps = train.get("cuda_graphs_coarse_multiple"), train.get("cuda_graphs_coarse_steps", 100)
-    if multiples is None:
-        return
-    key = "config key 'train.cuda_graphs_coarse_multiple'"
-    as_list = multiples if isinstance(multiples, list) else [multiples]
-    if isinstance(multiples, list) != isinstance(steps, list) or len(as_list) != len(
-        steps if isinstance(steps, list) else [steps]
-    ):
-        raise ConfigError(f"{key}: {multiples} needs train.cuda_graphs_coarse_steps of the same form, not {steps}")
-    collator = train.get("pad_to_multiple_of")
-    for multiple in as_list:
-        if collator and multiple % collator:
-            raise ConfigError(
-                f"{key}: {multiple} must be a multiple of "
-                f"train.pad_to_multiple_of ({collator}), so that each coarse shape holds the finer ones below it"
-            )
-    if isinstance(multiples, list):
-        if any(finer >= coarser for coarser, finer in zip(multiples, multiples[1:], strict=False)):
-            raise ConfigError(
-                f"{key}: {multiples} must name the coarsest multiple first, each smaller than the one before"
-            )
-        if any(later <= earlier for earlier, later in zip(steps, steps[1:], strict=False)):
-            raise ConfigError(
-                f"config key 'train.cuda_graphs_coarse_steps': {steps} must rise, each level ending after the one before"
-            )
 
 
 def push_settings(config: dict, schema: dict | None = None) -> dict:

@@ -30,8 +30,7 @@ time (``exclusive``), and a background recording writes its gradients into the f
 itself (torch.autograd.grad), never into ``.grad``, which the trainer resets between steps.
 ``train.cuda_graphs_coarse_multiple``: the first ``cuda_graphs_coarse_steps`` batches replay their
 shape padded further to that coarser multiple (``padded_to``; the same numbers), fewer shapes to
-record while the epoch starts (lists: coarser levels first); which graph serves a batch depends on
-its step alone.
+record while the epoch starts; which graph serves a batch depends on its step alone.
 
 tests/test_cuda_graphs.py trains the tiny model through this path (the same static-buffer
 function, run without a device graph on the CPU) against TRL's eager step.
@@ -104,7 +103,8 @@ class GraphedSteps:
         max_tokens: int | None = None,
         attention: str = "cudnn",
         capture: str = "synchronized",
-        coarse: list[tuple[int, int]] = (),
+        coarse_multiple: int | None = None,
+        coarse_steps: int = 0,
     ):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.grads: list[torch.Tensor] | None = None
@@ -123,11 +123,10 @@ class GraphedSteps:
         if capture not in CAPTURES:
             raise ValueError(f"train.cuda_graphs_capture must be one of {CAPTURES}, not {capture!r}")
         self.capture = capture
-        # (multiple, until) levels (graph_recorder.coarse_levels): a batch before step ``until``
-        # replays its shape padded further, to that multiple: fewer shapes to record while the
-        # epoch starts, the finer ones after
-        self.coarse = list(coarse)
-        self.coarse_replays = 0  # replays of batches padded to a coarse level's multiple
+        # the first coarse_steps batches replay shapes padded further, to multiples of
+        # coarse_multiple: fewer shapes to record while the epoch starts, the finer ones after
+        self.coarse_multiple, self.coarse_steps = coarse_multiple, coarse_steps
+        self.coarse_replays = 0  # replays of the first coarse_steps batches
         self.prepare = None  # prepare(batch, seq) -> checkpointed layers: set on the model before a recording
         self.stream = None  # the side stream every recording is captured on
         self.lock = threading.Lock()  # one forward/backward on the host at a time
@@ -176,7 +175,6 @@ class GraphedSteps:
             launch_seconds_median=round(statistics.median(self.launch_seconds), 4) if self.launch_seconds else None,
             drain_seconds=[round(t, 4) for t in self.drain_seconds],
             recorded_ahead=self.recorder.recorded if self.recorder else [],
-            coarse_levels=[list(level) for level in self.coarse],
             coarse_replays=self.coarse_replays,
             recorder_failure=self.recorder.failure if self.recorder else None,
             waited_seconds=round(self.waited_seconds, 4),
@@ -214,10 +212,9 @@ class GraphedSteps:
         # Not where a checkpointed recording would replay random numbers on the host (the longer
         # shape may recompute layers the batch's own does not), nor past cuda_graphs_max_tokens.
         coarse = False
-        multiple = next((m for m, until in self.coarse if earlier < until), None)
-        if multiple and not self.checkpointed_eager_reason:
+        if self.coarse_multiple and earlier < self.coarse_steps and not self.checkpointed_eager_reason:
             batch, seq = inputs["input_ids"].shape
-            seq = -(-seq // multiple) * multiple
+            seq = -(-seq // self.coarse_multiple) * self.coarse_multiple
             if self.max_tokens is None or batch * seq <= self.max_tokens:
                 inputs, coarse = padded_to(inputs, seq), True
         key = (tuple(inputs["input_ids"].shape), None if num_items is None else torch.as_tensor(num_items).dtype)

@@ -77,27 +77,6 @@ def padded_shapes(lengths, batch: int, multiple: int | None, max_length: int | N
     return [(batch, seq) for seq in sorted(seqs, reverse=True)]
 
 
-def coarse_levels(multiples, steps) -> list[tuple[int, int]]:
-    """``train.cuda_graphs_coarse_multiple`` and ``cuda_graphs_coarse_steps`` as (multiple, until)
-    pairs, coarsest first: batches before step ``until`` replay their shape padded to ``multiple``
-    (the first level that has not ended). One integer each, or lists of equal length (256 to step
-    50, then 128 to step 150); no multiple: none."""
-    if multiples is None:
-        return []
-    if isinstance(multiples, int):
-        multiples, steps = [multiples], [steps]
-    return list(zip(multiples, steps, strict=True))
-
-
-def coarse_first_shapes(lengths, batch: int, levels, multiple: int | None, max_length: int | None):
-    """The order a recorder thread takes the epoch's shapes in: each coarse level's shapes (the
-    first batches replay them), longest first, then the collator's own that are not among them."""
-    shapes = []
-    for coarse, _ in levels:
-        shapes += [shape for shape in padded_shapes(lengths, batch, coarse, max_length) if shape not in shapes]
-    return shapes + [shape for shape in padded_shapes(lengths, batch, multiple, max_length) if shape not in shapes]
-
-
 @contextlib.contextmanager
 def own_random_state(device: torch.device, shape: tuple[int, ...]):
     """The default CUDA generator draws from a fresh state while this thread captures: the graph

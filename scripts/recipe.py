@@ -32,7 +32,7 @@ import python_gc
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
 from cuda_graphs import GraphedSteps
 from graph_attention import scoring_every_position
-from graph_recorder import Recorder, coarse_first_shapes, coarse_levels
+from graph_recorder import Recorder, padded_shapes
 from host_facts import HOST_FACTS, HostFacts
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
 from memory_model import GIB, plan_for_cell
@@ -375,13 +375,17 @@ def make_trainer(
             train.get("cuda_graphs_max_tokens"),
             train.get("cuda_graphs_attention", "cudnn"),
             train.get("cuda_graphs_capture", "synchronized"),
-            coarse_levels(train.get("cuda_graphs_coarse_multiple"), train.get("cuda_graphs_coarse_steps", 100)),
+            train.get("cuda_graphs_coarse_multiple"),
+            train.get("cuda_graphs_coarse_steps", 100),
         )
         trainer.graphs.prepare = plan.select if plan is not None else None
         if trainer.graphs.capture == "ahead" and not train["padding_free"]:  # the shapes this epoch's rows make
             lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-            batch, multiple = args.per_device_train_batch_size, train["pad_to_multiple_of"]
-            shapes = coarse_first_shapes(lengths, batch, trainer.graphs.coarse, multiple, args.max_length)
+            batch, coarse = args.per_device_train_batch_size, train.get("cuda_graphs_coarse_multiple")
+            shapes = padded_shapes(lengths, batch, train["pad_to_multiple_of"], args.max_length)
+            if coarse:  # the coarse shapes first: the epoch's first batches replay them
+                first = padded_shapes(lengths, batch, coarse, args.max_length)
+                shapes = first + [shape for shape in shapes if shape not in first]
             trainer.graphs.recorder = Recorder(trainer.graphs, shapes)
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):
         plan.graph_peak_factor = 1.0  # no recording will run: the eager step's budget

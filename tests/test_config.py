@@ -79,28 +79,6 @@ def test_coarse_multiple_must_hold_the_collators():
     validate_config(config)
 
 
-@pytest.mark.parametrize(
-    "multiples, steps, message",
-    [
-        ([256, 96], [50, 150], r"'train.cuda_graphs_coarse_multiple': 96 must be a multiple of .*\(64\)"),
-        ([256, 128], 100, r"\[256, 128\] needs train.cuda_graphs_coarse_steps of the same form, not 100"),
-        ([256, 128], [50], r"\[256, 128\] needs train.cuda_graphs_coarse_steps of the same form, not \[50\]"),
-        ([128, 256], [50, 150], r"\[128, 256\] must name the coarsest multiple first"),
-        ([256, 128], [150, 50], r"'train.cuda_graphs_coarse_steps': \[150, 50\] must rise"),
-    ],
-)
-def test_coarse_levels_are_named_coarsest_first_with_rising_steps(multiples, steps, message):
-    """Lists of coarse levels (256 to batch 50, then 128 to 150): every malformed one is one
-    sentence naming the key before any job runs; the well-formed one passes."""
-    config = load("tests/config/config.yaml")
-    config["train"].update(cuda_graphs=True, pad_to_multiple_of=64)
-    config["train"].update(cuda_graphs_coarse_multiple=multiples, cuda_graphs_coarse_steps=steps)
-    with pytest.raises(ConfigError, match=message):
-        validate_config(config)
-    config["train"].update(cuda_graphs_coarse_multiple=[256, 128], cuda_graphs_coarse_steps=[50, 150])
-    validate_config(config)
-
-
 def test_cross_key_rule_hub_source_needs_revision():
     config = _set(_set(load("tests/config/config.yaml"), "model.source", "hub"), "model.revision", None)
     with pytest.raises(ConfigError, match="model.hub_id'/'model.revision"):

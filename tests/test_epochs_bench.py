@@ -131,11 +131,6 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
     lean = specs["lean"][1]
     assert lean["double_quant"] is True and lean["offload_checkpoints"] is True and "batch_size" not in lean
     assert lean["memory_budget_gib"] == 5.75  # the variant's key over the overlay's 4.84
-    levels = "cuda_graphs_coarse_multiple=[256,128],cuda_graphs_coarse_steps=[50, 150]"
-    specs = epochs.recipe_specs([], {}, [f"b4:@{config / 'batch4.yaml'},{levels},cuda_graphs_headroom=1.08"])
-    assert specs["b4"][1]["cuda_graphs_coarse_multiple"] == [256, 128]
-    assert specs["b4"][1]["cuda_graphs_coarse_steps"] == [50, 150]
-    assert specs["b4"][1]["cuda_graphs_headroom"] == 1.08
     with pytest.raises(SystemExit, match=r"--variant overlay missing\.yaml is not a file"):
         epochs.recipe_specs([], {}, ["x:@missing.yaml"])
     two = tmp_path / "two.yaml"
@@ -335,6 +330,7 @@ RESULTS = {  # each file's rows that must be there
         ("lean_5.75_cublas_32mib", "block_2048x4"),
         ("lean_5.75_eager", "block_2048x4"),
     },
+    "epochs_h200_coarse_levels.json": {("batch4_levels_256_128", "epoch_b4"), ("batch4", "epoch_b4")},
     "epochs_h200_unsloth_same.json": {
         ("lean_yaml_5.75", "block_2048x4"),
         ("lean_yaml", "epoch_b4"),
