@@ -39,6 +39,7 @@ import memory_peak  # noqa: E402
 from epoch_rows import DATA, JOBS, MAX_LENGTH, SEED, VOCAB, prepare  # noqa: E402
 from epoch_table import LOSS_STEPS, markdown, write  # noqa: E402
 from gpu_recipes import LLAMA2_7B, bench_cell, build_model, prediction_recipe, token_rows, tutorial_model  # noqa: E402
+from runtime import hardware  # noqa: E402
 
 GIB = 1024**3
 WARMUP = 3  # block rows: the median step after these (as gpu_recipes)
@@ -314,6 +315,7 @@ def main(a: argparse.Namespace, command: str) -> dict:
     specs = recipe_specs(a.recipes, parse_overrides(a.pipeline_train), a.variant)
     build_model(a.model_dir, a.rows_dir / "tokenizer", SHAPES[a.shape])
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    machine = hardware()  # per row: a table's rows may come from several calls (--append)
     report = dict(command=command, device=device, versions=versions(), rows_files=rows_summary(a.rows_dir), rows=[])
     if a.append and a.out.with_suffix(".json").is_file():  # one table from several calls (10-minute limit)
         previous = json.loads(a.out.with_suffix(".json").read_text())
@@ -342,7 +344,7 @@ def main(a: argparse.Namespace, command: str) -> dict:
                     "recipe": name,
                     "job": job,
                 }  # the row names the recipe
-                result["wall_seconds"] = round(time.time() - started, 1)
+                result.update(wall_seconds=round(time.time() - started, 1), hardware=machine)
                 report["rows"].append(result)
                 print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "stderr_tail")}), flush=True)
                 write(report, a.out)

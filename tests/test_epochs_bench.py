@@ -163,6 +163,8 @@ def test_tiny_run_trains_every_recipe_on_the_same_rows(rows_dir, tmp_path):
     lean, reference = ({r["recipe"]: r for r in report["rows"]}[name] for name in ("lean", "reference"))
     assert lean["status"] == "ok" and lean["double_quant"] and lean["offload_checkpoints"]
     assert not reference["double_quant"] and not reference["offload_checkpoints"]
+    # every row, the not-run one too, names the machine it ran on (sittings differ by machine)
+    assert {(r["hardware"]["cpu_count"], r["hardware"]["gpu_name"]) for r in report["rows"]} == {(os.cpu_count(), None)}
     # Same initial adapter, same rows: fp16 without autocast vs fp32 on the CPU differ only by rounding.
     losses = [r["losses"] for r in report["rows"] if r["status"] == "ok"]
     assert all(len(x) == 2 for x in losses)

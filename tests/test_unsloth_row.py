@@ -24,7 +24,7 @@ def test_without_unsloth_or_gpu_the_row_says_why():
     assert result["recipe"] == "unsloth"
     # ModuleNotFoundError: No module named 'unsloth', or unsloth's own "cannot find any torch accelerator"
     assert result["status"].startswith("not run: ") and "unsloth" in result["status"].lower(), result
-    assert set(result["versions"]) >= {"unsloth", "unsloth_zoo", "trl", "transformers", "torch", "xformers"}
+    assert set(result["versions"]) >= {"unsloth", "unsloth_zoo", "trl", "transformers", "torch", "xformers", "torchao"}
     assert result["versions"]["torch"] != "absent"
 
 
