@@ -36,8 +36,8 @@ from runtime import ALLOCATOR_VARIABLES  # noqa: E402
 GIB = 1024**3
 BLOCK_WARMUP = 3  # block rows: the median step after these (bench/epochs.py's WARMUP)
 PACKAGES = "unsloth unsloth_zoo trl transformers peft torch bitsandbytes xformers datasets triton accelerate".split()
-# the optional ones unsloth looks for (its layer from bench/unsloth_layer.sh brings some): rows from
-# two layers differ by these too
+# beyond those: packages unsloth 2026.10.9 declares or looks for at run time (bench/unsloth_layer.sh
+# brings the declared ones); two layers' rows may differ by these
 PACKAGES += "torchao cut_cross_entropy diffusers flash_attn vllm".split()
 TARGETS = {"qv": ["q_proj", "v_proj"], "all_linear": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split()}
 REQUIRED = """model_dir batch steps learning_rate lr_scheduler warmup_ratio max_grad_norm weight_decay optimizer
