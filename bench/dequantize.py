@@ -7,6 +7,12 @@ events; rows interleave the kernels. Reports microseconds per weight, the bandwi
 moved (packed codes + absmax read, bf16 written) and a 7B layer's seven weights in sum.
 
     python bench/dequantize.py --out bench/results/dequantize_h200.json
+
+``--graph``: the default Triton launch inside one CUDA graph instead (``GRAPH_CALLS`` calls
+back to back, no launch gaps, as in a recorded step), per weight and for q, k and v as one
+12,288 x 4,096 weight: what dequantising them in one launch would save.
+
+    python bench/dequantize.py --graph --out bench/results/dequantize_graph_h200.json
 """
 
 import argparse
@@ -23,6 +29,7 @@ import nf4_dequantize  # noqa: E402
 
 LAYER = {"q/k/v/o": ((4096, 4096), 4), "gate/up": ((11008, 4096), 2), "down": ((4096, 11008), 1)}
 LAUNCHES = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8)]  # (bytes per program, warps)
+GRAPH_CALLS = 20  # per replay (--graph)
 
 
 def timed(fn, repeats: int) -> float:
@@ -36,6 +43,43 @@ def timed(fn, repeats: int) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) * 1000 for start, end in events)
+
+
+def graphed(fn, calls: int, repeats: int) -> float:
+    """Median microseconds of one call when ``calls`` of them replay back to back in one CUDA graph."""
+    fn()  # compiles the kernel outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, repeats) / calls
+
+
+def graph_rows(repeats: int) -> list[dict]:
+    """The default Triton launch inside a CUDA graph: each weight of a layer, and q, k and v as one."""
+    import bitsandbytes.functional as F
+
+    shapes = {**{name: shape for name, (shape, _) in LAYER.items()}, "q+k+v as one": (3 * 4096, 4096)}
+    rows = []
+    for name, shape in shapes.items():
+        weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+        target = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+        moved = packed.numel() + state.absmax.numel() * 4 + target.numel() * 2
+        call = functools.partial(nf4_dequantize.dequantize_nf4, packed, state.absmax, target)
+        microseconds = graphed(call, GRAPH_CALLS, repeats)
+        rows.append(
+            dict(
+                weight=name,
+                shape=list(shape),
+                kernel=f"triton {nf4_dequantize.BYTES_PER_PROGRAM}/{nf4_dequantize.WARPS}, in a graph",
+                microseconds=round(microseconds, 2),
+                tb_per_second=round(moved / microseconds / 1e6, 2),
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def kernels(bitsandbytes_impl, packed, absmax, target) -> dict:
@@ -90,5 +134,19 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("dequantize.json"))
+    parser.add_argument("--graph", action="store_true", help="the default launch inside a CUDA graph")
     args = parser.parse_args()
-    print(json.dumps(main(args.repeats, args.out)["layer_microseconds"], indent=1))
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/dequantize.py times CUDA kernels: no CUDA device here")
+    if args.graph:
+        rows = graph_rows(args.repeats)
+        result = {
+            "device": torch.cuda.get_device_name(),
+            "versions": {"torch": torch.__version__, "bitsandbytes": __import__("bitsandbytes").__version__},
+            "command": f"python bench/dequantize.py --graph --repeats {args.repeats}",
+            "graph_calls": GRAPH_CALLS,
+            "rows": rows,
+        }
+        args.out.write_text(json.dumps(result, indent=1))
+    else:
+        print(json.dumps(main(args.repeats, args.out)["layer_microseconds"], indent=1))
