@@ -56,32 +56,6 @@ def graphed(fn, calls: int, repeats: int) -> float:
     return timed(graph.replay, repeats) / calls
 
 
-def graph_rows(repeats: int) -> list[dict]:
-    """The default Triton launch inside a CUDA graph: each weight of a layer, and q, k and v as one."""
-    import bitsandbytes.functional as F
-
-    shapes = {**{name: shape for name, (shape, _) in LAYER.items()}, "q+k+v as one": (3 * 4096, 4096)}
-    rows = []
-    for name, shape in shapes.items():
-        weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
-        packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
-        target = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
-        moved = packed.numel() + state.absmax.numel() * 4 + target.numel() * 2
-        call = functools.partial(nf4_dequantize.dequantize_nf4, packed, state.absmax, target)
-        microseconds = graphed(call, GRAPH_CALLS, repeats)
-        rows.append(
-            dict(
-                weight=name,
-                shape=list(shape),
-                kernel=f"triton {nf4_dequantize.BYTES_PER_PROGRAM}/{nf4_dequantize.WARPS}, in a graph",
-                microseconds=round(microseconds, 2),
-                tb_per_second=round(moved / microseconds / 1e6, 2),
-            )
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
 def kernels(bitsandbytes_impl, packed, absmax, target) -> dict:
     """Name -> a call writing ``target``: bitsandbytes' kernel, then the Triton one per launch."""
     calls = {"bitsandbytes": lambda: bitsandbytes_impl(packed, absmax, 64, "nf4", torch.bfloat16, target)}
@@ -92,19 +66,25 @@ def kernels(bitsandbytes_impl, packed, absmax, target) -> dict:
     return calls
 
 
-def main(repeats: int, out: Path) -> dict:
+def main(repeats: int, out: Path, graph: bool = False) -> dict:
     import bitsandbytes.functional as F
     from bitsandbytes.backends.cuda import ops
 
-    bitsandbytes_impl = ops._dequantize_4bit_impl
+    weights = dict(LAYER)
+    default = f"triton {nf4_dequantize.BYTES_PER_PROGRAM}/{nf4_dequantize.WARPS}"
+    if graph:  # q, k and v dequantised by one launch: not a layer's weight (per_layer 0)
+        weights["q+k+v as one"] = ((3 * 4096, 4096), 0)
     rows = []
-    for name, (shape, count) in LAYER.items():
+    for name, (shape, count) in weights.items():
         weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
         packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
         target = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
         moved = packed.numel() + state.absmax.numel() * 4 + target.numel() * 2
-        for kernel, fn in kernels(bitsandbytes_impl, packed, state.absmax, target).items():
-            microseconds = timed(fn, repeats)
+        calls = kernels(ops._dequantize_4bit_impl, packed, state.absmax, target)
+        if graph:
+            calls = {f"{default}, in a graph": calls[default]}
+        for kernel, fn in calls.items():
+            microseconds = graphed(fn, GRAPH_CALLS, repeats) if graph else timed(fn, repeats)
             rows.append(
                 dict(
                     weight=name,
@@ -122,7 +102,8 @@ def main(repeats: int, out: Path) -> dict:
     result = {
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "bitsandbytes": __import__("bitsandbytes").__version__},
-        "command": f"python bench/dequantize.py --repeats {repeats}",
+        "command": f"python bench/dequantize.py{' --graph' if graph else ''} --repeats {repeats}",
+        "graph_calls": GRAPH_CALLS if graph else None,
         "rows": rows,
         "layer_microseconds": {k: round(v, 1) for k, v in layer.items()},
     }
@@ -138,15 +119,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/dequantize.py times CUDA kernels: no CUDA device here")
-    if args.graph:
-        rows = graph_rows(args.repeats)
-        result = {
-            "device": torch.cuda.get_device_name(),
-            "versions": {"torch": torch.__version__, "bitsandbytes": __import__("bitsandbytes").__version__},
-            "command": f"python bench/dequantize.py --graph --repeats {args.repeats}",
-            "graph_calls": GRAPH_CALLS,
-            "rows": rows,
-        }
-        args.out.write_text(json.dumps(result, indent=1))
-    else:
-        print(json.dumps(main(args.repeats, args.out)["layer_microseconds"], indent=1))
+    print(json.dumps(main(args.repeats, args.out, args.graph)["layer_microseconds"], indent=1))

@@ -14,7 +14,6 @@ SHARED_DATA = PROJECT.parent / "shared" / "data"
 TINY_CONFIG = PROJECT / "tests" / "config" / "config.yaml"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(PROJECT / "scripts"))
-sys.path.insert(1, str(PROJECT / "bench"))  # the bench modules its tests import
 
 
 # Shaped like a real Hub token (hf_ + 34 letters); planted in the tiny run's environment, it
