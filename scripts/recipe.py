@@ -27,6 +27,7 @@ import logging
 from pathlib import Path
 
 import torch
+from lora_addmm import fuse_lora_add
 
 import python_gc
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
@@ -149,6 +150,8 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     model.train()  # gradient checkpointing silently does nothing in eval mode
     # train.recompute_lora_dropout: the same numbers, 0.47 GiB less at 1,024 tokens (7B, q/v)
     details["folded_lora_dropouts"] = recompute_lora_dropout(model) if train.get("recompute_lora_dropout") else 0
+    # train.fuse_lora_add: LoRA's product added to the base output by one addmm (scripts/lora_addmm.py)
+    details["fused_lora_adds"] = fuse_lora_add(model) if train.get("fuse_lora_add") else 0
     every, prediction = plan_for_cell(model_dir, cell, train, max_length, details["kernels"])
     per_batch = train["gradient_checkpointing"] == "auto"
     details["checkpoint_every"] = every
@@ -164,7 +167,7 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     details["compiled_layers"] = compile_layers(model) if train.get("compile", False) else 0
     logger.info(
         "gradient checkpointing: every %s layer(s) (%d checkpointed)%s%s; predicted peak %.2f GiB; "
-        "%d layers compiled; %d LoRA dropouts folded",
+        "%d layers compiled; %d LoRA dropouts folded, %d LoRA adds fused",
         every or "no",
         details["checkpointed_layers"],
         ", re-planned per batch length" if per_batch else "",
@@ -172,6 +175,7 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
         prediction["total"] / GIB,
         details["compiled_layers"],
         details["folded_lora_dropouts"],
+        details["fused_lora_adds"],
     )
     return model, details
 

@@ -69,6 +69,20 @@ def base_model_dir(pipeline_run) -> Path:
     return pipeline_run / "model" / "base"
 
 
+@pytest.fixture(scope="session")
+def lora_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers, vocab 256) for the LoRA layer tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama_lora")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config.update(dict(num_key_value_heads=4, vocab_size=256, tie_word_embeddings=False))
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer random Llama's folder (tests/test_recipe.py build_tiny_model), one per test module."""

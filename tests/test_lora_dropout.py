@@ -13,18 +13,6 @@ RANK, HIDDEN, LAYERS, BATCH, SEQ = 8, 64, 2, 2, 24
 DEVICES = ["cuda" if torch.cuda.is_available() else "cpu"]  # the model loads onto the GPU where there is one
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny_llama_dropout")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4)
-    config.update(dict(num_key_value_heads=4, vocab_size=256, tie_word_embeddings=False))
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
 def adapted(folder, device: str):
     """QLoRA q/v r=8, dropout 0.1, both LoRA matrices random (B = 0 would zero A's gradient)."""
     from peft import LoraConfig, get_peft_model
@@ -60,8 +48,8 @@ def step(model, seed: int, autocast: torch.dtype | None, saved: list | None = No
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["no_autocast", "bf16_autocast"])
-def test_folded_dropout_trains_to_the_stock_numbers_bit_for_bit(tiny_dir, device, autocast):
-    model = adapted(tiny_dir, device).to(device)
+def test_folded_dropout_trains_to_the_stock_numbers_bit_for_bit(lora_llama_dir, device, autocast):
+    model = adapted(lora_llama_dir, device).to(device)
     ids = torch.arange(SEQ, device=device).unsqueeze(0)
     with torch.no_grad():
         stock_eval = model.eval()(input_ids=ids).logits
@@ -147,8 +135,8 @@ def saved_bytes(tensors: list, parameters: set) -> int:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_folded_dropout_keeps_the_input_once_and_bit_packed_masks(tiny_dir, device):
-    model = adapted(tiny_dir, device).to(device)
+def test_folded_dropout_keeps_the_input_once_and_bit_packed_masks(lora_llama_dir, device):
+    model = adapted(lora_llama_dir, device).to(device)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     autocast = torch.bfloat16 if device == "cuda" else None  # the GPU recipe; fp32 on the CPU
     stock, folded = [], []
