@@ -79,3 +79,44 @@ def test_a_4bit_layer_trains_to_the_same_numbers(installed):
     finally:
         ops._dequantize_4bit_impl = triton_impl
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_without_a_gpu_4bit_linears_keep_bitsandbytes_forward():
+    import nf4_linear
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert nf4_linear.install(model, LOGGER) == 0 and type(model[0]) is torch.nn.Linear
+
+
+@CUDA
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16_autocast"])
+@pytest.mark.parametrize("tokens", [2 * 1024, 2 * 300], ids=["long_batch", "short_batch"])
+def test_direct_nf4_linear_gives_bitsandbytes_numbers_bit_for_bit(tokens, autocast):
+    """train.nf4_linear: triton. Over 1,536 tokens the direct path serves the call, else
+    bitsandbytes' own; either way the forward and input gradient equal bitsandbytes' bit for bit,
+    and autograd keeps nothing for it (the weight stays on ctx, as bitsandbytes keeps it)."""
+    import bitsandbytes as bnb
+    import nf4_linear
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(4096, 11008, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight.data = layer.weight.data.to(torch.bfloat16)  # as transformers loads a bf16 checkpoint
+    model = torch.nn.Sequential(layer).cuda()
+    x = torch.randn(2, tokens // 2, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        x.grad, saved = None, []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = model(x)
+        out.float().square().mean().backward()
+        return out.detach().clone(), x.grad.clone(), len(saved)
+
+    theirs = step()
+    assert nf4_linear.install(model, LOGGER) == 1 and nf4_linear.install(model, LOGGER) == 0
+    assert nf4_linear.served(model[0], x) == (tokens > nf4_linear.LONG_TOKENS)
+    ours = step()
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert ours[0].abs().sum() > 0 and ours[1].abs().sum() > 0
+    assert ours[2] == 0 or not nf4_linear.served(model[0], x)
