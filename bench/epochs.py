@@ -181,7 +181,6 @@ def run_row(row: dict) -> dict:
     result["dequantize"] = details.get("dequantize")  # the 4-bit weights' kernel (train.dequantize)
     result["folded_lora_dropouts"] = shape["folded_lora_dropouts"]
     result["fused_lora_adds"] = details.get("fused_lora_adds", 0)
-    result["nf4_direct_linears"] = details.get("nf4_direct_linears", 0)
     result["offload_checkpoints"] = shape["offload_checkpoints"]  # inputs of checkpointed layers in host memory
     result["double_quant"] = shape["double_quant"]
     result["memory_budget_gib"] = settings.get("memory_budget_gib")

@@ -37,7 +37,6 @@ VARIANTS = {
     "compile_auto8": {"compile": True, "gradient_checkpointing": "auto", "memory_budget_gib": 8},
     "compile_noliger": {"compile": True, "kernels": "none"},
     "fused": {"fuse_lora_add": True},  # LoRA's product added by one addmm (scripts/lora_addmm.py)
-    "fused_direct": {"fuse_lora_add": True, "nf4_linear": "triton"},  # and scripts/nf4_linear.py
     "noliger": {"kernels": "none"},
     "graphs_all": {"cuda_graphs_max_tokens": None},  # long batches recorded too
     "eager": {"cuda_graphs": False},

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 from lora_addmm import fuse_lora_add
-from nf4_linear import install as install_nf4_linear
 
 import python_gc
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
@@ -146,8 +145,6 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
         "kernels_requested": train["kernels"],
         # the same values bit for bit (tests/test_nf4_dequantize.py); what ran, or why not
         "dequantize": install_dequantize(logger) if train.get("dequantize") == "triton" else "bitsandbytes",
-        # train.nf4_linear: long batches' 4-bit linears without bitsandbytes' Python layers, the same numbers
-        "nf4_direct_linears": install_nf4_linear(model, logger) if train.get("nf4_linear") == "triton" else 0,
     }
     model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
     model.train()  # gradient checkpointing silently does nothing in eval mode

@@ -16,6 +16,14 @@ EPOCH_ROWS = {
     ("pipeline", "epoch_b4"),
 }
 RESULTS = {  # each file's rows that must be there
+    "epochs_h200_fused_add.json": {
+        ("pipeline", "block_2048x4"),
+        ("blocks_fused", "block_2048x4"),
+        ("tutorial", "epoch_b4"),
+        ("batch4", "epoch_b4"),
+        ("batch4_fused", "epoch_b4"),
+    },
+    "epochs_h200_direct_linear.json": {("blocks_fused", "block_2048x4"), ("blocks_fused_direct", "block_2048x4")},
     "epochs_h200_nosync.json": {
         ("pipeline", "epoch_b4"),
         ("paged_adamw", "epoch_b4"),
