@@ -10,7 +10,6 @@ from test_lora_dropout import DEVICES, LAYERS, SEQ, adapted, saved_bytes, step
 
 from lora_dropout import recompute_lora_dropout
 
-
 # The model loads onto the GPU where there is one; these check the CPU pipeline's float32 path
 # and PEFT's bf16 rounding on the CPU (on the card, bench rows compare the loss curves).
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's float32 path")

@@ -79,4 +79,3 @@ def test_a_4bit_layer_trains_to_the_same_numbers(installed):
     finally:
         ops._dequantize_4bit_impl = triton_impl
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
-
