@@ -5,7 +5,10 @@ stretches without a CUDA call beside the other threads' blocked calls and their 
 capture's backward launches from autograd's device thread), the same for every other thread
 with CUDA calls during the capture (``beside``: autograd's device thread running the backward, the
 loop replaying), and, where the timeline has Python stacks (bench/profile_step.py --python-stacks),
-the innermost Python call each stretch sat in and the Python calls inside it.
+the innermost Python call each stretch sat in and the Python calls inside it. ``card_idle``: the
+gaps between the card's kernels, each by its cause: the next kernel launched only after the card
+ran dry (the host late: the Python call the host sat in meanwhile, and the blocking CUDA call that
+ended inside the gap, a sync that drained the queue) or launched before and waiting on the card.
 
     python bench/trace_stalls.py traces/trace_x.json.gz --out bench/results/trace_stalls_x.json
 """
@@ -45,7 +48,44 @@ def python_inside(python_calls: list[dict], a: float, b: float) -> dict[str, flo
     return {name: round(us / 1e3, 1) for name, us in total.most_common(3)}
 
 
-def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float = 5.0) -> dict:
+SYNCS = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent")  # CUDA calls that can block the host
+
+
+def card_idle(kernels: list[dict], calls: list[dict], python_calls: list[dict], idle_us: float, top: int = 12) -> dict:
+    """The card's gaps of at least ``idle_us`` between kernels, in ms by cause; for those the host
+    caused, the innermost Python call spanning the host's stretch from the card running dry to the
+    launch, and the blocking calls that ended in the gap (their queue drained first)."""
+    launches = {e["args"]["correlation"]: e for e in calls if "correlation" in e.get("args", {})}
+    causes, sat_in, after = collections.Counter(), collections.Counter(), collections.Counter()
+    gaps = 0
+    for before, kernel in zip(kernels, kernels[1:], strict=False):
+        dry = before["ts"] + before["dur"]
+        idle = kernel["ts"] - dry
+        if idle < idle_us:
+            continue
+        gaps += 1
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        if launch is None:
+            causes["launch not in the timeline"] += idle
+        elif launch["ts"] < dry:
+            causes["launched before the card ran dry"] += idle
+        else:
+            causes["launched after the card ran dry"] += idle
+            own = [e for e in python_calls if e["tid"] == launch["tid"]]
+            sat_in[innermost_python_call(own, dry, launch["ts"]) or "no Python call spans it"] += idle
+            for c in calls:
+                if any(s in c["name"] for s in SYNCS) and dry - 1 <= c["ts"] + c["dur"] <= kernel["ts"]:
+                    after[c["name"]] += idle
+    return dict(
+        gaps=gaps,
+        idle_ms=round(sum(causes.values()) / 1e3, 1),
+        by_cause={k: round(v / 1e3, 1) for k, v in causes.most_common()},
+        host_sat_in={k: round(v / 1e3, 1) for k, v in sat_in.most_common(top)},
+        after_blocking_call={k: round(v / 1e3, 1) for k, v in after.most_common(top)},
+    )
+
+
+def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float = 5.0, idle_us: float = 20.0) -> dict:
     events = load_events(trace)
     start = min(e["ts"] for e in events)
     python_calls = [e for e in events if e.get("cat") == "python_function"]
@@ -132,6 +172,7 @@ def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float =
         captures=captures,
         gpu_busy_ms=ms(sum(e["dur"] for e in kernels)),
         gpu_span_ms=ms(kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]) if kernels else 0,
+        card_idle=card_idle(kernels, calls, python_calls, idle_us),
     )
     if out:
         out.write_text(json.dumps(result, indent=1) + "\n")
@@ -145,5 +186,6 @@ if __name__ == "__main__":
     parser.add_argument(
         "--blocked-ms", type=float, default=3.0, help="a CUDA call at least this long counts as blocked"
     )
+    parser.add_argument("--idle-us", type=float, default=20.0, help="a gap between kernels at least this long counts")
     a = parser.parse_args()
-    print(json.dumps(main(a.trace, a.out, a.blocked_ms), indent=1))
+    print(json.dumps(main(a.trace, a.out, a.blocked_ms, idle_us=a.idle_us), indent=1))

@@ -89,3 +89,37 @@ def test_python_stacks_cover_every_thread_running_when_the_profile_starts(tmp_pa
     python_threads = {e["tid"] for e in events if e.get("cat") == "python_function"}
     assert {threading.main_thread().native_id, worker.native_id} <= python_threads
     assert stack_options(False) == {}
+
+
+def test_card_idle_splits_the_gaps_by_whether_the_host_launched_late(tmp_path):
+    """Three kernels after a first: one launched while the card still ran (no idle), one launched
+    2 ms after the card ran dry while the host sat in a Python call, after a stream sync; one
+    launched early but started 1 ms after the previous kernel (waiting on the card)."""
+    import trace_stalls
+
+    def kernel(ts_ms, dur_ms, correlation):
+        return dict(call("card", "gemm", ts_ms, dur_ms, cat="kernel"), args={"correlation": correlation})
+
+    def launch(ts_ms, correlation):
+        return dict(call("loop", "cudaLaunchKernel", ts_ms, 0.01), args={"correlation": correlation})
+
+    events = [
+        launch(0, 1),
+        kernel(0.1, 5, 1),  # runs to 5.1
+        launch(1, 2),
+        kernel(5.1, 1, 2),  # at once: no gap
+        call("loop", "cudaStreamSynchronize", 1.5, 4.61),  # drains the queue, returns at 6.11
+        call("loop", "recompute_fn", 5.0, 3.5, cat="python_function"),  # spans the host's stretch 6.1-8.1
+        call("loop", "liger_rms_norm", 6.2, 1.7, cat="python_function"),  # inside it: spans no whole stretch
+        launch(8.1, 3),
+        kernel(8.15, 1, 3),  # 2.05 ms after the card ran dry at 6.1
+        launch(8.5, 4),
+        kernel(10.15, 1, 4),  # queued at 8.5, started 1 ms after 9.15: waited on the card
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    idle = trace_stalls.main(trace, None, idle_us=20.0)["card_idle"]
+    assert idle["gaps"] == 2 and idle["idle_ms"] == 3.0
+    assert idle["by_cause"] == {"launched after the card ran dry": 2.0, "launched before the card ran dry": 1.0}
+    assert idle["host_sat_in"] == {"recompute_fn": 2.0}  # the innermost call spanning the stretch
+    assert idle["after_blocking_call"] == {"cudaStreamSynchronize": 2.0}
