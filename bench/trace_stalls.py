@@ -51,11 +51,12 @@ def python_inside(python_calls: list[dict], a: float, b: float) -> dict[str, flo
 SYNCS = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent")  # CUDA calls that can block the host
 
 
-def card_idle(kernels: list[dict], calls: list[dict], python_calls: list[dict], idle_us: float, top: int = 12) -> dict:
+def card_idle(kernels: list[dict], calls: list[dict], python_by_thread: dict, idle_us: float, top: int = 12) -> dict:
     """The card's gaps of at least ``idle_us`` between kernels, in ms by cause; for those the host
     caused, the innermost Python call spanning the host's stretch from the card running dry to the
     launch, and the blocking calls that ended in the gap (their queue drained first)."""
     launches = {e["args"]["correlation"]: e for e in calls if "correlation" in e.get("args", {})}
+    blocking = [c for c in calls if any(s in c["name"] for s in SYNCS)]
     causes, sat_in, after = collections.Counter(), collections.Counter(), collections.Counter()
     gaps = 0
     for before, kernel in zip(kernels, kernels[1:], strict=False):
@@ -71,10 +72,10 @@ def card_idle(kernels: list[dict], calls: list[dict], python_calls: list[dict], 
             causes["launched before the card ran dry"] += idle
         else:
             causes["launched after the card ran dry"] += idle
-            own = [e for e in python_calls if e["tid"] == launch["tid"]]
+            own = python_by_thread.get(launch["tid"], [])
             sat_in[innermost_python_call(own, dry, launch["ts"]) or "no Python call spans it"] += idle
-            for c in calls:
-                if any(s in c["name"] for s in SYNCS) and dry - 1 <= c["ts"] + c["dur"] <= kernel["ts"]:
+            for c in blocking:
+                if dry - 1 <= c["ts"] + c["dur"] <= kernel["ts"]:
                     after[c["name"]] += idle
     return dict(
         gaps=gaps,
@@ -88,7 +89,10 @@ def card_idle(kernels: list[dict], calls: list[dict], python_calls: list[dict], 
 def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float = 5.0, idle_us: float = 20.0) -> dict:
     events = load_events(trace)
     start = min(e["ts"] for e in events)
-    python_calls = [e for e in events if e.get("cat") == "python_function"]
+    python_by_thread = collections.defaultdict(list)  # each thread's Python calls, gathered once
+    for e in events:
+        if e.get("cat") == "python_function":
+            python_by_thread[e["tid"]].append(e)
 
     def ms(value: float) -> float:
         return round(value / 1e3, 1)
@@ -133,7 +137,7 @@ def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float =
     def stretches(tid, begin: dict, end: dict) -> dict:
         """Thread ``tid``'s CUDA calls from ``begin`` to ``end`` and its stretches without one."""
         own = [e for e in calls if e["tid"] == tid and begin["ts"] <= e["ts"] <= end["ts"]]
-        own_python = [e for e in python_calls if e["tid"] == tid]
+        own_python = python_by_thread.get(tid, [])
         gaps = [
             (a["ts"] + a["dur"], b["ts"])
             for a, b in zip(own, own[1:], strict=False)
@@ -172,7 +176,7 @@ def main(trace: Path, out: Path | None, blocked_ms: float = 3.0, gap_ms: float =
         captures=captures,
         gpu_busy_ms=ms(sum(e["dur"] for e in kernels)),
         gpu_span_ms=ms(kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]) if kernels else 0,
-        card_idle=card_idle(kernels, calls, python_calls, idle_us),
+        card_idle=card_idle(kernels, calls, python_by_thread, idle_us),
     )
     if out:
         out.write_text(json.dumps(result, indent=1) + "\n")

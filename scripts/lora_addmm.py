@@ -67,9 +67,8 @@ def _fusable(module) -> bool:
 
 def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's LoRA forward with each adapter's product added by LoraAddmmFunction."""
-    stock = type(self).__mro__[1].forward
     if args or kwargs or self.disable_adapters or self.merged:
-        return stock(self, x, *args, **kwargs)
+        return super(type(self), self).forward(x, *args, **kwargs)  # PEFT's, the class fused over
     result = self.base_layer(x)
     for name in self.active_adapters:
         if name not in self.lora_A:

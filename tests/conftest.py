@@ -71,16 +71,10 @@ def base_model_dir(pipeline_run) -> Path:
 
 @pytest.fixture(scope="session")
 def lora_llama_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers, vocab 256) for the LoRA layer tests."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama for the LoRA layer tests (tests/test_lora_dropout.py build_lora_llama)."""
+    from test_lora_dropout import build_lora_llama
 
-    folder = tmp_path_factory.mktemp("tiny_llama_lora")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    config.update(dict(num_key_value_heads=4, vocab_size=256, tie_word_embeddings=False))
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return build_lora_llama(tmp_path_factory.mktemp("tiny_llama_lora"))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,17 @@ RANK, HIDDEN, LAYERS, BATCH, SEQ = 8, 64, 2, 2, 24
 DEVICES = ["cuda" if torch.cuda.is_available() else "cpu"]  # the model loads onto the GPU where there is one
 
 
+def build_lora_llama(folder):
+    """A tiny random Llama of HIDDEN and LAYERS (tests/conftest.py's ``lora_llama_dir``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4)
+    config.update(dict(num_key_value_heads=4, vocab_size=256, tie_word_embeddings=False))
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def adapted(folder, device: str):
     """QLoRA q/v r=8, dropout 0.1, both LoRA matrices random (B = 0 would zero A's gradient)."""
     from peft import LoraConfig, get_peft_model
