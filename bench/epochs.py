@@ -110,6 +110,7 @@ def run_row(row: dict) -> dict:
     if tutorial:  # TRL's default padding, eager steps, the tutorial's optimizer and log cadence
         settings.update(pad_to_multiple_of=None, cuda_graphs=False, optimizer="paged_adamw_32bit", logging_steps=25)
         settings.update(gc_freeze=False)  # Python's collector as the tutorial ran
+        settings.update(sync_free_forward=False)  # TRL's forward: the padding mask read, the labelled positions
     cell_keys, overrides = split_cell_keys(row["train"])  # a variant may set the cell's quantisation
     cell = dict(bench_cell(seed=SEED), **cell_keys)
     settings.update(overrides)

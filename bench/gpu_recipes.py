@@ -181,6 +181,7 @@ def run_row(row: dict) -> dict:
     if row["recipe"] == "tutorial":
         model, details = tutorial_model(model_dir, row["method"], adapter_dir)
         compute_dtype = torch.float16
+        settings["sync_free_forward"] = False  # TRL's forward: the padding mask read, the labelled positions
     else:
         model, details = train_stage.prepare_model(model_dir, cell, settings, adapter_dir, row["seq"], logger)
         compute_dtype = details["compute_dtype"]

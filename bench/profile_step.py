@@ -30,6 +30,7 @@ sys.path.insert(0, str(PROJECT / "bench"))
 VARIANTS = {
     "base": {},
     "nodefer": {"defer_metric_sync": False},
+    "syncing": {"sync_free_forward": False},  # TRL's forward: the padding mask read, the labelled positions
     "nockpt": {"gradient_checkpointing": False},
     "auto8": {"gradient_checkpointing": "auto", "memory_budget_gib": 8},
     "compile": {"compile": True},
@@ -140,8 +141,10 @@ def run_variant(
     trace: str = "",
     recordings: int = 0,
     python_stacks: bool = False,
+    sync_sites: bool = False,
 ) -> dict:
     import datasets
+    from sync_sites import SyncSites
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer, TrainerCallback, set_seed
 
@@ -181,7 +184,10 @@ def run_variant(
 
     class Profile(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == profile_from:
+            if state.global_step == profile_from and sync_sites:  # the syncs' Python lines, not a profile
+                traces["syncs"] = SyncSites()
+                traces["syncs"].start()
+            elif state.global_step == profile_from:
                 traces["prof"] = profile(
                     activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], **stack_options(python_stacks)
                 )
@@ -189,6 +195,8 @@ def run_variant(
                     traces["prof"].__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == profile_from + 4 and "syncs" in traces:
+                traces["syncs"].stop()
             if state.global_step == profile_from + 4 and "prof" in traces:
                 with recorder_between_shapes():
                     if torch.cuda.is_available():
@@ -239,6 +247,8 @@ def run_variant(
     if recording_profile is not None:
         result["recording_profile"] = recording_profile
     result["cuda_graphs"] = trainer.graphs.summary() if trainer.graphs else None
+    if "syncs" in traces:
+        result["sync_sites"] = traces["syncs"].summary(steps=4)
     if "prof" in traces:
         events = traces["prof"].events()
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -275,6 +285,7 @@ def main(
     trace_dir: Path | None = None,
     recordings: int = 0,
     python_stacks: bool = False,
+    sync_sites: bool = False,
 ) -> None:
     from gpu_recipes import build_model
 
@@ -294,6 +305,7 @@ def main(
                 trace=str(trace_dir / f"trace_{out.stem}_{name}.json") if trace_dir else "",
                 recordings=recordings,
                 python_stacks=python_stacks,
+                sync_sites=sync_sites,
             )
         )
         t0 = time.time()
@@ -303,6 +315,9 @@ def main(
             results.append({"variant": name, "status": "failed: " + done.stderr[-1500:]})
         else:
             results.append(json.loads(lines[-1][4:]))
+        if sync_sites:  # syncs in C++ code no Python line called (autograd's backward): c10 prints them
+            printed = [x.strip()[:300] for x in done.stderr.splitlines() if "synchronizing CUDA operation" in x]
+            results[-1]["sync_warnings_on_stderr"] = dict(count=len(printed), distinct=sorted(set(printed))[:10])
         results[-1]["process_seconds"] = round(time.time() - t0, 1)
         brief = {k: v for k, v in results[-1].items() if k not in ("profile", "losses")}
         print(json.dumps(brief), flush=True)
@@ -329,10 +344,14 @@ if __name__ == "__main__":
     parser.add_argument("--trace-dir", type=Path, help="write each profiled window's timeline here (gzipped)")
     parser.add_argument("--profile-recordings", type=int, default=0, help="cProfile the first N graph recordings")
     parser.add_argument("--python-stacks", action="store_true", help="Python stacks of every thread in the timeline")
+    parser.add_argument(
+        "--sync-sites", action="store_true", help="the profile window's synchronizing calls by Python line (no profile)"
+    )
     a = parser.parse_args()
     if a.child:
         c = json.loads(a.child)
         keys = ("name", "lengths", "steps", "profile_from", "batch", "trace", "recordings", "python_stacks")
+        keys += ("sync_sites",)
         result = run_variant(model_dir=Path(c["model_dir"]), **{k: c[k] for k in keys})
         print("ROW " + json.dumps(result), flush=True)
     else:
@@ -348,4 +367,5 @@ if __name__ == "__main__":
             a.trace_dir,
             a.profile_recordings,
             a.python_stacks,
+            a.sync_sites,
         )

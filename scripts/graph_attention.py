@@ -1,6 +1,7 @@
 """How a recorded step attends and scores (scripts/cuda_graphs.py): the kernel a recording runs,
-SDPA's causal flag instead of a mask tensor while a graph records, and TRL's LM head over every
-position (fixed shapes). Each keeps the numbers of the eager step."""
+SDPA's causal flag instead of a mask tensor for right-padded rows, and TRL's LM head over every
+position (fixed shapes); ``forward_as_recorded``: both, for an eager step too, which then reads
+nothing back from the card. Each keeps the numbers of the eager step."""
 
 import contextlib
 
@@ -44,31 +45,49 @@ def attention_backends(first: str = "cudnn"):
 
 
 @contextlib.contextmanager
-def causal_flag_while_recording():
-    """SDPA's causal flag instead of a causal mask tensor while a graph records (no padding mask).
+def causal_rows():
+    """SDPA's causal flag for a forward called without a padding mask or position ids on
+    right-padded rows (a recorded step's; an eager step's with ``train.sync_free_forward``): one
+    sequence a row, pads after every real token, so the flag gives every real token the values
+    the padding mask would. The caller passes no position ids (the model's own arange).
 
-    transformers up to 5.17 counts a CUDA stream capture as tracing and then builds the causal
-    mask as a tensor, even with no padding mask to read (5.24 checks only a mask it would read),
-    and flash attention takes no mask. Without a padding mask there is nothing to read, and the
-    decision is the untraced one (the same values: pads sit after every real token). Alone it
-    changed little on an H200 (2,048 x 4 blocks: 9,279 against 9,023 tok/s); the kernel that
-    mattered is attention_backends' (bench/results/epochs_h200_recorded)."""
+    transformers decides whether it may use the flag by reading tensors: whether a padding mask
+    masks anything and, in a training forward (no cache), whether the position ids pack several
+    sequences into a row. Eager, each read is a host sync. Under a CUDA stream capture it counts
+    as tracing and builds the causal mask as a tensor instead (the padding mask's read up to 5.17,
+    the position ids' read in 5.17 and 5.24). With neither passed there is nothing to read: the
+    decision is the untraced one. The mask tensor cost the recorded 2,048 x 4 step its causal
+    kernel: cuDNN's attention ran every tile against the mask, 0.571 against 0.178 s over 4 steps
+    eager (bench/results/profile_step_h200_block_idle.json)."""
     import transformers.masking_utils as masking
 
     original = masking._ignore_causal_mask_sdpa
-
-    def capturing() -> bool:
-        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    original_packed = masking.find_packed_sequence_indices
 
     def ignore_causal_mask(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
-        if padding_mask is None and not torch.is_tensor(q_offset) and capturing():
+        if padding_mask is None and not torch.is_tensor(q_offset):
             if local_attention_size is not None and kv_length >= local_attention_size:
                 return False
             return q_length == 1 or kv_length == q_length or q_offset == 0
         return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
 
+    def packed_sequences(position_ids):
+        return None  # the model's own arange: one sequence a row
+
     masking._ignore_causal_mask_sdpa = ignore_causal_mask
+    masking.find_packed_sequence_indices = packed_sequences
     try:
         yield
     finally:
         masking._ignore_causal_mask_sdpa = original
+        masking.find_packed_sequence_indices = original_packed
+
+
+@contextlib.contextmanager
+def forward_as_recorded():
+    """A forward of right-padded rows called without the padding mask, as a recorded step runs it
+    (``train.sync_free_forward``): the causal flag (causal_rows) and TRL's LM head over every
+    position. Eager, TRL's head otherwise selects the labelled positions (two host syncs, for the
+    few pads a batch holds) and transformers reads the padding mask (one)."""
+    with causal_rows(), scoring_every_position():
+        yield

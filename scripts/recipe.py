@@ -32,7 +32,7 @@ from lora_addmm import fuse_lora_add
 import python_gc
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
 from cuda_graphs import GraphedSteps
-from graph_attention import scoring_every_position
+from graph_attention import forward_as_recorded, scoring_every_position
 from graph_recorder import Recorder, padded_shapes
 from host_facts import HOST_FACTS, HostFacts
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
@@ -222,6 +222,7 @@ def make_trainer(
 
     # The override below mirrors TRL 1.16's compute_loss; other TRL versions keep their own.
     defer = train.get("defer_metric_sync", True) and trl.__version__.startswith("1.16.")
+    sync_free = train.get("sync_free_forward", False)  # an eager forward as a recorded one (graph_attention)
 
     class PipelineSFTTrainer(SFTTrainer):
         """Orders the examples by the global batch and a seeded generator, so N data-parallel
@@ -320,7 +321,12 @@ def make_trainer(
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # TRL 1.16's plain branch, word for word, with its metrics kept as tensors.
             inputs["use_cache"] = False
-            outputs = model(**inputs, fused_lm_head=True)
+            facts = self._host_facts
+            if sync_free and facts is not None and facts.right_padded and "position_ids" not in inputs:
+                with forward_as_recorded():  # the padding mask stays for the token count below
+                    outputs = model(**{k: v for k, v in inputs.items() if k != "attention_mask"}, fused_lm_head=True)
+            else:
+                outputs = model(**inputs, fused_lm_head=True)
             per_token_loss = -outputs.log_probs  # zero on ignored positions
             num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)

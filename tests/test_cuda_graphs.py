@@ -163,9 +163,10 @@ def test_replayed_steps_never_wait_for_the_gpu(tiny_model, tmp_path):
 
 
 def test_recording_attends_by_the_causal_flag_not_a_mask_tensor(tiny_model, monkeypatch):
-    """While a graph records, SDPA gets no mask tensor (its flash kernel takes none) when no padding
-    mask was passed: transformers 5.17's masking decides as under tracing there (stubbed here as
-    it answers), which built a mask and ran the slower memory-efficient kernel on the card."""
+    """While a graph records (a stream capture, stubbed here), SDPA gets no mask tensor when neither
+    a padding mask nor position ids were passed: under a capture transformers cannot read the
+    model's own position ids and builds a causal mask tensor, with which cuDNN's attention ran every
+    tile on the card. Called as a training forward is (no cache: the position ids' check)."""
     import transformers.masking_utils as masking
     from transformers import LlamaForCausalLM
 
@@ -183,27 +184,28 @@ def test_recording_attends_by_the_causal_flag_not_a_mask_tensor(tiny_model, monk
     padded = torch.ones_like(ids)
     padded[0, 12:] = 0
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
-    monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)  # 5.17 under capture
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    originals = masking._ignore_causal_mask_sdpa, masking.find_packed_sequence_indices
 
     def attention(**inputs) -> set:
         calls.clear()
         with torch.no_grad():
-            logits = model(input_ids=ids, **inputs).logits
+            logits = model(input_ids=ids, use_cache=False, **inputs).logits
         return set(calls), logits
 
-    unmasked, reference = attention()
-    assert unmasked == {(False, False)}  # without the context: a mask tensor, as 5.17 recorded
-    with graph_attention.causal_flag_while_recording():
+    eager, reference = attention()
+    assert eager == {(True, True)}  # eager, transformers reads the position ids and uses the flag
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    unmasked, _ = attention()
+    assert unmasked == {(False, False)}  # without the context: a mask tensor, as the card recorded
+    with graph_attention.causal_rows():
         flagged, logits = attention()
         with_padding, _ = attention(attention_mask=padded)
-    assert flagged == {(True, True)} and torch.allclose(logits, reference, atol=1e-5)
+    assert flagged == {(True, True)} and torch.equal(logits, reference)
     assert with_padding == {(False, False)}  # a padding mask is the library's to read
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    with graph_attention.causal_flag_while_recording():
-        assert attention()[0] == {(False, False)}  # eager steps: the library decides
-    assert masking._ignore_causal_mask_sdpa.__name__ == "<lambda>"  # restored on exit
+    with graph_attention.causal_rows():
+        assert attention()[0] == {(True, True)}  # an eager step's: the same decision, nothing read
+    assert (masking._ignore_causal_mask_sdpa, masking.find_packed_sequence_indices) == originals  # restored
 
 
 def test_cuda_graphs_with_checkpointing_stop_at_config_check():

@@ -116,6 +116,28 @@ def test_metrics_synced_at_logging_log_what_trl_logs(tiny_model, tmp_path):
     assert deferred[-1]["num_input_tokens_seen"] == sum(LENGTHS)  # the collator's count (HostFacts)
 
 
+def test_sync_free_forward_trains_as_trls_forward(tiny_model, tmp_path, monkeypatch):
+    """train.sync_free_forward: padded rows attend by SDPA's causal flag, without the mask tensor
+    TRL's forward builds from the padding mask, and log the same values."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    settings = dict(kernels="none", gradient_checkpointing=False)
+    flagged, _, _ = train_tiny(tiny_model, tmp_path / "a", LENGTHS, sync_free_forward=True, **settings)
+    flag_calls, calls[:] = set(calls), []
+    masked, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, sync_free_forward=False, **settings)
+    assert flag_calls == {(True, True)} and set(calls) == {(False, False)}  # every pair of rows is padded
+    keys = ("step", "loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert len(flagged) == len(masked) == 4  # in float32 on the CPU, the same numbers bit for bit
+    for ours, theirs in zip(flagged, masked, strict=True):
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
 def test_fused_adamw_trains_like_the_tutorials_paged_adamw(tiny_model, tmp_path):
     """train.optimizer adamw_torch_fused against bitsandbytes' paged 32-bit AdamW (the tutorial's;
     on a CPU it runs unpaged, the same update kernel): the same AdamW arithmetic, rounded in
