@@ -16,6 +16,13 @@ EPOCH_ROWS = {
     ("pipeline", "epoch_b4"),
 }
 RESULTS = {  # each file's rows that must be there
+    "epochs_h200_causal.json": {
+        ("blocks_syncing", "block_2048x4"),
+        ("pipeline", "block_2048x4"),
+        ("blocks_recorded", "block_2048x4"),
+        ("tutorial", "epoch_b4"),
+        ("batch4", "epoch_b4"),
+    },
     "epochs_h200_fused_add.json": {
         ("pipeline", "block_2048x4"),
         ("blocks_fused", "block_2048x4"),
