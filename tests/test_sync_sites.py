@@ -13,7 +13,7 @@ MESSAGE = "called a synchronizing CUDA operation"
 
 
 def read_loss():
-    warnings.warn(MESSAGE, UserWarning)  # as torch warns from the line that synced
+    warnings.warn(MESSAGE, UserWarning, stacklevel=1)  # as torch warns from the line that synced
 
 
 def log_step():
@@ -21,7 +21,7 @@ def log_step():
 
 
 def backward_hook():
-    warnings.warn(MESSAGE, UserWarning)
+    warnings.warn(MESSAGE, UserWarning, stacklevel=1)
 
 
 def test_sync_sites_count_each_call_by_thread_and_stack_and_pass_other_warnings_on():
@@ -36,7 +36,7 @@ def test_sync_sites_count_each_call_by_thread_and_stack_and_pass_other_warnings_
         worker = threading.Thread(target=backward_hook, name="autograd")
         worker.start()
         worker.join()
-        warnings.warn("not a sync", UserWarning)
+        warnings.warn("not a sync", UserWarning, stacklevel=1)
         sites.stop()
         log_step()  # after stop: not counted, shown as any warning
     summary = sites.summary(steps=4)

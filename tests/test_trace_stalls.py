@@ -123,3 +123,18 @@ def test_card_idle_splits_the_gaps_by_whether_the_host_launched_late(tmp_path):
     assert idle["by_cause"] == {"launched after the card ran dry": 2.0, "launched before the card ran dry": 1.0}
     assert idle["host_sat_in"] == {"recompute_fn": 2.0}  # the innermost call spanning the stretch
     assert idle["after_blocking_call"] == {"cudaStreamSynchronize": 2.0}
+
+
+def test_matmul_sustained_times_a_burst_and_windows_after_it(tmp_path):
+    """bench/matmul_sustained.py on the CPU (float32, small shapes): a burst rate, then windows of
+    back-to-back calls whose median over the second half is the sustained rate."""
+    import matmul_sustained
+
+    out = tmp_path / "sustained.json"
+    result = matmul_sustained.main(0.6, out, device="cpu", shapes=((64, 128, 96),), window=0.1)
+    assert json.loads(out.read_text()) == result
+    (row,) = result["rows"]
+    assert row["shape"] == dict(tokens=64, inner=128, out=96) and row["burst_tflops"] > 0
+    assert len(row["windows"]) >= 2 and all(w["tflops"] > 0 for w in row["windows"])
+    steady = sorted(w["tflops"] for w in row["windows"][len(row["windows"]) // 2 :])
+    assert steady[0] <= row["sustained_tflops"] <= steady[-1]
