@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15, goal 4 (prepared, not run yet): where the eager 2048 x 4 step leaves the card idle. The
+# Issue 15, goal 4: where the eager 2048 x 4 step leaves the card idle (run: bench/README.md, "The
+# recorded step's causal attention"; it found the recorded step's mask tensor). The
 # fused-add sitting's profile had the card busy 81-85 % of the wall (bench/results/
 # profile_step_h200_block_fused.json) and calling bitsandbytes' 4-bit linears directly did not
 # change the step (epochs_h200_direct_linear). The 7B config's block step (fuse_lora_add on),
