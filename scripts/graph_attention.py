@@ -4,8 +4,35 @@ position (fixed shapes); ``forward_as_recorded``: both, for an eager step too, w
 nothing back from the card. Each keeps the numbers of the eager step."""
 
 import contextlib
+import threading
 
 import torch
+
+_in_effect = threading.local()  # per thread: the recorder thread's capture beside the loop's steps
+
+
+@contextlib.contextmanager
+def _switched_on(name: str):
+    setattr(_in_effect, name, getattr(_in_effect, name, 0) + 1)
+    try:
+        yield
+    finally:
+        setattr(_in_effect, name, getattr(_in_effect, name) - 1)
+
+
+def _on(name: str) -> bool:
+    return getattr(_in_effect, name, 0) > 0
+
+
+def _wrap_once(module, attribute: str, wrapper) -> None:
+    """``module.attribute`` replaced by ``wrapper(original)`` once per process: the wrapper defers
+    to the original in every thread that has not switched it on (a context per thread, where
+    swapping the attribute in and out would undo another thread's)."""
+    original = getattr(module, attribute)
+    if not getattr(original, "_pipeline_wrapper", False):
+        wrapped = wrapper(original)
+        wrapped._pipeline_wrapper = True
+        setattr(module, attribute, wrapped)
 
 
 @contextlib.contextmanager
@@ -14,12 +41,12 @@ def scoring_every_position():
     devices without Triton): fixed shapes, the same per-token values after masking."""
     import trl.trainer.utils as trl_utils
 
-    original = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: False
-    try:
+    def wrapper(original):
+        return lambda device: False if _on("every_position") else original(device)
+
+    _wrap_once(trl_utils, "_use_triton", wrapper)
+    with _switched_on("every_position"):
         yield
-    finally:
-        trl_utils._use_triton = original
 
 
 RECORDED_ATTENTION = ("cudnn", "flash")  # train.cuda_graphs_attention: the kernel a recording tries first
@@ -61,26 +88,23 @@ def causal_rows():
     eager (bench/results/profile_step_h200_block_idle.json)."""
     import transformers.masking_utils as masking
 
-    original = masking._ignore_causal_mask_sdpa
-    original_packed = masking.find_packed_sequence_indices
+    def flag_decision(original):
+        def ignore_causal_mask(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
+            if _on("causal_rows") and padding_mask is None and not torch.is_tensor(q_offset):
+                if local_attention_size is not None and kv_length >= local_attention_size:
+                    return False
+                return q_length == 1 or kv_length == q_length or q_offset == 0
+            return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
 
-    def ignore_causal_mask(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
-        if padding_mask is None and not torch.is_tensor(q_offset):
-            if local_attention_size is not None and kv_length >= local_attention_size:
-                return False
-            return q_length == 1 or kv_length == q_length or q_offset == 0
-        return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
+        return ignore_causal_mask
 
-    def packed_sequences(position_ids):
-        return None  # the model's own arange: one sequence a row
+    def one_sequence_a_row(original):  # the model's own arange
+        return lambda position_ids: None if _on("causal_rows") else original(position_ids)
 
-    masking._ignore_causal_mask_sdpa = ignore_causal_mask
-    masking.find_packed_sequence_indices = packed_sequences
-    try:
+    _wrap_once(masking, "_ignore_causal_mask_sdpa", flag_decision)
+    _wrap_once(masking, "find_packed_sequence_indices", one_sequence_a_row)
+    with _switched_on("causal_rows"):
         yield
-    finally:
-        masking._ignore_causal_mask_sdpa = original
-        masking.find_packed_sequence_indices = original_packed
 
 
 @contextlib.contextmanager

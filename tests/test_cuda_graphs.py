@@ -5,6 +5,8 @@ serve train eagerly, recordings attend as eager steps do and keep no step alive,
 device-only tests (a real graph, no device syncs) run where CUDA is. Recording ahead and the
 coarse shapes: tests/test_graph_recorder.py."""
 
+import threading
+
 import pytest
 import torch
 
@@ -167,7 +169,6 @@ def test_recording_attends_by_the_causal_flag_not_a_mask_tensor(tiny_model, monk
     a padding mask nor position ids were passed: under a capture transformers cannot read the
     model's own position ids and builds a causal mask tensor, with which cuDNN's attention ran every
     tile on the card. Called as a training forward is (no cache: the position ids' check)."""
-    import transformers.masking_utils as masking
     from transformers import LlamaForCausalLM
 
     import graph_attention
@@ -184,7 +185,6 @@ def test_recording_attends_by_the_causal_flag_not_a_mask_tensor(tiny_model, monk
     padded = torch.ones_like(ids)
     padded[0, 12:] = 0
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
-    originals = masking._ignore_causal_mask_sdpa, masking.find_packed_sequence_indices
 
     def attention(**inputs) -> set:
         calls.clear()
@@ -202,10 +202,26 @@ def test_recording_attends_by_the_causal_flag_not_a_mask_tensor(tiny_model, monk
         with_padding, _ = attention(attention_mask=padded)
     assert flagged == {(True, True)} and torch.equal(logits, reference)
     assert with_padding == {(False, False)}  # a padding mask is the library's to read
+    assert attention()[0] == {(False, False)}  # after the context: the library's decision again
+
+    # Per thread: a recorder thread inside the context leaves the loop thread's forward alone.
+    inside, done = threading.Event(), threading.Event()
+
+    def recorder():
+        with graph_attention.causal_rows():
+            inside.set()
+            done.wait(timeout=60)
+
+    thread = threading.Thread(target=recorder)
+    thread.start()
+    inside.wait(timeout=60)
+    beside, _ = attention()
+    done.set()
+    thread.join()
+    assert beside == {(False, False)}
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     with graph_attention.causal_rows():
         assert attention()[0] == {(True, True)}  # an eager step's: the same decision, nothing read
-    assert (masking._ignore_causal_mask_sdpa, masking.find_packed_sequence_indices) == originals  # restored
 
 
 def test_cuda_graphs_with_checkpointing_stop_at_config_check():
