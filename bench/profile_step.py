@@ -350,8 +350,17 @@ if __name__ == "__main__":
     a = parser.parse_args()
     if a.child:
         c = json.loads(a.child)
-        keys = ("name", "lengths", "steps", "profile_from", "batch", "trace", "recordings", "python_stacks")
-        keys += ("sync_sites",)
+        keys = (
+            "name",
+            "lengths",
+            "steps",
+            "profile_from",
+            "batch",
+            "trace",
+            "recordings",
+            "python_stacks",
+            "sync_sites",
+        )
         result = run_variant(model_dir=Path(c["model_dir"]), **{k: c[k] for k in keys})
         print("ROW " + json.dumps(result), flush=True)
     else:

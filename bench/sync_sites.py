@@ -17,6 +17,7 @@ import torch
 
 SYNC_WARNING = "synchronizing CUDA operation"  # torch's sync debug mode's message
 TORCH_DIR = str(Path(torch.__file__).parent)
+THIS_FILE = __file__
 
 
 def _site(frame: traceback.FrameSummary) -> str:
@@ -49,11 +50,10 @@ class SyncSites:
     def record(self, message, category, filename, lineno, file=None, line=None) -> None:
         if SYNC_WARNING not in str(message):
             return self._saved[0](message, category, filename, lineno, file, line)
-        here = __file__.removesuffix("c")
         stack = [
             f
             for f in traceback.extract_stack()
-            if not f.filename.startswith(TORCH_DIR) and f.filename != here and "warnings" not in f.filename
+            if not f.filename.startswith(TORCH_DIR) and f.filename != THIS_FILE and "warnings" not in f.filename
         ]
         sites = tuple(_site(f) for f in stack[-self.frames :])
         self.counts[(threading.current_thread().name, sites)] += 1

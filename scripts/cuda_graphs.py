@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from graph_attention import attention_backends, causal_rows
+from graph_attention import attention_backends
 
 GRAPH_KEYS = {"input_ids", "attention_mask", "labels"}
 # what a batch padded further on the right holds there (cuda_graphs_coarse_multiple): masked out
@@ -329,7 +329,7 @@ class GraphedSteps:
             nonlocal backward_seconds
             # The backward too: a checkpointed layer's recomputation must run the forward's
             # attention kernel (its saved tensors' shapes).
-            with attention_backends(self.attention), causal_rows(), saved:
+            with attention_backends(self.attention), saved:
                 loss, metrics = loss_fn(static)
                 backward = time.perf_counter()
                 if not background:

@@ -1,7 +1,8 @@
-"""How a recorded step attends and scores (scripts/cuda_graphs.py): the kernel a recording runs,
-SDPA's causal flag instead of a mask tensor for right-padded rows, and TRL's LM head over every
-position (fixed shapes); ``forward_as_recorded``: both, for an eager step too, which then reads
-nothing back from the card. Each keeps the numbers of the eager step."""
+"""How a recorded step attends and scores: the kernel a recording runs (scripts/cuda_graphs.py),
+and ``forward_as_recorded`` (scripts/recipe.py: the recorded loss, and an eager step's with
+``train.sync_free_forward``), SDPA's causal flag instead of a mask tensor for right-padded rows
+and TRL's LM head over every position (fixed shapes, nothing read back from the card). Each
+keeps the numbers of the eager step."""
 
 import contextlib
 import threading

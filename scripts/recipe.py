@@ -32,7 +32,7 @@ from lora_addmm import fuse_lora_add
 import python_gc
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
 from cuda_graphs import GraphedSteps
-from graph_attention import forward_as_recorded, scoring_every_position
+from graph_attention import forward_as_recorded
 from graph_recorder import Recorder, padded_shapes
 from host_facts import HOST_FACTS, HostFacts
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
@@ -307,7 +307,7 @@ def make_trainer(
 
         def _graph_loss(self, model, static: dict):
             """The deferred branch below on fixed buffers, without the padding mask (see cuda_graphs)."""
-            with self.compute_loss_context_manager(), scoring_every_position():
+            with self.compute_loss_context_manager(), forward_as_recorded():
                 outputs = model(
                     input_ids=static["input_ids"], labels=static["labels"], use_cache=False, fused_lm_head=True
                 )
