@@ -16,6 +16,14 @@ EPOCH_ROWS = {
     ("pipeline", "epoch_b4"),
 }
 RESULTS = {  # each file's rows that must be there
+    "epochs_h200_shipped.json": {
+        ("tutorial", "epoch_b4"),
+        ("batch4", "epoch_b4"),
+        ("batch4_offload", "epoch_b4"),
+        ("batch4_offload_dq", "epoch_b4"),
+        ("pipeline", "seed_epoch_b1"),
+        ("tutorial", "seed_epoch_b1"),
+    },
     "epochs_h200_causal.json": {
         ("blocks_syncing", "block_2048x4"),
         ("pipeline", "block_2048x4"),
