@@ -8,10 +8,10 @@ GPU benches import this one module).
 - Checkpointing (scripts/checkpointing.py): ``true`` = every ``checkpoint_every``-th layer;
   ``auto`` = the memory model's fastest plan that fits ``memory_budget_gib``, re-planned for
   each batch's padded length, so short batches skip the recomputation only long ones need.
-- Trainer: TRL's SFTTrainer with the same example order in every arm and process count, fp32
-  adapters in both arms, and TRL's per-step token metrics (entropy, accuracy, token count)
-  kept on the GPU until a log line needs them: three host syncs fewer per step, the same
-  logged values (``train.defer_metric_sync``); optionally each step's forward and backward
+- Trainer (``make_trainer``; the subclass in scripts/sft_trainer.py): TRL's SFTTrainer with
+  the same example order in every arm and process count, fp32 adapters in both arms, and TRL's
+  per-step token metrics (entropy, accuracy, token count) kept on the GPU until a log line
+  needs them: three host syncs fewer per step, the same logged values (``train.defer_metric_sync``); optionally each step's forward and backward
   replayed from a CUDA graph (``train.cuda_graphs``, scripts/cuda_graphs.py).
 - No host sync per step: TRL's metrics as above; the batch's token count and layout read on
   the host before it moves (HostFacts); batches copied asynchronously from pinned memory; no
@@ -22,19 +22,16 @@ GPU benches import this one module).
 """
 
 import dataclasses
-import functools
 import logging
 from pathlib import Path
 
 import torch
 from lora_addmm import fuse_lora_add
 
-import python_gc
 from checkpointing import CheckpointPlan, decoder_layers, enable_checkpointing
 from cuda_graphs import GraphedSteps
-from graph_attention import forward_as_recorded
 from graph_recorder import Recorder, padded_shapes
-from host_facts import HOST_FACTS, HostFacts
+from host_facts import HostFacts
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
 from memory_model import GIB, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
@@ -215,158 +212,21 @@ def make_trainer(
     (``checkpoint_every``: the plan at the longest batch; graphs record checkpointed layers
     only where their recomputation draws no random numbers: folded LoRA dropouts)."""
     import trl
-    from torch.utils.data import RandomSampler
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-    from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    # The override below mirrors TRL 1.16's compute_loss; other TRL versions keep their own.
+    from sft_trainer import PipelineSFTTrainer
+
+    # PipelineSFTTrainer.compute_loss mirrors TRL 1.16's; other TRL versions keep their own.
     defer = train.get("defer_metric_sync", True) and trl.__version__.startswith("1.16.")
-    sync_free = train.get("sync_free_forward", False)  # an eager forward as a recorded one (graph_attention)
-
-    class PipelineSFTTrainer(SFTTrainer):
-        """Orders the examples by the global batch and a seeded generator, so N data-parallel
-        processes see, step by step, the examples one process sees with N x the accumulation
-        (transformers groups lengths by the per-process batch and draws from the global RNG)."""
-
-        metric_sync_deferred = defer
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._pending_metrics = []  # per step: TRL's metric tensors, read back at the next log
-            self.graphs = None
-            self.collections = None  # python_gc.CollectionTimes of the last train()
-            self.step_losses = []  # each micro-batch's loss, on the device (read with step_losses_on_host)
-            self._host_facts = None  # the current batch's BatchFacts
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            if isinstance(sampler, LengthGroupedSampler):
-                sampler.batch_size = (
-                    self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-                )
-                sampler.generator = torch.Generator().manual_seed(seed)
-            elif isinstance(sampler, RandomSampler):
-                sampler.generator = torch.Generator().manual_seed(seed)
-            return sampler
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            self._host_facts = inputs.pop(HOST_FACTS, None)
-            loss = self._training_step(model, inputs, num_items_in_batch)
-            self.step_losses.append(loss.detach())
-            return loss
-
-        def _training_step(self, model, inputs, num_items_in_batch):
-            if self.graphs is None:
-                if plan is not None:
-                    plan.apply(inputs["input_ids"])
-                return super().training_step(model, inputs, num_items_in_batch)
-            batch, seq = inputs["input_ids"].shape[0], inputs["input_ids"].shape[-1]
-            checkpointed = plan is not None and bool(plan.layers_for(batch, seq))
-            model.train()
-            inputs = self._prepare_inputs(inputs)
-            loss_fn = functools.partial(self._graph_loss, model)
-            layout = self._host_facts is not None and self._host_facts.right_padded  # None: no mask, no labels
-            replayed = self.graphs.step(inputs, num_items_in_batch, loss_fn, checkpointed, layout)
-            if replayed is not None:  # its recording set the plan's layers (GraphedSteps.prepare)
-                if plan is not None:
-                    plan.count(batch, seq)
-                loss, metrics = replayed
-                self._pending_metrics.append(metrics)
-                return loss
-            with self.graphs.exclusive():  # the model is the recorder thread's while it records
-                if plan is not None:
-                    plan.apply(inputs["input_ids"])
-                return super().training_step(model, inputs, num_items_in_batch)
-
-        def train(self, *args, **kwargs):
-            with python_gc.during_training(train.get("gc_freeze", False)) as self.collections:
-                try:
-                    return super().train(*args, **kwargs)
-                finally:
-                    if self.graphs is not None:
-                        self.graphs.stop()  # no recording beside what the caller does with the model next
-
-        def _save_checkpoint(self, model, trial):
-            if self.graphs is None:
-                return super()._save_checkpoint(model, trial)
-            with self.graphs.exclusive():  # the RNG state it saves, never a background recording's
-                return super()._save_checkpoint(model, trial)
-
-        def _track_num_input_tokens(self, inputs):
-            """The collator's count (HostFacts), where the Trainer would read it from the GPU."""
-            facts, counts = self._host_facts, self.args.include_num_input_tokens_seen
-            if facts is None or counts != "non_padding" or self.args.world_size > 1:
-                return super()._track_num_input_tokens(inputs)
-            self.state.num_input_tokens_seen += facts.tokens
-
-        def step_losses_on_host(self) -> list[float]:
-            """Every micro-batch's loss so far, in one read (a log line averages logging_steps of them)."""
-            return torch.stack(self.step_losses).float().tolist() if self.step_losses else []
-
-        def _graph_loss(self, model, static: dict):
-            """The deferred branch below on fixed buffers, without the padding mask (see cuda_graphs)."""
-            with self.compute_loss_context_manager(), forward_as_recorded():
-                outputs = model(
-                    input_ids=static["input_ids"], labels=static["labels"], use_cache=False, fused_lm_head=True
-                )
-                num_tokens = static["num_items"] if "num_items" in static else outputs.label_mask.sum()
-                loss = -outputs.log_probs.sum() / num_tokens.clamp(min=1)
-            mask = static["attention_mask"]
-            return loss, (outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum(), mask.sum())
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not (defer and self._plain_training_loss(inputs, return_outputs)):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # TRL 1.16's plain branch, word for word, with its metrics kept as tensors.
-            inputs["use_cache"] = False
-            facts = self._host_facts
-            if sync_free and facts is not None and facts.right_padded and "position_ids" not in inputs:
-                with forward_as_recorded():  # the padding mask stays for the token count below
-                    outputs = model(**{k: v for k, v in inputs.items() if k != "attention_mask"}, fused_lm_head=True)
-            else:
-                outputs = model(**inputs, fused_lm_head=True)
-            per_token_loss = -outputs.log_probs  # zero on ignored positions
-            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            gather = self.accelerator.gather_for_metrics
-            self._pending_metrics.append(
-                (
-                    gather(outputs.label_mask.sum()).sum(),
-                    gather(outputs.entropy.detach().sum()).sum(),
-                    gather(outputs.is_top1.sum()).sum(),
-                    gather(inputs["attention_mask"].sum()).sum(),
-                )
-            )
-            return loss
-
-        def _plain_training_loss(self, inputs, return_outputs) -> bool:
-            return (
-                self.model.training
-                and not return_outputs
-                and "attention_mask" in inputs
-                and self.compute_loss_func is None
-                and self.label_smoother is None
-                and not self.aux_loss_enabled
-                and self.args.loss_type == "nll"
-                and getattr(self.accelerator, "parallelism_config", None) is None
-            )
-
-        def log(self, logs, start_time=None):
-            metrics = self._metrics["train"]
-            for num_valid, entropy_sum, num_correct, num_tokens in self._pending_metrics:  # as TRL computes them
-                metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-                metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
-                self._total_train_tokens += num_tokens.item() // self._tp_size
-                metrics["num_tokens"] = [self._total_train_tokens]
-            self._pending_metrics.clear()
-            super().log(logs, start_time)
-
     trainer = PipelineSFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        settings=train,
+        plan=plan,
+        defer_metric_sync=defer,
     )
     # TRL casts a quantised model's adapters to bf16 (and not a 16-bit one's): that would make
     # the arms differ in more than the base's precision, so both keep PEFT's fp32 adapters.

@@ -263,7 +263,8 @@ def main(
         "optimizer_paged": optimizer_paged,
         "rss_at_train_start_bytes": rss_at_train_start,
         "train_peak_rss_bytes": train_peak_rss,
-        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # getrusage's mark is the kernel's lazily updated high-water: a newer training-phase peak can top it
+        "process_peak_rss_bytes": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, train_peak_rss or 0),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES") if torch.cuda.is_available() else None,
         "init_adapter": str(init_adapter_dir),
         "init_adapter_sha256": sha256_file(Path(init_adapter_dir) / "adapter_model.safetensors"),
