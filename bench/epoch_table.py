@@ -8,17 +8,30 @@ from pathlib import Path
 from epoch_rows import JOBS
 
 LOSS_STEPS = 50  # the first losses compared with the reference recipe's
+# An epoch's start: its first recordings and one-time set-up (Triton's and CUDA's first loads) fall
+# in the first steps; the ratio of the steps after them says what the recipe's steps gain alone.
+START_STEPS = 50
 TABLE_KEYS = ("recipe", "job", "batch", "epoch_seconds", "tokens_per_second", "vs_tutorial")
 TABLE_KEYS += ("peak_allocated_gib", "peak_reserved_gib", "predicted_peak_gib", "status")
 COLUMNS = {"recipe": "recipe", "job": "job", "batch": "batch", "epoch_seconds": "epoch s", "speed": "tok/s (runs)"}
-COLUMNS.update(vs_tutorial="x tutorial", peak_allocated_gib="peak alloc GiB", peak_reserved_gib="peak reserved GiB")
+COLUMNS.update(vs_tutorial="x tutorial", vs_tutorial_after_start=f"x tutorial, steps {START_STEPS}+")
+COLUMNS.update(peak_allocated_gib="peak alloc GiB", peak_reserved_gib="peak reserved GiB")
 COLUMNS.update(predicted_peak_gib="predicted GiB (alloc)")
 COLUMNS.update(loss_max_abs_diff_vs_reference_50="loss gap vs reference (50 steps)", status="status")
 
 
+def after_start_seconds(result: dict) -> float | None:
+    """A whole epoch's seconds after its first START_STEPS steps (None: a block row or a capped run)."""
+    steps = result.get("step_seconds") or []
+    if result.get("epoch_seconds") is None or result.get("capped_at_step") or len(steps) <= START_STEPS:
+        return None
+    return sum(steps[START_STEPS:])
+
+
 def summarise(results: list[dict]) -> list[dict]:
-    """One row per (recipe, job): the median over repeats; ratios to the tutorial of the job;
-    the first losses' largest gap to the reference recipe of the job."""
+    """One row per (recipe, job): the median over repeats; ratios to the tutorial of the job (of
+    the whole epoch, and of its steps after the first START_STEPS); the first losses' largest gap
+    to the reference recipe of the job."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["recipe"], r["job"]), []).append(r)
@@ -40,6 +53,9 @@ def summarise(results: list[dict]) -> list[dict]:
         )
         row["predicted_peak_gib"] = first.get("predicted_peak_gib")
         row.update(status="ok" if ok else runs[0]["status"], steps=first.get("steps"), tokens=first.get("tokens"))
+        after_start = [t for t in map(after_start_seconds, ok) if t is not None]
+        row.update(after_start_seconds=round(statistics.median(after_start), 2) if after_start else None)
+        row.update(vs_tutorial_after_start=None)
         row.update(steady_tokens_per_second=median("steady_tokens_per_second"), loss_max_abs_diff_vs_reference_50=None)
         row.update(repeats=len(ok), runs_tokens_per_second=[r["tokens_per_second"] for r in ok])
         row["capped_at_step"] = first.get("capped_at_step")
@@ -50,6 +66,8 @@ def summarise(results: list[dict]) -> list[dict]:
         comparable = not row.get("capped_at_step") and tutorial and not tutorial.get("capped_at_step")
         if comparable and tutorial["tokens_per_second"] and row["tokens_per_second"]:
             row["vs_tutorial"] = round(row["tokens_per_second"] / tutorial["tokens_per_second"], 2)
+        if comparable and tutorial["after_start_seconds"] and row["after_start_seconds"]:
+            row["vs_tutorial_after_start"] = round(tutorial["after_start_seconds"] / row["after_start_seconds"], 2)
         if reference and reference is not row and reference["losses"] and row["losses"]:
             pairs = zip(row["losses"][:LOSS_STEPS], reference["losses"][:LOSS_STEPS], strict=False)
             row["loss_max_abs_diff_vs_reference_50"] = round(max(abs(a - b) for a, b in pairs), 6)

@@ -63,8 +63,11 @@ def test_recordings_keep_no_step_alive(tiny_model, tmp_path, monkeypatch):
     settings = dict(gradient_checkpointing=True, recompute_lora_dropout=True, pad_to_multiple_of=16)
     _, _, trainer = train_tiny(tiny_model, tmp_path, LENGTHS, cuda_graphs=True, **settings)
     gc.collect()
-    assert len(trainer.graphs.recordings) == 4 and len(outputs) == 6
-    assert [ref() for ref in outputs] == [None] * 6
+    # one embedding output per forward run in Python: the CPU's replays run it too; on a GPU the
+    # eager first step and the four recordings (measured on one H200: 5), the replays do not
+    forwards = 5 if torch.cuda.is_available() else 6
+    assert len(trainer.graphs.recordings) == 4 and len(outputs) == forwards
+    assert [ref() for ref in outputs] == [None] * forwards
 
 
 def test_recordings_try_the_configured_attention_kernel_first():
@@ -238,13 +241,13 @@ def test_cuda_graphs_with_checkpointing_stop_at_config_check():
 
 
 def test_cuda_graphs_step_aside_where_they_cannot_serve(tiny_model, tmp_path, monkeypatch):
-    """Graphs need no checkpointing at the longest batch: the run trains eagerly and says why;
-    on a machine without CUDA the reason is that."""
+    """Graphs need checkpointing without a recomputation that replays random numbers: the run
+    trains eagerly and says why; on a machine without CUDA the reason is that."""
     import cuda_graphs
 
     settings = dict(cuda_graphs=True, max_steps=2, logging_steps=1)
     _, _, cpu = train_tiny(tiny_model, tmp_path / "a", LENGTHS[:4], gradient_checkpointing=False, **settings)
-    assert cpu.graphs.summary()["off_reason"] == "no CUDA device"
+    assert cpu.graphs.summary()["off_reason"] == (None if torch.cuda.is_available() else "no CUDA device")
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
     history, _, checkpointed = train_tiny(tiny_model, tmp_path / "b", LENGTHS[:4], **settings)
     summary = checkpointed.graphs.summary()

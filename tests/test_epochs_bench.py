@@ -57,6 +57,8 @@ def child(
         "steps": 250 if measured else None,
         "tokens": 1000 if measured else None,
         "losses": losses,
+        # an epoch's steps: the first START_STEPS slower (set-up), the rest at its rate
+        "step_seconds": [0.5] * 50 + [250 / tokens_per_second] * 200 if measured and job != "block_2048x4" else None,
     }
 
 
@@ -82,6 +84,10 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
     assert table["tutorial", "epoch_b4"]["loss_max_abs_diff_vs_reference_50"] == 0.0
     assert table["reference", "epoch_b4"]["loss_max_abs_diff_vs_reference_50"] is None
     assert table["pipeline", "epoch_b4"]["epoch_seconds"] == 0.4
+    # steps 50+: 200 x 0.25 s against 200 x 0.1 s; the first 50 (0.5 s each) left out
+    assert table["tutorial", "epoch_b4"]["after_start_seconds"] == 50.0
+    assert table["pipeline", "epoch_b4"]["after_start_seconds"] == 20.0
+    assert table["pipeline", "epoch_b4"]["vs_tutorial_after_start"] == 2.5
     unsloth = table["unsloth", "epoch_b4"]
     assert unsloth["status"] == "not run: /tmp/unsloth-site is missing"
     assert unsloth["tokens_per_second"] is unsloth["epoch_seconds"] is unsloth["vs_tutorial"] is None
@@ -89,11 +95,13 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
     assert block["tokens_per_second"] == 6300.0 and block["repeats"] == 2  # the median of two repeats
     assert block["vs_tutorial"] == round(6300 / 3100, 2) and block["epoch_seconds"] is None
     assert block["loss_max_abs_diff_vs_reference_50"] is None  # no reference row for blocks
+    assert block["vs_tutorial_after_start"] is None and block["after_start_seconds"] is None
     report = {"device": "cpu", "command": "python bench/epochs.py run", "versions": {}, "table": list(table.values())}
     text = epoch_table.markdown(report)
-    assert "| unsloth | epoch_b4 | 4 | - | - | - | - | - | - | - | not run: /tmp/unsloth-site is missing |" in text
-    assert "| 2.03 | 10.0 | 12.25 | 11.0 |" in text  # allocated, reserved, predicted
-    assert "| pipeline | epoch_b4 | 4 | 0.4 | 2,500 (2,500) | 2.5 |" in text
+    assert "| unsloth | epoch_b4 | 4 | - | - | - | - | - | - | - | - | not run: /tmp/unsloth-site is missing |" in text
+    assert "| 2.03 | - | 10.0 | 12.25 | 11.0 |" in text  # blocks: no steps 50+; allocated, reserved, predicted
+    assert "| pipeline | epoch_b4 | 4 | 0.4 | 2,500 (2,500) | 2.5 | 2.5 |" in text
+    assert "| x tutorial | x tutorial, steps 50+ |" in text
 
 
 def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):

@@ -168,6 +168,10 @@ def test_the_recorder_thread_starts_after_the_first_step_and_the_loops_first_rec
     assert summary["replayed_steps"] == 5
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the CPU's recordings: on a GPU the loop's recordings draw their own dropout masks when recording ahead",
+)
 def test_a_failed_warm_up_leaves_every_shape_to_the_loop(tiny_model, tmp_path, monkeypatch):
     """The recorder's warm-up failing (a library's set-up on its thread) stops recording ahead, says
     why, and the run trains on: the loop records every shape itself, the same numbers as eager."""

@@ -150,11 +150,13 @@ def test_fused_adamw_trains_like_the_tutorials_paged_adamw(tiny_model, tmp_path)
     assert len(fused) == len(paged) == 6
     # Measured on this CPU (lr 1e-3, 6 steps): every step's loss equal, bit for bit; gradient
     # norms 9.2e-8 relative apart at most; the adapter weights 2.2e-8 apart (largest 0.126). 10x that.
+    # On one H200 (two CUDA kernels, bench/results/pytest_cuda_sft_trainer.txt) the weights 4.9e-7 apart.
     assert trainer.step_losses_on_host() == pytest.approx(reference.step_losses_on_host(), rel=1e-6)
     assert [h["grad_norm"] for h in fused] == pytest.approx([h["grad_norm"] for h in paged], rel=1e-6)
     ours = [p.detach() for p in trainer.model.parameters() if p.requires_grad]
     theirs = [p.detach() for p in reference.model.parameters() if p.requires_grad]
-    assert max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True)) < 2e-7
+    bound = 5e-6 if torch.cuda.is_available() else 2e-7
+    assert max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True)) < bound
 
 
 def test_checkpoint_plan_recomputes_only_the_long_batches(tmp_path):
