@@ -11,8 +11,9 @@ GPU benches import this one module).
 - Trainer (``make_trainer``; the subclass in scripts/sft_trainer.py): TRL's SFTTrainer with
   the same example order in every arm and process count, fp32 adapters in both arms, and TRL's
   per-step token metrics (entropy, accuracy, token count) kept on the GPU until a log line
-  needs them: three host syncs fewer per step, the same logged values (``train.defer_metric_sync``); optionally each step's forward and backward
-  replayed from a CUDA graph (``train.cuda_graphs``, scripts/cuda_graphs.py).
+  needs them: three host syncs fewer per step, the same logged values
+  (``train.defer_metric_sync``); optionally each step's forward and backward replayed from a
+  CUDA graph (``train.cuda_graphs``, scripts/cuda_graphs.py).
 - No host sync per step: TRL's metrics as above; the batch's token count and layout read on
   the host before it moves (HostFacts); batches copied asynchronously from pinned memory; no
   NaN filter on the loss (a NaN loss is logged as NaN); each step's loss kept on the GPU

@@ -75,6 +75,7 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
         child("tutorial", "block_2048x4", 3200.0, repeat=1),
         child("pipeline", "block_2048x4", 6600.0, repeat=1, reserved=12.25),
     ]
+    results[1]["step_seconds"] = [2.0] * 50 + [0.0625] * 200  # a slow start, then 4x the tutorial's steps
     table = {(r["recipe"], r["job"]): r for r in epoch_table.summarise(results)}
     assert list(table["pipeline", "epoch_b4"])[: len(epoch_table.TABLE_KEYS)] == list(epoch_table.TABLE_KEYS)
     assert table["pipeline", "block_2048x4"]["peak_reserved_gib"] == 12.25  # the larger of the repeats
@@ -84,10 +85,10 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
     assert table["tutorial", "epoch_b4"]["loss_max_abs_diff_vs_reference_50"] == 0.0
     assert table["reference", "epoch_b4"]["loss_max_abs_diff_vs_reference_50"] is None
     assert table["pipeline", "epoch_b4"]["epoch_seconds"] == 0.4
-    # steps 50+: 200 x 0.25 s against 200 x 0.1 s; the first 50 (0.5 s each) left out
+    # steps 50+: 200 x 0.25 s against 200 x 0.0625 s; the first 50 left out
     assert table["tutorial", "epoch_b4"]["after_start_seconds"] == 50.0
-    assert table["pipeline", "epoch_b4"]["after_start_seconds"] == 20.0
-    assert table["pipeline", "epoch_b4"]["vs_tutorial_after_start"] == 2.5
+    assert table["pipeline", "epoch_b4"]["after_start_seconds"] == 12.5
+    assert table["pipeline", "epoch_b4"]["vs_tutorial_after_start"] == 4.0  # the whole epoch's: 2.5
     unsloth = table["unsloth", "epoch_b4"]
     assert unsloth["status"] == "not run: /tmp/unsloth-site is missing"
     assert unsloth["tokens_per_second"] is unsloth["epoch_seconds"] is unsloth["vs_tutorial"] is None
@@ -100,7 +101,7 @@ def test_summarise_ratios_loss_gap_and_not_run_rows():
     text = epoch_table.markdown(report)
     assert "| unsloth | epoch_b4 | 4 | - | - | - | - | - | - | - | - | not run: /tmp/unsloth-site is missing |" in text
     assert "| 2.03 | - | 10.0 | 12.25 | 11.0 |" in text  # blocks: no steps 50+; allocated, reserved, predicted
-    assert "| pipeline | epoch_b4 | 4 | 0.4 | 2,500 (2,500) | 2.5 | 2.5 |" in text
+    assert "| pipeline | epoch_b4 | 4 | 0.4 | 2,500 (2,500) | 2.5 | 4.0 |" in text
     assert "| x tutorial | x tutorial, steps 50+ |" in text
 
 
