@@ -53,6 +53,12 @@ def rate(a: torch.Tensor, b: torch.Tensor, calls: int, device: str) -> float:
     return calls * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - started) / 1e12
 
 
+def significant(tflops: float) -> float:
+    """Four significant digits: 802.3 on the card, 0.02131 for a CPU's small shapes (one decimal
+    rounded a slow CPU's burst to 0.0)."""
+    return float(f"{tflops:.4g}")
+
+
 def measure(shape: tuple, seconds: float, device: str, dtype: torch.dtype, window: float = 1.0) -> dict:
     tokens, inner, out = shape
     generator = torch.Generator(device=device).manual_seed(0)
@@ -63,12 +69,12 @@ def measure(shape: tuple, seconds: float, device: str, dtype: torch.dtype, windo
     per_window = max(1, int(window * burst * 1e12 / (2 * tokens * inner * out)))  # calls in about a window
     windows, ends = [], time.perf_counter() + seconds
     while time.perf_counter() < ends:
-        windows.append(dict(tflops=round(rate(a, b, per_window, device), 1), **clocks()))
+        windows.append(dict(tflops=significant(rate(a, b, per_window, device)), **clocks()))
     steady = windows[len(windows) // 2 :] or windows  # the second half: the clock has settled
     return dict(
         shape=dict(tokens=tokens, inner=inner, out=out),
-        burst_tflops=round(burst, 1),
-        sustained_tflops=round(statistics.median(w["tflops"] for w in steady), 1),
+        burst_tflops=significant(burst),
+        sustained_tflops=significant(statistics.median(w["tflops"] for w in steady)),
         windows=windows,
     )
 
