@@ -225,9 +225,10 @@ def make_trainer(
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
-        settings=train,
         plan=plan,
         defer_metric_sync=defer,
+        sync_free_forward=train.get("sync_free_forward", False),
+        gc_freeze=train.get("gc_freeze", False),
     )
     # TRL casts a quantised model's adapters to bf16 (and not a 16-bit one's): that would make
     # the arms differ in more than the base's precision, so both keep PEFT's fp32 adapters.

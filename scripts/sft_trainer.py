@@ -27,11 +27,17 @@ class PipelineSFTTrainer(SFTTrainer):
     (transformers groups lengths by the per-process batch and draws from the global RNG)."""
 
     def __init__(
-        self, *args, settings: dict, plan: CheckpointPlan | None = None, defer_metric_sync: bool = False, **kwargs
+        self,
+        *args,
+        plan: CheckpointPlan | None = None,
+        defer_metric_sync: bool = False,
+        sync_free_forward: bool = False,
+        gc_freeze: bool = False,
+        **kwargs,
     ):
         self.metric_sync_deferred = defer_metric_sync  # TRL 1.16's loss mirrored, its metrics kept on the device
-        self.sync_free_forward = settings.get("sync_free_forward", False)  # an eager forward as a recorded one
-        self.gc_freeze = settings.get("gc_freeze", False)
+        self.sync_free_forward = sync_free_forward  # an eager forward as a recorded one (graph_attention)
+        self.gc_freeze = gc_freeze  # python_gc.during_training
         self.plan = plan  # the per-batch checkpointing plan (scripts/checkpointing.py), or None
         super().__init__(*args, **kwargs)
         self._pending_metrics = []  # per step: TRL's metric tensors, read back at the next log
