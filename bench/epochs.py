@@ -153,9 +153,9 @@ def run_row(row: dict) -> dict:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         baseline = memory_peak.start() if history else None
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         trainer.train()
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     times = [s["step_seconds"] for _, s in sorted(timer.steps.items())]
     tokens = sum(len(x) for x in ids[: trainer.state.global_step * batch])
     multiple = settings["pad_to_multiple_of"] or 1
@@ -171,6 +171,7 @@ def run_row(row: dict) -> dict:
     speed = tokens / seconds if epoch else median_step_tokens_per_second(times, seq * batch, WARMUP)
     result = dict(status="ok", steps=trainer.state.global_step, tokens=tokens)
     result.update(tokens_seen=trainer.state.num_input_tokens_seen, train_seconds=round(seconds, 2))
+    result["train_cpu_seconds"] = round(cpu, 2)  # every thread's: a host spinning on the GPU counts here
     result.update(epoch_seconds=round(seconds, 2) if epoch and not cap else None, tokens_per_second=round(speed, 1))
     result["capped_at_step"] = cap if epoch else None  # a part of an epoch: no epoch time, no ratio
     result["steady_tokens_per_second"] = steady_tokens_per_second(timer.steps, WARMUP)

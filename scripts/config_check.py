@@ -86,6 +86,11 @@ def _cross_key_checks(config: dict) -> None:
         if train["padding_free"] or train.get("compile", False):
             key = "padding_free" if train["padding_free"] else "compile"
             raise ConfigError(f"config key 'train.cuda_graphs': not with train.{key} (one or the other)")
+        if train.get("cuda_graphs_loop_ahead", 0) and train.get("cuda_graphs_capture", "synchronized") != "ahead":
+            raise ConfigError(
+                "config key 'train.cuda_graphs_loop_ahead': the loop records ahead of the recorder thread, "
+                "which needs train.cuda_graphs_capture ahead; set it, or cuda_graphs_loop_ahead 0"
+            )
         coarse, multiple = train.get("cuda_graphs_coarse_multiple"), train.get("pad_to_multiple_of")
         if coarse and multiple and coarse % multiple:
             raise ConfigError(

@@ -78,6 +78,20 @@ def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@contextlib.contextmanager
+def capture_beside_the_gpu(graph, pool, stream, mode: str):
+    """torch.cuda.graph without its entry's device synchronisation and cache flush: the capture
+    begins while the GPU still runs the steps queued before it. A capture launches nothing, and
+    every graph replays on the loop's stream in its order, so the pool's blocks a running replay
+    uses are free to be recorded into the next graph, as in any shared pool."""
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode=mode)
+        try:
+            yield
+        finally:
+            graph.capture_end()
+
+
 @dataclass
 class Recording:
     replay: object  # a torch.cuda.CUDAGraph's replay, or the function itself (CPU tests)
@@ -175,6 +189,7 @@ class GraphedSteps:
             launch_seconds_median=round(statistics.median(self.launch_seconds), 4) if self.launch_seconds else None,
             drain_seconds=[round(t, 4) for t in self.drain_seconds],
             recorded_ahead=self.recorder.recorded if self.recorder else [],
+            recorded_ahead_in_loop=self.recorder.recorded_in_loop if self.recorder else [],
             coarse_replays=self.coarse_replays,
             recorder_failure=self.recorder.failure if self.recorder else None,
             waited_seconds=round(self.waited_seconds, 4),
@@ -229,8 +244,6 @@ class GraphedSteps:
                     recording = self.record(key, inputs, num_items, loss_fn)
             if recording is None:
                 return self._eager("graphs off")
-            if self.recorder is not None:  # the thread starts once the loop has recorded a shape
-                self.recorder.start(key[1], inputs["input_ids"].device, loss_fn)
         for name, buffer in recording.inputs.items():
             buffer.copy_(num_items if name == "num_items" else inputs[name])
         # While the recorder captures, the loop waits for the previous replay on an event rather than
@@ -244,6 +257,8 @@ class GraphedSteps:
         if waits_on_event:  # the previous replay is done: what is left is the launch queues' room
             self.launch_seconds.append(time.perf_counter() - launching)
             self.replayed.record()
+        if self.recorder is not None and self.recorder.thread is None:  # once the loop has recorded a shape
+            self.recorder.after_replay(key[1], inputs["input_ids"].device, loss_fn)
         self.replayed_steps += 1
         self.coarse_replays += coarse
         # The outputs live in the shared pool: copy them before another shape replays.
@@ -272,16 +287,20 @@ class GraphedSteps:
         if self.recorder is not None:
             self.recorder.stop()
 
-    def record(self, key, inputs: dict, num_items, loss_fn, background: bool = False) -> Recording | None:
+    def record(
+        self, key, inputs: dict, num_items, loss_fn, background: bool = False, synchronized: bool = True
+    ) -> Recording | None:
         """Record one shape (``self.lock`` held): the plan's layers set first, the time kept. None: not
-        recorded (graphs now off, or a checkpointed shape the recorder leaves to an eager step)."""
+        recorded (graphs now off, or a checkpointed shape the recorder leaves to an eager step).
+        ``synchronized`` False: the capture begins without waiting for the GPU (a loop's recording
+        ahead, graph_recorder.Recorder.after_replay, beside the replay it just launched)."""
         batch, seq = key[0][0], key[0][-1]
         layers = self.prepare(batch, seq) if self.prepare is not None else 0
         if background and layers and self.checkpointed_eager_reason:
             return None
         started = time.perf_counter()
         try:
-            recording = self._record(inputs, num_items, loss_fn, background)
+            recording = self._record(inputs, num_items, loss_fn, background, synchronized)
         except RuntimeError as error:
             reason = f"recording failed at batch shape {key[0]}: {str(error).splitlines()[0][:300]}"
             if background:  # the loop records its shapes itself from here on
@@ -312,7 +331,7 @@ class GraphedSteps:
         if to_zero:
             torch._foreach_zero_(to_zero)
 
-    def _record(self, inputs: dict, num_items, loss_fn, background: bool) -> Recording:
+    def _record(self, inputs: dict, num_items, loss_fn, background: bool, synchronized: bool) -> Recording:
         static = {name: inputs[name].clone() for name in GRAPH_KEYS}
         if num_items is not None:  # the trainer's token count over the accumulated batches
             static["num_items"] = torch.as_tensor(num_items, device=inputs["input_ids"].device).clone()
@@ -374,11 +393,14 @@ class GraphedSteps:
         # waits for one replay at most. Captured without the wait and flush, a background recording
         # took as long (bench/results/epochs_h200_recorder_warm), and the dropout test's two runs
         # once ended 5e-6 apart (epochs_h200_recorder_event, not separated): kept.
-        if not background:
+        if not background and synchronized:
             draining = time.perf_counter()
             torch.cuda.synchronize()
             self.drain_seconds.append(time.perf_counter() - draining)
-        capture = torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=mode)
+        if synchronized:
+            capture = torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=mode)
+        else:
+            capture = capture_beside_the_gpu(graph, self.pool, self.stream, mode)
         entering = time.perf_counter()
         with random_state, capture:
             entered, cpu = time.perf_counter(), time.thread_time()

@@ -17,9 +17,11 @@ runs on the host at a time (GraphedSteps.lock); the thread takes no new shape wh
 waits for the lock (``main_waiting``: the loop's eager steps and its own recordings, of a shape
 the thread has not reached), but a capture under way finishes first. The thread starts after
 the loop's first recording (the first batch's shape), warms up beside the replays and records;
-the loop's later recordings wait for the warm-up to end. A failed warm-up or background capture
-stops the thread (``failure``, in the graph summary); the loop records the remaining shapes
-itself.
+the loop's later recordings wait for the warm-up to end. With ``train.cuda_graphs_loop_ahead``
+the loop first records the next shapes itself, one after each of its first replays, while the
+GPU runs it (``Recorder.after_replay``), and the thread starts on the rest. A failed warm-up or
+background capture stops the thread (``failure``, in the graph summary); the loop records the
+remaining shapes itself.
 
 What a background capture needs that the loop's does not (each found on an H200,
 bench/results/epochs_h200_recorder_1 and epochs_h200_recorder):
@@ -99,9 +101,11 @@ class Recorder:
     """Records ``shapes`` for ``graphs`` (a cuda_graphs.GraphedSteps) on a thread of its own, with
     placeholder batches (a recording holds buffers, not values)."""
 
-    def __init__(self, graphs, shapes: list[tuple[int, int]]):
+    def __init__(self, graphs, shapes: list[tuple[int, int]], loop_ahead: int = 0):
         self.graphs = graphs
         self.shapes = list(shapes)
+        self.loop_ahead = loop_ahead  # shapes the loop records itself before the thread starts
+        self.recorded_in_loop: list[list[int]] = []  # of those, the ones it recorded
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the main thread raises it at its next step
         self.stopping = False
@@ -111,9 +115,10 @@ class Recorder:
         self.recording_args: tuple | None = None  # (num_items dtype, loss_fn), set by start()
 
     def start(self, num_items_dtype, device, loss_fn) -> None:
-        """After the loop's first recording (the first batch's shape): the thread starts, warms up
-        beside the replays and records the other shapes. Once; the loop's later recordings call it
-        too. Nothing runs beside the run's first step or the loop's first recording: with the
+        """After the loop's first replay (of the first batch's shape, recorded by the loop) and its
+        recordings ahead (``after_replay``): the thread starts, warms up beside the replays and
+        records the other shapes. Once. Nothing runs beside the run's first step or the loop's
+        first recording: with the
         warm-up beside the first (eager) step, that recording failed at once on the 7B shape
         (bench/results/epochs_h200_ahead_b4)."""
         if self.thread is not None:
@@ -121,6 +126,37 @@ class Recorder:
         self.recording_args = (num_items_dtype, loss_fn)
         self.thread = threading.Thread(target=self._run, args=(device,), name="cuda-graph-recorder", daemon=True)
         self.thread.start()
+
+    def after_replay(self, num_items_dtype, device, loss_fn) -> None:
+        """The loop's replay is launched; called after each one until the thread starts. With
+        ``loop_ahead``, the loop first records the next shapes itself, one after each replay, while
+        the GPU runs that replay (a capture launches nothing: 0.4-0.5 s of host work beside a step's
+        0.1-0.3 s on the GPU), then starts the thread on the rest. Why: the thread records a shape
+        in 1.0-1.6 s where the loop takes 0.4-0.5 s, and the first megabatch needs the next shape
+        after 3-8 replays: without a head start the loop waited for it at each of its first shapes
+        (2.0-2.4 s an epoch at batch 4, bench/results/epochs_h200_shipped)."""
+        graphs = self.graphs
+        if len(self.recorded_in_loop) < self.loop_ahead and graphs.checkpointed_eager_reason is None:
+            shape = self.next_shape(num_items_dtype)
+            if shape is not None:
+                inputs, num_items = placeholder_batch(*shape, num_items_dtype, device)
+                with graphs.exclusive():
+                    key = (shape, num_items_dtype)
+                    if graphs.record(key, inputs, num_items, loss_fn, synchronized=False) is not None:
+                        self.recorded_in_loop.append(list(shape))
+                if len(self.recorded_in_loop) < self.loop_ahead and not graphs.off_reason:
+                    return  # the next one after the next replay
+        self.start(num_items_dtype, device, loss_fn)
+
+    def next_shape(self, num_items_dtype) -> tuple[int, int] | None:
+        """The first of ``shapes`` not recorded yet that a recording serves (within max_tokens)."""
+        graphs = self.graphs
+        for batch, seq in self.shapes:
+            if graphs.max_tokens is not None and batch * seq > graphs.max_tokens:
+                continue
+            if ((batch, seq), num_items_dtype) not in graphs.recordings:
+                return batch, seq
+        return None
 
     def wait_warm(self) -> None:
         """The loop's later captures never run beside the thread's warm-up (its libraries' set-up)."""

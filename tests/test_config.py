@@ -79,6 +79,18 @@ def test_coarse_multiple_must_hold_the_collators():
     validate_config(config)
 
 
+def test_loop_ahead_needs_the_recorder_thread():
+    config = load("tests/config/config.yaml")
+    config["train"].update(cuda_graphs=True, cuda_graphs_loop_ahead=1)
+    with pytest.raises(ConfigError, match=r"'train.cuda_graphs_loop_ahead': .* needs train.cuda_graphs_capture ahead"):
+        validate_config(config)
+    config["train"]["cuda_graphs_capture"] = "ahead"
+    validate_config(config)
+    config["train"]["cuda_graphs_loop_ahead"] = -1
+    with pytest.raises(ConfigError, match=r"'train.cuda_graphs_loop_ahead'"):
+        validate_config(config)
+
+
 def test_cross_key_rule_hub_source_needs_revision():
     config = _set(_set(load("tests/config/config.yaml"), "model.source", "hub"), "model.revision", None)
     with pytest.raises(ConfigError, match="model.hub_id'/'model.revision"):

@@ -77,10 +77,10 @@ def test_a_failed_background_recording_leaves_the_shapes_to_the_loop(tiny_model,
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
     record = cuda_graphs.GraphedSteps._record
 
-    def failing(self, inputs, num_items, loss_fn, background):
+    def failing(self, inputs, num_items, loss_fn, background, synchronized):
         if background:
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
-        return record(self, inputs, num_items, loss_fn, background)
+        return record(self, inputs, num_items, loss_fn, background, synchronized)
 
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "_record", failing)
     summary, ahead, eager = recorded_ahead_and_eager(tiny_model, tmp_path)
@@ -172,6 +172,50 @@ def test_the_recorder_thread_starts_after_the_first_step_and_the_loops_first_rec
     torch.cuda.is_available(),
     reason="the CPU's recordings: on a GPU the loop's recordings draw their own dropout masks when recording ahead",
 )
+def test_the_loop_records_the_next_shapes_before_the_thread_starts(tiny_model, tmp_path, monkeypatch):
+    """train.cuda_graphs_loop_ahead 2: after its first replay and after its second, the loop records
+    the next shape of the thread's list not yet recorded itself (2 x 304, then 2 x 288); the thread
+    starts after them and records none of them; the numbers stay those of the eager steps."""
+    import cuda_graphs
+    import graph_recorder
+
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
+    begun = []
+    run = graph_recorder.Recorder._run
+
+    def observed(self, device):
+        begun.append((self.graphs.replayed_steps, [key[0] for key in self.graphs.recordings]))
+        return run(self, device)
+
+    monkeypatch.setattr(graph_recorder.Recorder, "_run", observed)
+    record, captures = cuda_graphs.GraphedSteps._record, []
+
+    def kept(self, inputs, num_items, loss_fn, background, synchronized):
+        captures.append((tuple(inputs["input_ids"].shape), background, synchronized))
+        return record(self, inputs, num_items, loss_fn, background, synchronized)
+
+    monkeypatch.setattr(cuda_graphs.GraphedSteps, "_record", kept)
+    settings = dict(CPU_GRAPHS, cuda_graphs_capture="ahead", cuda_graphs_loop_ahead=2)
+    ahead, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, **settings)
+    eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
+    # started during the second replayed step (counted after this hook): the loop recorded its two
+    # batches' shapes (2 x 320, then 2 x 64) and after each replay the next of the list
+    assert begun == [(1, [(2, 320), (2, 304), (2, 64), (2, 288)])]
+    summary = trainer.graphs.summary()
+    assert summary["recorded_ahead_in_loop"] == [[2, 304], [2, 288]]
+    assert not {(2, 304), (2, 288), (2, 320)} & set(map(tuple, summary["recorded_ahead"]))
+    assert summary["recorder_failure"] is None and summary["replayed_steps"] == 5
+    # the loop's recordings ahead begin without waiting for the GPU, its own batches' after it
+    in_loop = [(shape, synchronized) for shape, background, synchronized in captures if not background]
+    assert in_loop[:4] == [((2, 320), True), ((2, 304), False), ((2, 64), True), ((2, 288), False)]
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+    assert [{k: h[k] for k in keys} for h in ahead] == [{k: h[k] for k in keys} for h in eager]
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the CPU's recordings: on a GPU the loop's recordings draw their own dropout masks when recording ahead",
+)
 def test_a_failed_warm_up_leaves_every_shape_to_the_loop(tiny_model, tmp_path, monkeypatch):
     """The recorder's warm-up failing (a library's set-up on its thread) stops recording ahead, says
     why, and the run trains on: the loop records every shape itself, the same numbers as eager."""
@@ -212,21 +256,27 @@ def recorder_joined_at(step: int, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
-def test_recording_ahead_records_what_the_training_loop_records(tmp_path, monkeypatch):
+@pytest.mark.parametrize("loop_ahead", [0, 2])
+def test_recording_ahead_records_what_the_training_loop_records(tmp_path, monkeypatch, loop_ahead):
     """Without random numbers in the graphs (no dropout), the recorder's device graphs train
     exactly as those recorded at each shape's first batch: the recorder finishes every shape
-    during step 2 (a callback waits for it), checkpointed layers included."""
+    during step 2 (a callback waits for it), checkpointed layers included. With
+    cuda_graphs_loop_ahead 2 the loop records the next two shapes itself, each captured while the
+    GPU runs the replay it launched before (no device synchronisation): the same values."""
     model_dir = build_tiny_model(tmp_path / "model", dropout=0.0)
     synced, _, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **GPU_GRAPHS)
-    settings = dict(GPU_GRAPHS, cuda_graphs_capture="ahead")
+    settings = dict(GPU_GRAPHS, cuda_graphs_capture="ahead", cuda_graphs_loop_ahead=loop_ahead)
     join = recorder_joined_at(2, monkeypatch)
     ahead, _, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, callbacks=[join], **settings)
     summary = trainer.graphs.summary()
     assert summary["capture"] == "ahead" and summary["eager_reasons"] == {"first step": 1}
     # every shape the rows make, longest first; the loop records the first batch's (2 x 320) before
-    # the thread starts, the thread every other one (the callback waits for it at step 2)
+    # the thread starts (and with loop_ahead the next two), the thread every other one (the
+    # callback waits for it at step 2)
     assert trainer.graphs.recorder.shapes == [(2, 320), (2, 304), (2, 288), (2, 64), (2, 48), (2, 32)]
-    assert summary["recorded_ahead"] == [[2, 304], [2, 288], [2, 64], [2, 48], [2, 32]]
+    in_loop = [[2, 304], [2, 288]][:loop_ahead]
+    assert summary["recorded_ahead_in_loop"] == in_loop
+    assert summary["recorded_ahead"] == [[2, 304], [2, 288], [2, 64], [2, 48], [2, 32]][loop_ahead:]
     assert len(summary["shapes_recorded"]) == 6 and summary["replayed_steps"] == 5
     # each recording's capture timed on its own thread: its CPU time within its wall time
     pairs = list(zip(summary["captured_cpu_seconds"], summary["captured_seconds"], strict=True))
