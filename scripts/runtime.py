@@ -104,54 +104,10 @@ def set_cublas_workspace(config: str | None) -> str:
     return f"CUBLAS_WORKSPACE_CONFIG={config}"
 
 
-CU_CTX_SCHED_MASK, CU_CTX_SCHED_BLOCKING_SYNC = 0x07, 0x04  # cuda.h
-
-
-def set_cuda_blocking_sync(enabled: bool) -> str:
-    """Host threads waiting for the GPU (a stream or event synchronisation, a replay's launch) sleep
-    on a primitive the driver wakes (CU_CTX_SCHED_BLOCKING_SYNC) instead of spinning on a core,
-    CUDA's default with fewer contexts than cores; says what applies.
-
-    For the recorder thread (scripts/graph_recorder.py), which captures while the loop waits on
-    the GPU. Set on each visible device's primary context through the driver: a context not made
-    yet takes the flag when it is (nothing is made here), one already made (importing peft may
-    make it) is changed in place (cuCtxSetFlags, CUDA 12.1+) and read back."""
-    if not enabled:
-        return "CUDA's default (spin)"
-    import ctypes
-
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return "not applied: no CUDA driver"
-    count, device, active = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    flags, context = ctypes.c_uint(), ctypes.c_void_p()
-    if driver.cuInit(0) or driver.cuDeviceGetCount(ctypes.byref(count)) or not count.value:
-        return "not applied: no CUDA device"
-    for ordinal in range(count.value):
-        driver.cuDeviceGet(ctypes.byref(device), ordinal)
-        driver.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active))
-        wanted = (flags.value & ~CU_CTX_SCHED_MASK) | CU_CTX_SCHED_BLOCKING_SYNC
-        if not active.value:
-            status = driver.cuDevicePrimaryCtxSetFlags_v2(device, ctypes.c_uint(wanted))
-        else:
-            driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)
-            driver.cuCtxPushCurrent_v2(context)
-            status = driver.cuCtxSetFlags(ctypes.c_uint(wanted)) if hasattr(driver, "cuCtxSetFlags") else -1
-            driver.cuCtxGetFlags(ctypes.byref(flags))
-            driver.cuCtxPopCurrent_v2(ctypes.byref(context))
-            driver.cuDevicePrimaryCtxRelease_v2(device)
-            if not status and flags.value & CU_CTX_SCHED_MASK != CU_CTX_SCHED_BLOCKING_SYNC:
-                status = -2
-        if status:
-            return f"not applied: device {ordinal}'s context refused the flag (driver status {status})"
-    return "blocking sync (CU_CTX_SCHED_BLOCKING_SYNC)"
-
-
 def set_cuda_memory(train: dict) -> dict[str, str]:
     """The train section's CUDA settings read once per process (expandable_segments,
-    cublas_workspace_config, cuda_blocking_sync), applied before the model loads; what applies, as
-    the train metrics and bench rows record it.
+    cublas_workspace_config), applied before the model loads; what applies, as the train
+    metrics and bench rows record it.
 
     CUDA's launch-queue size (CUDA_SCALE_LAUNCH_QUEUES) is not among them: read when CUDA starts,
     which importing peft does, and 4x measured no faster in the batch-4 epoch (42.4, 43.2 against
@@ -159,7 +115,6 @@ def set_cuda_memory(train: dict) -> dict[str, str]:
     return {
         "cuda_allocator": set_cuda_allocator(train.get("expandable_segments", False)),
         "cublas_workspace": set_cublas_workspace(train.get("cublas_workspace_config")),
-        "cuda_host_wait": set_cuda_blocking_sync(train.get("cuda_blocking_sync", False)),
     }
 
 

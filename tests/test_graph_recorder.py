@@ -256,27 +256,35 @@ def recorder_joined_at(step: int, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device graph needs CUDA")
-@pytest.mark.parametrize("loop_ahead", [0, 2])
-def test_recording_ahead_records_what_the_training_loop_records(tmp_path, monkeypatch, loop_ahead):
+@pytest.mark.parametrize(
+    "loop_ahead, joined_at, in_loop, by_thread",
+    [
+        (0, 2, [], [[2, 304], [2, 288], [2, 64], [2, 48], [2, 32]]),
+        # the loop records 2 x 304 after its first replay, its second batch's 2 x 64, then 2 x 288
+        (2, 3, [[2, 304], [2, 288]], [[2, 48], [2, 32]]),
+    ],
+)
+def test_recording_ahead_records_what_the_training_loop_records(
+    tmp_path, monkeypatch, loop_ahead, joined_at, in_loop, by_thread
+):
     """Without random numbers in the graphs (no dropout), the recorder's device graphs train
     exactly as those recorded at each shape's first batch: the recorder finishes every shape
     during step 2 (a callback waits for it), checkpointed layers included. With
     cuda_graphs_loop_ahead 2 the loop records the next two shapes itself, each captured while the
-    GPU runs the replay it launched before (no device synchronisation): the same values."""
+    GPU runs the replay it launched before (no device synchronisation), and the thread starts in
+    step 3: the same values."""
     model_dir = build_tiny_model(tmp_path / "model", dropout=0.0)
     synced, _, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **GPU_GRAPHS)
     settings = dict(GPU_GRAPHS, cuda_graphs_capture="ahead", cuda_graphs_loop_ahead=loop_ahead)
-    join = recorder_joined_at(2, monkeypatch)
+    join = recorder_joined_at(joined_at, monkeypatch)
     ahead, _, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, callbacks=[join], **settings)
     summary = trainer.graphs.summary()
     assert summary["capture"] == "ahead" and summary["eager_reasons"] == {"first step": 1}
     # every shape the rows make, longest first; the loop records the first batch's (2 x 320) before
     # the thread starts (and with loop_ahead the next two), the thread every other one (the
-    # callback waits for it at step 2)
+    # callback waits for it)
     assert trainer.graphs.recorder.shapes == [(2, 320), (2, 304), (2, 288), (2, 64), (2, 48), (2, 32)]
-    in_loop = [[2, 304], [2, 288]][:loop_ahead]
-    assert summary["recorded_ahead_in_loop"] == in_loop
-    assert summary["recorded_ahead"] == [[2, 304], [2, 288], [2, 64], [2, 48], [2, 32]][loop_ahead:]
+    assert summary["recorded_ahead_in_loop"] == in_loop and summary["recorded_ahead"] == by_thread
     assert len(summary["shapes_recorded"]) == 6 and summary["replayed_steps"] == 5
     # each recording's capture timed on its own thread: its CPU time within its wall time
     pairs = list(zip(summary["captured_cpu_seconds"], summary["captured_seconds"], strict=True))

@@ -16,6 +16,15 @@ EPOCH_ROWS = {
     ("pipeline", "epoch_b4"),
 }
 RESULTS = {  # each file's rows that must be there
+    "epochs_h200_loop_ahead.json": {
+        ("tutorial", "epoch_b4"),
+        ("batch4", "epoch_b4"),
+        ("batch4_ahead1", "epoch_b4"),
+        ("batch4_ahead2", "epoch_b4"),
+        ("batch4_blocking", "epoch_b4"),
+        ("batch4_ahead1_blocking", "epoch_b4"),
+    },
+    "epochs_h200_loop_ahead_2.json": {("tutorial", "epoch_b4"), ("batch4_ahead2", "epoch_b4")},
     "epochs_h200_shipped.json": {
         ("tutorial", "epoch_b4"),
         ("batch4", "epoch_b4"),

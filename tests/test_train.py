@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -315,42 +314,6 @@ def test_two_processes_train_on_the_same_examples_as_one_with_accumulation(pipel
         assert tokens_one == tokens_two  # the same examples in each optimizer step
         assert abs(loss_one - loss_two) <= 1e-3 * loss_one
     assert '"processes": 2' in (tmp_path / "p2" / "train.log").read_text()  # the first process wrote the log
-
-
-BLOCKING_SYNC_PROBE = """
-import ctypes, sys, torch
-sys.path.insert(0, "scripts")
-from runtime import set_cuda_blocking_sync
-if sys.argv[1] == "after":  # the context made first, as importing peft does
-    torch.zeros(1, device="cuda")
-print(set_cuda_blocking_sync(True))
-torch.zeros(1, device="cuda")
-torch.cuda.synchronize()  # the primary context current on this thread
-flags = ctypes.c_uint()
-ctypes.CDLL("libcuda.so.1").cuCtxGetFlags(ctypes.byref(flags))
-print(flags.value & 7)
-"""
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA context's flags")
-@pytest.mark.parametrize("made", ["before", "after"])
-def test_blocking_sync_reaches_the_context_made_before_or_after_it(made):
-    """train.cuda_blocking_sync: the primary context's scheduling flag is blocking sync (4), whether
-    the context is made after the setting or was made before it, in a fresh process."""
-    done = subprocess.run(
-        [sys.executable, "-c", BLOCKING_SYNC_PROBE, made], cwd=PROJECT, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["blocking sync (CU_CTX_SCHED_BLOCKING_SYNC)", "4"]
-
-
-def test_blocking_sync_says_when_it_cannot_apply():
-    """Off, the default is named; asked for where no CUDA driver is, it says it did not apply."""
-    from runtime import set_cuda_blocking_sync
-
-    assert set_cuda_blocking_sync(False) == "CUDA's default (spin)"
-    if not torch.cuda.is_available():
-        assert set_cuda_blocking_sync(True) in ("not applied: no CUDA driver", "not applied: no CUDA device")
 
 
 ALLOCATOR_PROBE = """
