@@ -120,6 +120,7 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
             memory_budget_gib=8,  # --pipeline-train's, under the overlay
             pad_to_multiple_of=64,
             cuda_graphs_capture="ahead",
+            cuda_graphs_loop_ahead=2,
             cuda_graphs_coarse_multiple=128,
             cuda_graphs_coarse_steps=100,
             cuda_graphs_headroom=1.05,
