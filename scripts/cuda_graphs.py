@@ -29,7 +29,7 @@ the GPU replays (scripts/graph_recorder.py says why); one forward/backward runs 
 time (``exclusive``), and a background recording writes its gradients into the fixed buffers
 itself (torch.autograd.grad), never into ``.grad``, which the trainer resets between steps.
 ``train.cuda_graphs_coarse_multiple``: the first ``cuda_graphs_coarse_steps`` batches replay their
-shape padded further to that coarser multiple (``padded_to``; the same numbers), fewer shapes to
+shape padded further to that coarser multiple (graph_inputs.padded_to; the same numbers), fewer shapes to
 record while the epoch starts; which graph serves a batch depends on its step alone.
 
 tests/test_cuda_graphs.py trains the tiny model through this path (the same static-buffer
@@ -45,33 +45,9 @@ from dataclasses import dataclass
 import torch
 
 from graph_attention import attention_backends
-
-GRAPH_KEYS = {"input_ids", "attention_mask", "labels"}
-# what a batch padded further on the right holds there (cuda_graphs_coarse_multiple): masked out
-# of attention's mask and of the loss, as the collator's own padding is
-PAD_FILL = {"input_ids": 0, "attention_mask": 0, "labels": -100}
-
+from graph_inputs import GRAPH_KEYS, padded_to
 
 CAPTURES = ("synchronized", "ahead")  # train.cuda_graphs_capture
-
-
-def right_padded(inputs: dict) -> bool:
-    """Every row's mask is ones then zeros, and every masked position has label -100."""
-    mask, labels = inputs["attention_mask"], inputs["labels"]
-    ordered = (mask[:, 1:] <= mask[:, :-1]).all()
-    return bool(ordered & ((mask == 1) | (labels == -100)).all())
-
-
-def padded_to(inputs: dict, seq: int) -> dict:
-    """The batch's graph inputs padded further on the right to ``seq`` positions (PAD_FILL): the
-    same loss and gradients, the positions added masked as the collator's padding is."""
-    extra = seq - inputs["input_ids"].shape[-1]
-    if extra <= 0:
-        return inputs
-    return {
-        name: torch.nn.functional.pad(value, (0, extra), value=PAD_FILL[name]) if name in GRAPH_KEYS else value
-        for name, value in inputs.items()
-    }
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:

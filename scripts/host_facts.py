@@ -4,7 +4,7 @@ batch's GPU copy, each was a device sync per step (tests/test_cuda_graphs.py cou
 
 import dataclasses
 
-from cuda_graphs import right_padded
+from graph_inputs import right_padded
 
 HOST_FACTS = "host_facts"  # the batch key HostFacts adds and the trainer's step removes
 
@@ -12,7 +12,7 @@ HOST_FACTS = "host_facts"  # the batch key HostFacts adds and the trainer's step
 @dataclasses.dataclass(frozen=True)
 class BatchFacts:
     tokens: int  # non-padding tokens (the Trainer's num_input_tokens_seen)
-    right_padded: bool  # the layout a recorded step needs (cuda_graphs.right_padded)
+    right_padded: bool  # the layout a recorded step needs (graph_inputs.right_padded)
 
 
 class HostFacts:

@@ -93,15 +93,15 @@ def test_recordings_try_the_configured_attention_kernel_first():
 
 
 def test_graph_step_needs_right_padding():
-    import cuda_graphs
+    from graph_inputs import right_padded
 
     labels = torch.tensor([[5, 6, -100, -100], [7, 8, 9, 10]])
     right = dict(attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), labels=labels)
-    assert cuda_graphs.right_padded(right)
+    assert right_padded(right)
     left = dict(attention_mask=torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), labels=labels)
-    assert not cuda_graphs.right_padded(left)
+    assert not right_padded(left)
     unmasked = dict(attention_mask=right["attention_mask"], labels=torch.tensor([[5, 6, 7, -100], [7, 8, 9, 10]]))
-    assert not cuda_graphs.right_padded(unmasked)  # a pad with a label would change the loss
+    assert not right_padded(unmasked)  # a pad with a label would change the loss
 
 
 def test_the_batch_layout_is_read_on_the_host_before_the_batch_moves(monkeypatch):
