@@ -29,8 +29,8 @@ the GPU replays (scripts/graph_recorder.py says why); one forward/backward runs 
 time (``exclusive``), and a background recording writes its gradients into the fixed buffers
 itself (torch.autograd.grad), never into ``.grad``, which the trainer resets between steps.
 ``train.cuda_graphs_coarse_multiple``: the first ``cuda_graphs_coarse_steps`` batches replay their
-shape padded further to that coarser multiple (graph_inputs.padded_to; the same numbers), fewer shapes to
-record while the epoch starts; which graph serves a batch depends on its step alone.
+shape padded further to that coarser multiple (graph_inputs.padded_to; the same numbers), fewer
+shapes to record while the epoch starts; which graph serves a batch depends on its step alone.
 
 tests/test_cuda_graphs.py trains the tiny model through this path (the same static-buffer
 function, run without a device graph on the CPU) against TRL's eager step.

@@ -118,9 +118,8 @@ class Recorder:
         """After the loop's first replay (of the first batch's shape, recorded by the loop) and its
         recordings ahead (``after_replay``): the thread starts, warms up beside the replays and
         records the other shapes. Once. Nothing runs beside the run's first step or the loop's
-        first recording: with the
-        warm-up beside the first (eager) step, that recording failed at once on the 7B shape
-        (bench/results/epochs_h200_ahead_b4)."""
+        first recording: with the warm-up beside the first (eager) step, that recording failed at
+        once on the 7B shape (bench/results/epochs_h200_ahead_b4)."""
         if self.thread is not None:
             return
         self.recording_args = (num_items_dtype, loss_fn)
@@ -130,11 +129,13 @@ class Recorder:
     def after_replay(self, num_items_dtype, device, loss_fn) -> None:
         """The loop's replay is launched; called after each one until the thread starts. With
         ``loop_ahead``, the loop first records the next shapes itself, one after each replay, while
-        the GPU runs that replay (a capture launches nothing: 0.4-0.5 s of host work beside a step's
-        0.1-0.3 s on the GPU), then starts the thread on the rest. Why: the thread records a shape
-        in 1.0-1.6 s where the loop takes 0.4-0.5 s, and the first megabatch needs the next shape
-        after 3-8 replays: without a head start the loop waited for it at each of its first shapes
-        (2.0-2.4 s an epoch at batch 4, bench/results/epochs_h200_shipped)."""
+        the GPU runs that replay (a capture launches nothing), then starts the thread on the rest.
+        Why: the thread records a shape in 1.0-1.6 s (its first in 1.5-1.95 s) where the loop takes
+        0.3-0.5 s, and the first megabatch needs the next shape after 3-8 replays: without a head
+        start the loop waited for it at each of its first shapes (1.5-2.4 s an epoch at batch 4,
+        bench/results/epochs_h200_shipped). With 2 on one H200 it never waited, but each recording
+        (0.5 s of host work beside a 0.29 s replay) cost most of what it saved: the epoch 0.3 s
+        shorter (bench/results/epochs_h200_loop_ahead)."""
         graphs = self.graphs
         if len(self.recorded_in_loop) < self.loop_ahead and graphs.checkpointed_eager_reason is None:
             shape = self.next_shape(num_items_dtype)
