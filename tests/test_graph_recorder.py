@@ -140,6 +140,21 @@ def test_the_recorder_runs_until_it_is_stopped():
     assert recorder.recorded == [] and recorder.error is None
 
 
+def thread_starts(monkeypatch) -> list:
+    """Each start of a recorder thread, as (eager steps, replayed steps, shapes recorded) then."""
+    import graph_recorder
+
+    begun, run = [], graph_recorder.Recorder._run
+
+    def observed(self, device):
+        graphs = self.graphs
+        begun.append((graphs.eager_steps, graphs.replayed_steps, [key[0] for key in graphs.recordings]))
+        return run(self, device)
+
+    monkeypatch.setattr(graph_recorder.Recorder, "_run", observed)
+    return begun
+
+
 def test_the_recorder_thread_starts_after_the_first_step_and_the_loops_first_recording(
     tiny_model, tmp_path, monkeypatch
 ):
@@ -148,19 +163,11 @@ def test_the_recorder_thread_starts_after_the_first_step_and_the_loops_first_rec
     shape on an H200 (bench/results/epochs_h200_ahead_b4). The thread begins with one eager step
     done and the first batch's shape recorded by the loop, and records the others."""
     import cuda_graphs
-    import graph_recorder
 
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
-    begun = []
-    run = graph_recorder.Recorder._run
-
-    def observed(self, device):
-        begun.append((self.graphs.eager_steps, [key[0] for key in self.graphs.recordings]))
-        return run(self, device)
-
-    monkeypatch.setattr(graph_recorder.Recorder, "_run", observed)
+    begun = thread_starts(monkeypatch)
     _, _, trainer = train_tiny(tiny_model, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **CPU_GRAPHS)
-    assert begun == [(1, [(2, 320)])]
+    assert begun == [(1, 0, [(2, 320)])]  # the eager step, the first replay launched (counted after it)
     summary = trainer.graphs.summary()
     assert summary["recorder_failure"] is None and summary["eager_reasons"] == {"first step": 1}
     # the others, by the thread unless the loop reached one first (on the CPU its replays race it)
@@ -177,17 +184,9 @@ def test_the_loop_records_the_next_shapes_before_the_thread_starts(tiny_model, t
     the next shape of the thread's list not yet recorded itself (2 x 304, then 2 x 288); the thread
     starts after them and records none of them; the numbers stay those of the eager steps."""
     import cuda_graphs
-    import graph_recorder
 
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
-    begun = []
-    run = graph_recorder.Recorder._run
-
-    def observed(self, device):
-        begun.append((self.graphs.replayed_steps, [key[0] for key in self.graphs.recordings]))
-        return run(self, device)
-
-    monkeypatch.setattr(graph_recorder.Recorder, "_run", observed)
+    begun = thread_starts(monkeypatch)
     record, captures = cuda_graphs.GraphedSteps._record, []
 
     def kept(self, inputs, num_items, loss_fn, background, synchronized):
@@ -200,7 +199,7 @@ def test_the_loop_records_the_next_shapes_before_the_thread_starts(tiny_model, t
     eager, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
     # started during the second replayed step (counted after this hook): the loop recorded its two
     # batches' shapes (2 x 320, then 2 x 64) and after each replay the next of the list
-    assert begun == [(1, [(2, 320), (2, 304), (2, 64), (2, 288)])]
+    assert begun == [(1, 1, [(2, 320), (2, 304), (2, 64), (2, 288)])]
     summary = trainer.graphs.summary()
     assert summary["recorded_ahead_in_loop"] == [[2, 304], [2, 288]]
     assert not {(2, 304), (2, 288), (2, 320)} & set(map(tuple, summary["recorded_ahead"]))
