@@ -171,6 +171,10 @@ class GraphedSteps:
             waited_seconds=round(self.waited_seconds, 4),
         )
 
+    def serves(self, batch: int, seq: int) -> bool:
+        """A batch of this shape is recorded, not trained eagerly for its length (max_tokens)."""
+        return self.max_tokens is None or batch * seq <= self.max_tokens
+
     def _eager(self, reason: str) -> None:
         self.eager_steps += 1
         self.eager_reasons[reason] = self.eager_reasons.get(reason, 0) + 1
@@ -188,7 +192,7 @@ class GraphedSteps:
         earlier = self.eager_steps + self.replayed_steps  # the batches before this one (the coarse ones' count)
         if self.off_reason:
             return self._eager("graphs off")
-        if self.max_tokens is not None and inputs["input_ids"].numel() > self.max_tokens:
+        if not self.serves(*inputs["input_ids"].shape):
             return self._eager(f"longer than cuda_graphs_max_tokens ({self.max_tokens})")
         if checkpointed and self.checkpointed_eager_reason:
             return self._eager(self.checkpointed_eager_reason)
@@ -206,7 +210,7 @@ class GraphedSteps:
         if self.coarse_multiple and earlier < self.coarse_steps and not self.checkpointed_eager_reason:
             batch, seq = inputs["input_ids"].shape
             seq = -(-seq // self.coarse_multiple) * self.coarse_multiple
-            if self.max_tokens is None or batch * seq <= self.max_tokens:
+            if self.serves(batch, seq):
                 inputs, coarse = padded_to(inputs, seq), True
         key = (tuple(inputs["input_ids"].shape), None if num_items is None else torch.as_tensor(num_items).dtype)
         recording = self.recordings.get(key)

@@ -153,9 +153,7 @@ class Recorder:
         """The first of ``shapes`` not recorded yet that a recording serves (within max_tokens)."""
         graphs = self.graphs
         for batch, seq in self.shapes:
-            if graphs.max_tokens is not None and batch * seq > graphs.max_tokens:
-                continue
-            if ((batch, seq), num_items_dtype) not in graphs.recordings:
+            if graphs.serves(batch, seq) and ((batch, seq), num_items_dtype) not in graphs.recordings:
                 return batch, seq
         return None
 
@@ -189,7 +187,7 @@ class Recorder:
             self.warmed.set()
             num_items_dtype, loss_fn = self.recording_args
             for batch, seq in self.shapes:
-                if graphs.max_tokens is not None and batch * seq > graphs.max_tokens:
+                if not graphs.serves(batch, seq):
                     continue
                 while graphs.main_waiting and not self.stopping:
                     time.sleep(0.001)
