@@ -175,6 +175,13 @@ def run_row(row: dict) -> dict:
     result.update(epoch_seconds=round(seconds, 2) if epoch and not cap else None, tokens_per_second=round(speed, 1))
     result["capped_at_step"] = cap if epoch else None  # a part of an epoch: no epoch time, no ratio
     result["steady_tokens_per_second"] = steady_tokens_per_second(timer.steps, WARMUP)
+    # The epoch's seconds outside its steps: the trainer's set-up before its loop (host clock),
+    # the loop's own outside the steps (device clock), and after the loop until train() returned.
+    outside = timer.outside_steps
+    if outside is not None:
+        outside["before_train_begin"] = round(timer.train_host["begin"] - started, 4)
+        outside["after_train_end"] = round(started + seconds - timer.train_host["end"], 4)
+    result["outside_steps"] = outside
     result.update(median_step_seconds=round(statistics.median(times), 4), step_seconds=[round(t, 4) for t in times])
     result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None
     result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3) if cuda else None

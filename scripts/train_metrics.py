@@ -82,6 +82,11 @@ def step_timer():
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.marks: dict[int, tuple] = {}  # step -> (start, end, tokens)
+            self.train_marks: dict[str, object] = {}  # on_train_begin / on_train_end
+            self.train_host: dict[str, float] = {}  # the same moments by the host's clock
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.train_marks["begin"], self.train_host["begin"] = _time_mark(), time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):
             self._started, self._tokens = _time_mark(), state.num_input_tokens_seen
@@ -89,11 +94,30 @@ def step_timer():
         def on_step_end(self, args, state, control, **kwargs):
             self.marks[state.global_step] = (self._started, _time_mark(), state.num_input_tokens_seen - self._tokens)
 
+        def on_train_end(self, args, state, control, **kwargs):
+            self.train_marks["end"], self.train_host["end"] = _time_mark(), time.perf_counter()
+
         @property
         def steps(self) -> dict[int, dict]:
             return {
                 step: {"step_seconds": _seconds_between(start, end), "step_tokens": tokens}
                 for step, (start, end, tokens) in self.marks.items()
+            }
+
+        @property
+        def outside_steps(self) -> dict | None:
+            """Seconds of the training loop (on_train_begin to on_train_end) outside the timed steps:
+            before the first, between steps (the gaps summed, and the longest), after the last; on a
+            GPU on the device's timeline, where a gap is the card waiting for the host."""
+            if not self.marks or set(self.train_marks) != {"begin", "end"}:
+                return None
+            spans = [self.marks[step][:2] for step in sorted(self.marks)]
+            gaps = [_seconds_between(end, start) for (_, end), (start, _) in zip(spans, spans[1:])]
+            return {
+                "before_first_step": round(_seconds_between(self.train_marks["begin"], spans[0][0]), 4),
+                "between_steps": round(sum(gaps), 4),
+                "longest_gap": round(max(gaps, default=0.0), 4),
+                "after_last_step": round(_seconds_between(spans[-1][1], self.train_marks["end"]), 4),
             }
 
     return StepTimer()

@@ -183,6 +183,21 @@ def test_tiny_run_trains_every_recipe_on_the_same_rows(rows_dir, tmp_path):
     # --steps stops inside the whole epoch's schedule: warm-up over 3 % of 1000 steps, not of 2.
     assert all(0 < r["learning_rates"][1] < 2e-4 * 2 / 30 for r in report["rows"] if r["status"] == "ok")
     assert "SmolLM2-135M-Instruct" in out.with_suffix(".md").read_text()
+    # The epoch's seconds outside its steps add up with the steps to train()'s wall time (on a CPU
+    # every mark is the host's clock; each part rounded to 0.1 ms).
+    for row in (r for r in report["rows"] if r["status"] == "ok"):
+        outside = row["outside_steps"]
+        assert set(outside) == {
+            "before_train_begin",
+            "before_first_step",
+            "between_steps",
+            "longest_gap",
+            "after_last_step",
+            "after_train_end",
+        }
+        assert all(value >= 0 for value in outside.values()) and outside["longest_gap"] <= outside["between_steps"]
+        parts = sum(row["step_seconds"]) + sum(v for k, v in outside.items() if k != "longest_gap")
+        assert abs(parts - row["train_seconds"]) < 0.02, (parts, row["train_seconds"], outside)
 
 
 def test_block_rows_are_measured_by_their_median_step(tmp_path, rows_dir):
