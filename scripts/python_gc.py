@@ -26,6 +26,8 @@ class CollectionTimes:
     def __init__(self, frozen_objects: int | None):
         self.frozen_objects = frozen_objects
         self.collections: list[tuple[int, float, bool]] = []
+        self.full_collections: list[tuple[float, float]] = []  # (start since training began, seconds)
+        self._began = time.perf_counter()
         self._started: dict[int, float] = {}
 
     def __call__(self, phase: str, info: dict) -> None:
@@ -33,10 +35,13 @@ class CollectionTimes:
         if phase == "start":
             self._started[ident] = time.perf_counter()
         elif ident in self._started:
-            seconds = time.perf_counter() - self._started.pop(ident)
+            started = self._started.pop(ident)
+            seconds = time.perf_counter() - started
             self.collections.append(
                 (info["generation"], seconds, threading.current_thread() is threading.main_thread())
             )
+            if info["generation"] == 2:  # when a full one ran: inside the steps, or in a gap
+                self.full_collections.append((round(started - self._began, 3), round(seconds, 4)))
 
     def summary(self) -> dict:
         """For metrics.json and bench rows: per generation, how many and how long."""
@@ -51,6 +56,7 @@ class CollectionTimes:
             by_generation=by_generation,
             seconds=round(sum(s for _, s, _ in self.collections), 4),
             other_threads_seconds=round(sum(s for _, s, main in self.collections if not main), 4),
+            full_collections=self.full_collections,
         )
 
 

@@ -2,6 +2,7 @@
 
 import gc
 import threading
+import time
 
 import pytest
 from transformers import TrainerCallback
@@ -45,6 +46,7 @@ def test_a_frozen_heap_trains_to_the_same_losses_and_thaws_after(tiny_model, tmp
 def test_each_collection_is_timed_with_the_thread_it_ran_on():
     with python_gc.during_training(freeze=False) as times:
         gc.collect(1)
+        time.sleep(0.2)
         worker = threading.Thread(target=gc.collect, args=(2,))  # a full collection: measurably long
         worker.start()
         worker.join()
@@ -52,4 +54,7 @@ def test_each_collection_is_timed_with_the_thread_it_ran_on():
     summary = times.summary()
     assert {g: s["count"] for g, s in summary["by_generation"].items()} == {"1": 1, "2": 1}
     assert summary["other_threads_seconds"] == summary["by_generation"]["2"]["seconds"] > 0
+    # the full one: when it began (after the 0.2 s sleep) and how long it took
+    ((began, seconds),) = summary["full_collections"]
+    assert 0.2 <= began < 1.0 and seconds == pytest.approx(summary["by_generation"]["2"]["seconds"], abs=1e-4)
     assert summary["frozen_objects"] is None and times not in gc.callbacks
