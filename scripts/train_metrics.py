@@ -16,6 +16,7 @@
 """
 
 import csv
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def step_timer():
         def on_step_end(self, args, state, control, **kwargs):
             self.marks[state.global_step] = (self._started, _time_mark(), state.num_input_tokens_seen - self._tokens)
 
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.train_marks["epoch_end"] = _time_mark()  # the last epoch's, once training ends
+
         def on_train_end(self, args, state, control, **kwargs):
             self.train_marks["end"], self.train_host["end"] = _time_mark(), time.perf_counter()
 
@@ -107,17 +111,22 @@ def step_timer():
         @property
         def outside_steps(self) -> dict | None:
             """Seconds of the training loop (on_train_begin to on_train_end) outside the timed steps:
-            before the first, between steps (the gaps summed, and the longest), after the last; on a
-            GPU on the device's timeline, where a gap is the card waiting for the host."""
-            if not self.marks or set(self.train_marks) != {"begin", "end"}:
+            before the first, between steps (the gaps summed, and the longest), after the last (and
+            of that, after the epoch's end); on a GPU on the device's timeline, where a gap is the
+            card waiting for the host."""
+            if not self.marks or not {"begin", "end"} <= set(self.train_marks):
                 return None
             spans = [self.marks[step][:2] for step in sorted(self.marks)]
-            gaps = [_seconds_between(end, start) for (_, end), (start, _) in zip(spans, spans[1:])]
+            gaps = [_seconds_between(end, start) for (_, end), (start, _) in itertools.pairwise(spans)]
             return {
                 "before_first_step": round(_seconds_between(self.train_marks["begin"], spans[0][0]), 4),
                 "between_steps": round(sum(gaps), 4),
                 "longest_gap": round(max(gaps, default=0.0), 4),
                 "after_last_step": round(_seconds_between(spans[-1][1], self.train_marks["end"]), 4),
+                # of which the trainer's wrap-up after its epoch loop (final log line and metrics)
+                "after_epoch_end": round(_seconds_between(self.train_marks["epoch_end"], self.train_marks["end"]), 4)
+                if "epoch_end" in self.train_marks
+                else None,
             }
 
     return StepTimer()
