@@ -100,6 +100,11 @@ def save_on_warning(logger):
     return SaveOnWarning()
 
 
+def stopped_at(step: int) -> bool:
+    """The warning stopped the run at this step (its checkpoint saved there)."""
+    return step in _stopped_at
+
+
 def exit_if_stopped() -> None:
     """After trainer.train(): a run stopped by the warning writes no outputs and fails, so
     that Snakemake reruns it (with more time) from the checkpoint."""

@@ -105,6 +105,32 @@ def train_tiny(
 LENGTHS = [40, 48, 300, 310, 56, 64, 290, 280, 30, 44, 320, 305]
 
 
+def test_no_checkpoint_after_the_last_step_unless_slurm_warned(tiny_model, tmp_path, monkeypatch):
+    """The Trainer's save after the last step is skipped (the train stage deletes the checkpoints
+    once its adapter is written); periodic saves stay, and so does a save Slurm's warning asks for
+    at the last step."""
+    from transformers import TrainerCallback
+
+    import preemption
+
+    monkeypatch.setattr(preemption, "_stopped_at", [])
+
+    class WarnAtLastStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == state.max_steps - 1:
+                preemption._warned.set()  # as SIGURG's handler does
+
+    def saved(folder: Path) -> list[int]:
+        return sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/trainer_state.json"))
+
+    train_tiny(tiny_model, tmp_path / "plain", LENGTHS, save_steps=2)
+    assert saved(tmp_path / "plain" / "ckpt") == [2, 4]  # six steps: not 6
+    callbacks = [WarnAtLastStep(), preemption.save_on_warning(LOGGER)]
+    train_tiny(tiny_model, tmp_path / "warned", LENGTHS, callbacks=callbacks, save_steps=2)
+    # saved at the last step; save_total_limit 2 keeps the last two
+    assert preemption._stopped_at == [6] and saved(tmp_path / "warned" / "ckpt") == [4, 6]
+
+
 def test_metrics_synced_at_logging_log_what_trl_logs(tiny_model, tmp_path):
     deferred, _, _ = train_tiny(tiny_model, tmp_path / "a", LENGTHS, defer_metric_sync=True)
     stock, _, _ = train_tiny(tiny_model, tmp_path / "b", LENGTHS, defer_metric_sync=False)
