@@ -41,8 +41,15 @@ browser:
 slurm:
 	tests/slurm/cluster.sh install
 
-test: setup browser slurm
-	$(BIN)/python -m pytest tests -v --durations=15; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 1; }; exit $$rc
+# pytest-xdist, for the tests only (tests/requirements.txt).
+$(BIN)/.installed-tests: $(BIN)/.installed tests/requirements.txt
+	$(BIN)/pip install --quiet -r tests/requirements.txt
+	touch $@
+
+# Two workers, one test file each at a time: the Slurm module mostly waits on the scheduler and
+# overlaps the CPU-bound files (tests/conftest.py starts it first; the tiny run is shared).
+test: setup browser slurm $(BIN)/.installed-tests
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder -v --durations=15; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 1; }; exit $$rc
 
 # The study report and Snakemake's own provenance-rich report.
 report: setup
