@@ -160,7 +160,8 @@ def main(rows: Path, out: Path, repeats: int, multiples: list[int]) -> dict:
         schemes[name] = dict(
             tokens=tokens,
             padding_share=round(1 - sum(lengths) / tokens, 4),
-            shapes=len(cache),
+            shapes=len({key[-1] if name.startswith("packed") else key for key in keys}),  # row lengths to record
+            timed=len(cache),  # packed: each batch its own sequence bounds
             attention_seconds_per_layer=round(seconds, 4),
             attention_seconds_all_layers=round(seconds * LAYERS, 3),
         )

@@ -16,6 +16,18 @@ EPOCH_ROWS = {
     ("pipeline", "epoch_b4"),
 }
 RESULTS = {  # each file's rows that must be there
+    "epochs_h200_outside.json": {
+        ("tutorial", "epoch_b4"),
+        ("batch4", "epoch_b4"),
+        ("batch4_budget10", "epoch_b4"),
+        ("batch4_pad32", "epoch_b4"),
+    },
+    "epochs_h200_outside_2.json": {
+        ("tutorial", "epoch_b4"),
+        ("batch4", "epoch_b4"),
+        ("batch4_headroom1035", "epoch_b4"),
+    },
+    "epochs_h200_final_save.json": {("batch4", "epoch_b4")},
     "epochs_h200_loop_ahead.json": {
         ("tutorial", "epoch_b4"),
         ("batch4", "epoch_b4"),
