@@ -146,6 +146,8 @@ def run_row(row: dict) -> dict:
                 train_stage.decoder_layers(model), model_dir, cell, settings, details["kernels"]
             )
         every = details["checkpoint_every"]
+        # make_trainer: no recipe writes a checkpoint after its last step (recipe.skip_final_checkpoint;
+        # the 2023 tutorial's trainer did not, the train stage deletes it)
         trainer = train_stage.make_trainer(model, tokenizer, dataset, args, settings, callbacks, plan, every)
         sampler = trainer._get_train_sampler()
         if not isinstance(sampler, SequentialSampler):
