@@ -41,17 +41,8 @@ browser:
 slurm:
 	tests/slurm/cluster.sh install
 
-# pytest-xdist, for the tests only (tests/requirements.txt).
-$(BIN)/.installed-tests: $(BIN)/.installed tests/requirements.txt
-	$(BIN)/pip install --quiet -r tests/requirements.txt
-	touch $@
-
-# TEST_WORKERS=2: two pytest-xdist workers, one test file each at a time (tests/conftest.py
-# starts the Slurm module and the tiny run first; the run is shared). Serial by default: on
-# 2 cores the suite is CPU-bound and two workers did not measurably shorten it (ci-speed-report).
-TEST_WORKERS ?= 0
-test: setup browser slurm $(BIN)/.installed-tests
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -v --durations=15; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 1; }; exit $$rc
+test: setup browser slurm
+	$(BIN)/python -m pytest tests -v --durations=15; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 1; }; exit $$rc
 
 # The study report and Snakemake's own provenance-rich report.
 report: setup

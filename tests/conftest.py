@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from filelock import FileLock
 
 PROJECT = Path(__file__).resolve().parent.parent
 SHARED_DATA = PROJECT.parent / "shared" / "data"
@@ -58,26 +57,10 @@ def tiny_config() -> dict:
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory) -> Path:
-    """The tiny CI grid, run for real through Snakemake; returns its results folder. Tests read
-    it and never change it (they edit copies): under pytest-xdist both workers share one run."""
+    """The tiny CI grid, run for real through Snakemake; returns its results folder."""
     assert SHARED_DATA.is_dir(), f"the offline data copies are missing: {SHARED_DATA}"
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        results = tmp_path_factory.mktemp("results")
-        snakemake("--cores", "2", results_dir=results, env={"HF_TOKEN": FAKE_TOKEN})
-        return results
-    # The first worker to ask runs it; the other waits on the lock (the run takes both cores).
-    root = tmp_path_factory.getbasetemp().parent  # shared by the session's workers
-    results, done, failed = root / "results", root / "results.done", root / "results.failed"
-    with FileLock(root / "results.lock"):
-        if failed.exists():
-            raise AssertionError(f"the tiny run failed in another worker:\n{failed.read_text()}")
-        if not done.exists():
-            try:
-                snakemake("--cores", "2", results_dir=results, env={"HF_TOKEN": FAKE_TOKEN})
-            except AssertionError as error:
-                failed.write_text(str(error))
-                raise
-            done.touch()
+    results = tmp_path_factory.mktemp("results")
+    snakemake("--cores", "2", results_dir=results, env={"HF_TOKEN": FAKE_TOKEN})
     return results
 
 
@@ -100,19 +83,6 @@ def tiny_model(tmp_path_factory) -> Path:
     from test_recipe import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
-
-
-# Under pytest-xdist (make test: -n 2 --dist loadfile) the Slurm module (it mostly waits on the
-# scheduler) and the tiny DAG run start first, beside each other; then the longest files, so
-# that the short ones fill the end and neither worker idles long (one full run, 2 cores).
-FIRST_MODULES = ("test_slurm.py", "test_audit.py", "test_train.py", "test_epochs_bench.py", "test_report.py")
-FIRST_MODULES += ("test_evaluate.py", "test_model.py", "test_recipe.py", "test_downstream.py", "test_trackers.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' collection sets the order
-        first = {name: i for i, name in enumerate(FIRST_MODULES)}
-        items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest as collected
 
 
 def read_json(path: Path) -> dict:

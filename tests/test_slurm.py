@@ -207,6 +207,26 @@ def test_tiny_grid_runs_every_job_through_sbatch(slurm_run):
     assert (results / "report" / "report.html").is_file()
 
 
+def test_slurm_artifacts_match_a_local_run(slurm_run, pipeline_run):
+    results, _ = slurm_run
+    produced = artifacts(results)
+    # The Slurm grid leaves evaluate.lm_eval off (tests/test_downstream.py covers it locally)
+    # and runs two of the tiny grid's four cells: the local run's files less the other cells'.
+    cells, local_cells = slurm_cells(), {path.name for path in (pipeline_run / "train").iterdir()}
+    assert len(local_cells) == 4 and cells < local_cells
+    local = artifacts(pipeline_run)
+    local = {name for name in local if "downstream" not in name and not of_cells(name, local_cells - cells)}
+    assert produced == local
+    assert sum(name.endswith("metrics.json") for name in produced) == 2
+    # Every rule kind the local run ran (lm-eval's aside) ran here too.
+    assert rules_run(results) == {rule for rule in rules_run(pipeline_run) if not rule.startswith("downstream")}
+    # Same seeds and data: the first step's loss agrees (to 1e-3: thread counts may differ).
+    for metrics in (results / "train").glob("*/loss_curve.csv"):
+        with metrics.open() as a, (pipeline_run / metrics.relative_to(results)).open() as b:
+            first = [float(next(csv.DictReader(handle))["loss"]) for handle in (a, b)]
+        assert first[0] == pytest.approx(first[1], rel=1e-3)
+
+
 def complete_checkpoints(folder: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/trainer_state.json"))
 
@@ -343,25 +363,3 @@ def test_requeued_then_time_limited_training_resumes_and_duplicates_are_refused(
     for rank in ("0", "1"):  # three launches: first run, restarted run, retry
         assert len(list(torchrun_logs.glob(f"*/attempt_0/{rank}/stderr.log"))) == 3
     assert not checkpoints.with_name(cell + ".lock").exists() and not checkpoints.exists()
-
-
-# Last in this module: under pytest -n 2 the tiny DAG run it compares with runs in the other
-# worker beside the Slurm grid; the requeue test above needs only the grid and runs meanwhile.
-def test_slurm_artifacts_match_a_local_run(slurm_run, pipeline_run):
-    results, _ = slurm_run
-    produced = artifacts(results)
-    # The Slurm grid leaves evaluate.lm_eval off (tests/test_downstream.py covers it locally)
-    # and runs two of the tiny grid's four cells: the local run's files less the other cells'.
-    cells, local_cells = slurm_cells(), {path.name for path in (pipeline_run / "train").iterdir()}
-    assert len(local_cells) == 4 and cells < local_cells
-    local = artifacts(pipeline_run)
-    local = {name for name in local if "downstream" not in name and not of_cells(name, local_cells - cells)}
-    assert produced == local
-    assert sum(name.endswith("metrics.json") for name in produced) == 2
-    # Every rule kind the local run ran (lm-eval's aside) ran here too.
-    assert rules_run(results) == {rule for rule in rules_run(pipeline_run) if not rule.startswith("downstream")}
-    # Same seeds and data: the first step's loss agrees (to 1e-3: thread counts may differ).
-    for metrics in (results / "train").glob("*/loss_curve.csv"):
-        with metrics.open() as a, (pipeline_run / metrics.relative_to(results)).open() as b:
-            first = [float(next(csv.DictReader(handle))["loss"]) for handle in (a, b)]
-        assert first[0] == pytest.approx(first[1], rel=1e-3)
