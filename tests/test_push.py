@@ -126,7 +126,7 @@ def test_the_token_never_reaches_a_file_or_log(dry_run):
     assert FAKE_TOKEN not in result.stdout + result.stderr
     leaks = [p for p in results.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
     assert not leaks
-    # The logs of the fixture's run (and of any run beside it under pytest -n 2), not merely the newest.
+    # The logs of the fixture's own run, not merely the newest in .snakemake/log (another run's, when runs overlap).
     _, _, snakemake_logs = dry_run
     assert snakemake_logs and not any(FAKE_TOKEN in log.read_text() for log in snakemake_logs)
     assert any("push_to_hub" in log.read_text() for log in snakemake_logs)
