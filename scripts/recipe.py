@@ -200,10 +200,10 @@ def graphs_off_reason(args, checkpoint_every: int, deferred: bool, recompute_rng
 def skip_final_checkpoint():
     """A Trainer callback: no checkpoint after the last step. The Trainer saves one there
     (save_strategy "steps", since transformers#30160 in 2024: the 2023 tutorial's trainer did not),
-    and the train stage deletes the cell's checkpoints once its adapter
-    is written: that save (the adapter, the optimizer's state, the tokenizer; 0.42-0.59 s of a
-    39-40 s batch-4 epoch on one H200, bench/results/epochs_h200_outside) only delayed the outputs.
-    A save Slurm's warning asked for at that step stays (preemption.save_on_warning)."""
+    and the train stage deletes the cell's checkpoints once its adapter is written: that save (the
+    adapter, the optimizer's state, the tokenizer; 0.42-0.59 s of a 39-40 s batch-4 epoch on one
+    H200, bench/results/epochs_h200_outside) only delayed the outputs. A save Slurm's warning asked
+    for at that step stays (preemption.save_on_warning)."""
     from transformers import TrainerCallback
 
     class SkipFinalCheckpoint(TrainerCallback):
