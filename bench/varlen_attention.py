@@ -145,7 +145,7 @@ def main(rows: Path, out: Path, repeats: int, multiples: list[int]) -> dict:
     print(f"{len(batches)} batches, {sum(lengths)} tokens, repeats {repeats}, multiples {multiples}", flush=True)
     schemes: dict[str, dict] = {}
 
-    def scheme(name: str, keys: list, call) -> None:
+    def scheme(name: str, keys: list, call) -> None:  # each key ends in its batch's padded tokens
         cache: dict = {}
         try:
             for key in keys:
@@ -156,20 +156,20 @@ def main(rows: Path, out: Path, repeats: int, multiples: list[int]) -> dict:
             print(name, schemes[name], flush=True)
             return
         seconds = sum(cache[key] for key in keys)
-        tokens = sum(key[-1] if name.startswith("packed") else 4 * key for key in keys)
+        tokens = sum(key[-1] for key in keys)
         schemes[name] = dict(
             tokens=tokens,
             padding_share=round(1 - sum(lengths) / tokens, 4),
-            shapes=len({key[-1] if name.startswith("packed") else key for key in keys}),  # row lengths to record
+            shapes=len({key[-1] for key in keys}),  # batch shapes to record (batch 4: one per token count)
             timed=len(cache),  # packed: each batch its own sequence bounds
             attention_seconds_per_layer=round(seconds, 4),
             attention_seconds_all_layers=round(seconds * LAYERS, 3),
         )
         print(name, schemes[name], flush=True)
 
-    seqs = [padded_seq(batch, step) for step, batch in enumerate(batches)]
-    scheme("padded_cudnn", seqs, lambda seq: padded_call(4, seq, SDPBackend.CUDNN_ATTENTION, device))
-    scheme("padded_flash", seqs, lambda seq: padded_call(4, seq, SDPBackend.FLASH_ATTENTION, device))
+    seqs = [(seq, 4 * seq) for seq in (padded_seq(batch, step) for step, batch in enumerate(batches))]
+    scheme("padded_cudnn", seqs, lambda key: padded_call(4, key[0], SDPBackend.CUDNN_ATTENTION, device))
+    scheme("padded_flash", seqs, lambda key: padded_call(4, key[0], SDPBackend.FLASH_ATTENTION, device))
     for multiple in multiples:
         for exact in (False, True):
             keys = [(tuple(batch), exact, packed_tokens(batch, multiple)) for batch in batches]
