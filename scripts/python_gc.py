@@ -21,12 +21,12 @@ import time
 
 
 class CollectionTimes:
-    """Every collection while active: its generation, seconds and whether it ran on the main thread."""
+    """Every collection while active: its generation, seconds, whether it ran on the main thread and
+    when it began (seconds since training began)."""
 
     def __init__(self, frozen_objects: int | None):
         self.frozen_objects = frozen_objects
-        self.collections: list[tuple[int, float, bool]] = []
-        self.full_collections: list[tuple[float, float]] = []  # (start since training began, seconds)
+        self.collections: list[tuple[int, float, bool, float]] = []
         self._began = time.perf_counter()
         self._started: dict[int, float] = {}
 
@@ -36,27 +36,24 @@ class CollectionTimes:
             self._started[ident] = time.perf_counter()
         elif ident in self._started:
             started = self._started.pop(ident)
-            seconds = time.perf_counter() - started
-            self.collections.append(
-                (info["generation"], seconds, threading.current_thread() is threading.main_thread())
-            )
-            if info["generation"] == 2:  # when a full one ran: inside the steps, or in a gap
-                self.full_collections.append((round(started - self._began, 3), round(seconds, 4)))
+            main = threading.current_thread() is threading.main_thread()
+            self.collections.append((info["generation"], time.perf_counter() - started, main, started - self._began))
 
     def summary(self) -> dict:
-        """For metrics.json and bench rows: per generation, how many and how long."""
+        """For metrics.json and bench rows: per generation, how many and how long; and when each full
+        one ran (inside the steps, or in a gap)."""
         by_generation = {}
-        for generation in sorted({g for g, _, _ in self.collections}):
-            seconds = [s for g, s, _ in self.collections if g == generation]
+        for generation in sorted({g for g, *_ in self.collections}):
+            seconds = [s for g, s, *_ in self.collections if g == generation]
             by_generation[str(generation)] = dict(
                 count=len(seconds), seconds=round(sum(seconds), 4), max_seconds=round(max(seconds), 4)
             )
         return dict(
             frozen_objects=self.frozen_objects,
             by_generation=by_generation,
-            seconds=round(sum(s for _, s, _ in self.collections), 4),
-            other_threads_seconds=round(sum(s for _, s, main in self.collections if not main), 4),
-            full_collections=self.full_collections,
+            seconds=round(sum(s for _, s, *_ in self.collections), 4),
+            other_threads_seconds=round(sum(s for _, s, main, _ in self.collections if not main), 4),
+            full_collections=[(round(began, 3), round(s, 4)) for g, s, _, began in self.collections if g == 2],
         )
 
 
