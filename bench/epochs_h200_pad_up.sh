@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15, goal 2 (prepared, not yet run): train.cuda_graphs_pad_up on one H200. A batch whose shape
+# Issue 15, goal 2: train.cuda_graphs_pad_up on one H200 (ran: bench/results/epochs_h200_pad_up, did not pay). A batch whose shape
 # the recorder thread has not recorded yet replays the shortest recorded shape that holds it (up to its
 # coarse shape) instead of waiting: config/batch4.yaml waited 0.3-0.7 s for the thread and padded to
 # multiples of 32 it waited 7.25 s (bench/results/epochs_h200_outside). A 12-step warm-up of each

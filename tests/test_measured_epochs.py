@@ -28,6 +28,12 @@ RESULTS = {  # each file's rows that must be there
         ("batch4_headroom1035", "epoch_b4"),
     },
     "epochs_h200_final_save.json": {("batch4", "epoch_b4")},
+    "epochs_h200_pad_up.json": {
+        ("tutorial", "epoch_b4"),
+        ("batch4", "epoch_b4"),
+        ("batch4_pad_up", "epoch_b4"),
+        ("batch4_pad32_up", "epoch_b4"),
+    },
     "epochs_h200_loop_ahead.json": {
         ("tutorial", "epoch_b4"),
         ("batch4", "epoch_b4"),
