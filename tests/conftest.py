@@ -55,6 +55,21 @@ def tiny_config() -> dict:
     return yaml.safe_load(TINY_CONFIG.read_text())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def conversion_cache(tmp_path_factory) -> Path:
+    """A conversion cache of this session's own (scripts/fetch_model.py): the session's first
+    offline_smollm2 run converts and stores, the later runs (the Slurm grids) copy, and no run
+    reads a cache left by another session. The Snakemake runs inherit it from the environment."""
+    cache = tmp_path_factory.mktemp("conversion_cache")
+    previous = os.environ.get("QLORA_SNAKEMAKE_CACHE")
+    os.environ["QLORA_SNAKEMAKE_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("QLORA_SNAKEMAKE_CACHE", None)
+    else:
+        os.environ["QLORA_SNAKEMAKE_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory) -> Path:
     """The tiny CI grid, run for real through Snakemake; returns its results folder."""

@@ -1,9 +1,16 @@
-"""Base-model stage: the converted SmolLM2 folder is a plain model with the GGUF's logits."""
+"""Base-model stage: the converted SmolLM2 folder is a plain model with the GGUF's logits, and
+the conversion cache hands later runs the same files."""
 
+import logging
+import shutil
+
+import pytest
 import torch
 
 import fetch_model
 from conftest import read_json
+
+LOGGER = logging.getLogger("test_model")
 
 
 def test_converted_model_keeps_the_gguf_logits(base_model_dir):
@@ -34,6 +41,46 @@ def test_provenance_says_dequantised_q4_1(pipeline_run):
     assert len(provenance["gguf_sha256"]) == 64
     assert provenance["tokenizer"]["pad_token_id"] != provenance["tokenizer"]["eos_token_id"]
     assert "model.safetensors" in provenance["files"]
+    # the session's cache (conftest.conversion_cache): stored by the session's first conversion
+    assert provenance["conversion_cache"]["status"] in ("stored", "hit")
+
+
+def test_a_cached_conversion_gives_the_converted_files(pipeline_run, tmp_path, conversion_cache):
+    converted = read_json(pipeline_run / "model" / "base.provenance.json")
+    fetch_model.main("offline_smollm2", tmp_path / "out", tmp_path / "p.json")
+    copied = read_json(tmp_path / "p.json")
+    assert copied["conversion_cache"] == {"status": "hit", "entry": converted["conversion_cache"]["entry"]}
+    assert copied["conversion_cache"]["entry"].startswith(str(conversion_cache))
+    assert copied["files"] == converted["files"]  # the same bytes, the pad-token fix included
+    assert copied["gguf_sha256"] == converted["gguf_sha256"] and copied["weights_note"] == converted["weights_note"]
+
+
+def test_a_damaged_cache_entry_is_named_and_not_used(pipeline_run, tmp_path, monkeypatch, caplog):
+    entry = tmp_path / "cache" / "offline_smollm2" / "damaged"
+    shutil.copytree(read_json(pipeline_run / "model" / "base.provenance.json")["conversion_cache"]["entry"], entry)
+    assert fetch_model.cache_entry_intact(entry) is None
+    config = (entry / "config.json").read_bytes()
+    (entry / "config.json").write_bytes(config.replace(b"576", b"577"))
+    assert fetch_model.cache_entry_intact(entry) == "config.json does not match its recorded sha256"
+    (entry / "config.json").write_bytes(config)
+    (entry / "tokenizer.json").unlink()
+    problem = fetch_model.cache_entry_intact(entry)
+    assert problem.startswith("it holds [") and "where" in problem and "'tokenizer.json'" in problem
+
+    # convert_gguf_cached converts again instead of copying it (stopped where the conversion starts)
+    def conversion(*args):
+        raise RuntimeError("converting")
+
+    monkeypatch.setattr(fetch_model, "conversion_key", lambda digest: "damaged")
+    monkeypatch.setattr(fetch_model, "convert_gguf", conversion)
+    with pytest.raises(RuntimeError, match="converting"):
+        fetch_model.convert_gguf_cached(fetch_model.smollm2_gguf_path(), tmp_path / "out", LOGGER, tmp_path / "cache")
+    assert not entry.exists() and not (tmp_path / "out").exists()
+    assert f"conversion cache entry {entry} is damaged (it holds" in caplog.text
+    monkeypatch.setenv("QLORA_SNAKEMAKE_CACHE", "off")
+    assert fetch_model.conversion_cache_root() is None
+    monkeypatch.setenv("QLORA_SNAKEMAKE_CACHE", str(tmp_path / "cache"))
+    assert fetch_model.conversion_cache_root() == tmp_path / "cache"
 
 
 def test_local_source_copies_a_model_folder(tmp_path, base_model_dir):
