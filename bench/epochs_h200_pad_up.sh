@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15, goal 2: train.cuda_graphs_pad_up on one H200 (ran: bench/results/epochs_h200_pad_up, did not pay). A batch whose shape
+# Issue 15, goal 2: train.cuda_graphs_pad_up on one H200 (ran at ffd52cc: bench/results/epochs_h200_pad_up; it did
+# not pay and was removed, so this script no longer runs as it stands). A batch whose shape
 # the recorder thread has not recorded yet replays the shortest recorded shape that holds it (up to its
 # coarse shape) instead of waiting: config/batch4.yaml waited 0.3-0.7 s for the thread and padded to
 # multiples of 32 it waited 7.25 s (bench/results/epochs_h200_outside). A 12-step warm-up of each

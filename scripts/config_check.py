@@ -91,14 +91,6 @@ def _cross_key_checks(config: dict) -> None:
                 "config key 'train.cuda_graphs_loop_ahead': the loop records ahead of the recorder thread, "
                 "which needs train.cuda_graphs_capture ahead; set it, or cuda_graphs_loop_ahead 0"
             )
-        if train.get("cuda_graphs_pad_up", False) and not (
-            train.get("cuda_graphs_capture", "synchronized") == "ahead" and train.get("cuda_graphs_coarse_multiple")
-        ):
-            raise ConfigError(
-                "config key 'train.cuda_graphs_pad_up': a batch replays a longer recorded shape while the "
-                "recorder thread records its own, up to its coarse shape: it needs train.cuda_graphs_capture "
-                "ahead and train.cuda_graphs_coarse_multiple; set them, or cuda_graphs_pad_up false"
-            )
         coarse, multiple = train.get("cuda_graphs_coarse_multiple"), train.get("pad_to_multiple_of")
         if coarse and multiple and coarse % multiple:
             raise ConfigError(

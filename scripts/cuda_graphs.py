@@ -167,7 +167,6 @@ class GraphedSteps:
             recorded_ahead=self.recorder.recorded if self.recorder else [],
             recorded_ahead_in_loop=self.recorder.recorded_in_loop if self.recorder else [],
             coarse_replays=self.coarse_replays,
-            stand_in_replays=self.recorder.stand_in_replays if self.recorder else 0,
             recorder_failure=self.recorder.failure if self.recorder else None,
             waited_seconds=round(self.waited_seconds, 4),
         )
@@ -215,9 +214,6 @@ class GraphedSteps:
                 inputs, coarse = padded_to(inputs, seq), True
         key = (tuple(inputs["input_ids"].shape), None if num_items is None else torch.as_tensor(num_items).dtype)
         recording = self.recordings.get(key)
-        stand_in = self.recorder.stand_in(key) if recording is None and self.recorder is not None else None
-        if stand_in is not None:  # train.cuda_graphs_pad_up: a longer shape the thread has recorded
-            inputs, key, recording = padded_to(inputs, stand_in[0][-1]), stand_in, self.recordings[stand_in]
         self._bind_grads()
         if recording is None:
             if self.recorder is not None:

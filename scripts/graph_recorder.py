@@ -61,7 +61,9 @@ the thread lagged as much, epochs_h200_gc_b4), nor the GIL's switch interval (0.
 backward (``captured_backward_seconds``, 43-55 %). Its
 captures take more CPU time on its thread than the loop's (0.19-0.75 s against 0.15-0.22 s,
 ``captured_cpu_seconds``) and wait longer besides; the cause is not separated. Replaying a longer
-recorded shape instead of waiting for the thread cost more than the wait (epochs_h200_padded_b4).
+recorded shape instead of waiting for the thread cost more than the wait (epochs_h200_padded_b4),
+and again, up to the batch's coarse shape only (``cuda_graphs_pad_up``, removed): no gain with
+the loop's recordings ahead, slower at multiples of 32 (epochs_h200_pad_up).
 """
 
 import contextlib
@@ -101,12 +103,10 @@ class Recorder:
     """Records ``shapes`` for ``graphs`` (a cuda_graphs.GraphedSteps) on a thread of its own, with
     placeholder batches (a recording holds buffers, not values)."""
 
-    def __init__(self, graphs, shapes: list[tuple[int, int]], loop_ahead: int = 0, pad_up: int | None = None):
+    def __init__(self, graphs, shapes: list[tuple[int, int]], loop_ahead: int = 0):
         self.graphs = graphs
         self.shapes = list(shapes)
         self.loop_ahead = loop_ahead  # shapes the loop records itself before the thread starts
-        self.pad_up = pad_up  # stand_in: a longer recorded shape, up to a multiple of this
-        self.stand_in_replays = 0  # batches that replayed a longer shape while the thread recorded
         self.recorded_in_loop: list[list[int]] = []  # of those, the ones it recorded
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the main thread raises it at its next step
@@ -158,25 +158,6 @@ class Recorder:
             if graphs.serves(batch, seq) and ((batch, seq), num_items_dtype) not in graphs.recordings:
                 return batch, seq
         return None
-
-    def stand_in(self, key) -> tuple | None:
-        """While the thread records, with ``pad_up`` (train.cuda_graphs_pad_up): the key of the
-        shortest recorded shape that holds a batch whose own shape (``key``) is not recorded, no
-        longer than the batch's coarse shape, to replay padded further instead of waiting for the
-        thread. None: no such recording (the loop waits or records, as without ``pad_up``)."""
-        if not self.pad_up or not self.running:
-            return None
-        (batch, seq), num_items_dtype = key
-        coarse = -(-seq // self.pad_up) * self.pad_up
-        held = [
-            recorded
-            for recorded in list(self.graphs.recordings)  # one copy: the thread adds to it
-            if recorded[1] == num_items_dtype and recorded[0][0] == batch and seq < recorded[0][1] <= coarse
-        ]
-        if not held:
-            return None
-        self.stand_in_replays += 1
-        return min(held, key=lambda recorded: recorded[0][1])
 
     def wait_warm(self) -> None:
         """The loop's later captures never run beside the thread's warm-up (its libraries' set-up)."""

@@ -279,8 +279,7 @@ def make_trainer(
                 first = padded_shapes(lengths, batch, coarse, args.max_length)
                 shapes = first + [shape for shape in shapes if shape not in first]
             loop_ahead = train.get("cuda_graphs_loop_ahead", 0)
-            pad_up = coarse if train.get("cuda_graphs_pad_up", False) else None
-            trainer.graphs.recorder = Recorder(trainer.graphs, shapes, loop_ahead, pad_up)
+            trainer.graphs.recorder = Recorder(trainer.graphs, shapes, loop_ahead)
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):
         plan.graph_peak_factor = 1.0  # no recording will run: the eager step's budget
     if train["padding_free"]:

@@ -91,21 +91,6 @@ def test_loop_ahead_needs_the_recorder_thread():
         validate_config(config)
 
 
-def test_pad_up_needs_the_recorder_thread_and_coarse_shapes():
-    config = load("tests/config/config.yaml")
-    config["train"].update(cuda_graphs=True, cuda_graphs_pad_up=True, cuda_graphs_capture="ahead")
-    with pytest.raises(ConfigError, match=r"'train.cuda_graphs_pad_up': .* needs .*cuda_graphs_coarse_multiple"):
-        validate_config(config)
-    config["train"].update(cuda_graphs_coarse_multiple=128, cuda_graphs_capture="synchronized")
-    with pytest.raises(ConfigError, match=r"'train.cuda_graphs_pad_up': .* needs train.cuda_graphs_capture ahead"):
-        validate_config(config)
-    config["train"]["cuda_graphs_capture"] = "ahead"
-    validate_config(config)
-    config["train"]["cuda_graphs_pad_up"] = "yes"
-    with pytest.raises(ConfigError, match=r"'train.cuda_graphs_pad_up'"):
-        validate_config(config)
-
-
 def test_cross_key_rule_hub_source_needs_revision():
     config = _set(_set(load("tests/config/config.yaml"), "model.source", "hub"), "model.revision", None)
     with pytest.raises(ConfigError, match="model.hub_id'/'model.revision"):

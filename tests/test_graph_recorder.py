@@ -116,44 +116,6 @@ def test_coarse_shapes_serve_the_first_batches_with_the_same_numbers(tmp_path, m
     assert ahead.graphs.recorder.shapes == [(2, 320), (2, 288), (2, 64), (2, 32), (2, 304), (2, 48)]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's recordings")
-def test_pad_up_replays_a_longer_recorded_shape_while_the_thread_records(tmp_path, monkeypatch):
-    """train.cuda_graphs_pad_up: while the recorder thread has not recorded a batch's shape, the
-    batch replays the shortest recorded shape that holds it, up to its coarse shape (2 x 304 on
-    2 x 320, 2 x 48 on 2 x 64), where without it the loop records the shape itself; without
-    dropout the values of the eager steps."""
-    import time
-
-    import cuda_graphs
-    import graph_recorder
-
-    monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
-
-    def idle(self, device):  # a thread that records nothing until training ends: always behind
-        self.warmed.set()
-        while not self.stopping:
-            time.sleep(0.01)
-
-    monkeypatch.setattr(graph_recorder.Recorder, "_run", idle)
-    model_dir = build_tiny_model(tmp_path / "model", dropout=0.0)
-    settings = dict(CPU_GRAPHS, cuda_graphs_capture="ahead", cuda_graphs_coarse_multiple=32, cuda_graphs_coarse_steps=0)
-    padded, _, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, **dict(settings, cuda_graphs_pad_up=True))
-    _, _, plain = train_tiny(model_dir, tmp_path / "b", LENGTHS, **settings)
-    eager, _, _ = train_tiny(model_dir, tmp_path / "c", LENGTHS, **dict(CPU_GRAPHS, cuda_graphs=False))
-    # batches 48 (eager), 320 and 64 (recorded by the loop), 304 -> 320, 48 -> 64, then 320
-    summary = trainer.graphs.summary()
-    assert summary["shapes_recorded"] == [[2, 320], [2, 64]] and summary["stand_in_replays"] == 2
-    assert summary["replayed_steps"] == 5 and summary["coarse_replays"] == 0
-    assert plain.graphs.summary()["shapes_recorded"] == [[2, 320], [2, 64], [2, 304], [2, 48]]
-    assert plain.graphs.summary()["stand_in_replays"] == 0
-    keys = ("loss", "grad_norm", "mean_token_accuracy", "num_tokens")
-    assert len(padded) == 6
-    # bit for bit on this CPU (the positions added are masked out of every value); the entropy's mean
-    # runs over the longer rows, a float32 rounding apart (7e-8 relative at the 2 x 48 -> 64 step)
-    assert [{k: h[k] for k in keys} for h in padded] == [{k: h[k] for k in keys} for h in eager]
-    assert [h["entropy"] for h in padded] == pytest.approx([h["entropy"] for h in eager], rel=1e-6, abs=0)
-
-
 def test_the_recorder_runs_until_it_is_stopped():
     """``Recorder.running`` (the loop waits for its previous replay on an event while it is true)
     holds from start() until the thread ends: here the thread cannot record while the loop holds
