@@ -256,7 +256,7 @@ def test_recomputation_skips_the_projections_the_backward_does_not_need(tiny_mod
     (torch's non-reentrant checkpoint, early stop): the frozen 4-bit down_proj saves nothing
     and runs last, so it runs once a step; the other six projections run again in the backward.
     (A saved tensor added after down_proj, or the reentrant checkpoint, would run it twice:
-    1/3 more of its FLOPs at the 7B shape's every recomputed layer.)"""
+    its forward again, half as much again as its forward and input gradient, in every recomputed layer.)"""
     train = dict(TRAIN, recompute_lora_dropout=True, fuse_lora_add=True)
     model, details = recipe.prepare_model(tiny_model, CELL, train, tiny_model / "adapter", 64, LOGGER)
     assert details["checkpointed_layers"] == 2
