@@ -251,15 +251,19 @@ def test_compiled_layers_train_like_eager(tiny_model, tmp_path):
     assert [h["loss"] for h in compiled] == pytest.approx([h["loss"] for h in eager], rel=1e-4)
 
 
-def test_recomputation_skips_the_projections_the_backward_does_not_need(tiny_model):
+@pytest.mark.parametrize(
+    "kernels",
+    ["none", pytest.param("liger", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton"))],
+)
+def test_recomputation_skips_the_projections_the_backward_does_not_need(tiny_model, kernels):
     """A checkpointed layer's recomputation stops once it has every tensor its backward saved
     (torch's non-reentrant checkpoint, early stop): the frozen 4-bit down_proj saves nothing
     and runs last, so it runs once a step; the other six projections run again in the backward.
     (A saved tensor added after down_proj, or the reentrant checkpoint, would run it twice:
     its forward again, half as much again as its forward and input gradient, in every recomputed layer.)"""
-    train = dict(TRAIN, recompute_lora_dropout=True, fuse_lora_add=True)
+    train = dict(TRAIN, recompute_lora_dropout=True, fuse_lora_add=True, kernels=kernels)
     model, details = recipe.prepare_model(tiny_model, CELL, train, tiny_model / "adapter", 64, LOGGER)
-    assert details["checkpointed_layers"] == 2
+    assert details["checkpointed_layers"] == 2 and details["kernels"] == kernels
     calls, phase = {}, ["forward"]
     for name, module in model.named_modules():
         projection = name.rsplit(".", 1)[-1]  # PEFT's wrapper of q_proj and v_proj, the 4-bit others
@@ -267,7 +271,7 @@ def test_recomputation_skips_the_projections_the_backward_does_not_need(tiny_mod
             module.register_forward_hook(
                 lambda *_, p=projection: calls.update({(phase[0], p): calls.get((phase[0], p), 0) + 1})
             )
-    ids = torch.randint(3, 1024, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 1024, (2, 64), generator=torch.Generator().manual_seed(0)).to(model.device)
     loss = model(input_ids=ids, labels=ids).loss
     phase[0] = "backward"
     loss.backward()
