@@ -255,12 +255,18 @@ def test_compiled_layers_train_like_eager(tiny_model, tmp_path):
     "kernels",
     ["none", pytest.param("liger", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton"))],
 )
-def test_recomputation_skips_the_projections_the_backward_does_not_need(tiny_model, kernels):
+def test_recomputation_skips_the_projections_the_backward_does_not_need(tiny_model, kernels, monkeypatch):
     """A checkpointed layer's recomputation stops once it has every tensor its backward saved
     (torch's non-reentrant checkpoint, early stop): the frozen 4-bit down_proj saves nothing
     and runs last, so it runs once a step; the other six projections run again in the backward.
     (A saved tensor added after down_proj, or the reentrant checkpoint, would run it twice:
     its forward again, half as much again as its forward and input gradient, in every recomputed layer.)"""
+    if kernels == "liger":  # Liger patches transformers' Llama module itself: put back after the test
+        from transformers.models.llama import modeling_llama
+
+        for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+            monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+        monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "forward", modeling_llama.LlamaForCausalLM.forward)
     train = dict(TRAIN, recompute_lora_dropout=True, fuse_lora_add=True, kernels=kernels)
     model, details = recipe.prepare_model(tiny_model, CELL, train, tiny_model / "adapter", 64, LOGGER)
     assert details["checkpointed_layers"] == 2 and details["kernels"] == kernels
