@@ -6,7 +6,7 @@
 # before each capture; train.cuda_graphs_capture: queued captures at once. Rows: a 30-step warm-up
 # (the Triton kernels compiled before the measured rows), then batch-4 epochs at multiples of 128
 # queued and synchronized, the tutorial's, and multiples of 64 queued. CUDA tests first.
-# ~8 min from the repo root in the background. The tutorial's row ended the sitting (device time);
+# ~8 min from the repo root in the background. The tutorial's row ended the sitting (its time was up);
 # the last row did not run. train.cuda_graphs_capture was removed after this run (no faster,
 # 1.9 GiB more reserved): the queued rows now run the synchronized capture.
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout

@@ -13,7 +13,7 @@
 grep -q " failed" /tmp/bgout/pytest_cuda_recorder.txt && exit 1
 E="python3 bench/epochs.py run --rows-dir /tmp/epochs --repeats-block 1"
 O="--out /tmp/bgout/epochs_h200_recorder --append"
-# (the third sitting ran the rows alone, device time short: no tests, no warm-up, so the recorded-
+# (the third sitting ran the rows alone, time short: no tests, no warm-up, so the recorded-
 # ahead row compiled the Triton kernels the others found cached; the tutorial's before the last)
 $E $O --jobs epoch_b4 --recipes --variant "pad128_ahead:pad_to_multiple_of=128,cuda_graphs_capture=ahead"
 $E $O --jobs epoch_b4 --recipes tutorial
