@@ -133,6 +133,25 @@ def cache_entry_intact(entry: Path) -> str | None:
     return None
 
 
+def store_in_cache(folder: Path, entry: Path, details: dict) -> None:
+    """Copies a converted folder into the cache as ``entry``, whole or not at all: a staging folder
+    renamed into place, removed if anything fails (OSError then, unless a run beside this one
+    stored the same entry first)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=entry.parent))
+    try:
+        files = {}
+        for path in sorted(folder.iterdir()):
+            shutil.copy2(path, staging / path.name)
+            files[path.name] = sha256_file(staging / path.name)
+        (staging / "entry.json").write_text(json.dumps({"details": details, "files": files}, indent=1) + "\n")
+        staging.rename(entry)  # atomic: a run beside this one finds a whole entry or none
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not entry.is_dir():
+            raise
+
+
 def convert_gguf_cached(gguf_path: Path, out_dir: Path, logger, cache_root: Path | None) -> dict:
     """``convert_gguf``, or the same folder from the conversion cache (see the module docstring)."""
     if cache_root is None:
@@ -151,17 +170,7 @@ def convert_gguf_cached(gguf_path: Path, out_dir: Path, logger, cache_root: Path
         shutil.rmtree(entry, ignore_errors=True)
     details = convert_gguf(gguf_path, out_dir, logger)
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=entry.parent))
-        files = {}
-        for path in sorted(out_dir.iterdir()):
-            shutil.copy2(path, staging / path.name)
-            files[path.name] = sha256_file(staging / path.name)
-        (staging / "entry.json").write_text(json.dumps({"details": details, "files": files}, indent=1) + "\n")
-        try:
-            staging.rename(entry)  # atomic: a run beside this one finds a whole entry or none
-        except OSError:  # that run stored the same key first
-            shutil.rmtree(staging, ignore_errors=True)
+        store_in_cache(out_dir, entry, details)
     except OSError as error:
         logger.warning("conversion cache %s not written (%s); the converted model is unaffected", cache_root, error)
         return dict(details, conversion_cache={"status": f"not stored: {error}"})

@@ -61,13 +61,9 @@ def conversion_cache(tmp_path_factory) -> Path:
     offline_smollm2 run converts and stores, the later runs (the Slurm grids) copy, and no run
     reads a cache left by another session. The Snakemake runs inherit it from the environment."""
     cache = tmp_path_factory.mktemp("conversion_cache")
-    previous = os.environ.get("QLORA_SNAKEMAKE_CACHE")
-    os.environ["QLORA_SNAKEMAKE_CACHE"] = str(cache)
-    yield cache
-    if previous is None:
-        os.environ.pop("QLORA_SNAKEMAKE_CACHE", None)
-    else:
-        os.environ["QLORA_SNAKEMAKE_CACHE"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QLORA_SNAKEMAKE_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 4-bit (bitsandbytes) base on the CPU: each speed switch trains to the same numbers as the
 stock path, and the per-batch checkpointing plan follows the memory model."""
 
+import collections
 import functools
 import json
 import logging
@@ -270,20 +271,18 @@ def test_recomputation_skips_the_projections_the_backward_does_not_need(tiny_mod
     train = dict(TRAIN, recompute_lora_dropout=True, fuse_lora_add=True, kernels=kernels)
     model, details = recipe.prepare_model(tiny_model, CELL, train, tiny_model / "adapter", 64, LOGGER)
     assert details["checkpointed_layers"] == 2 and details["kernels"] == kernels
-    calls, phase = {}, ["forward"]
+    calls, phase = collections.Counter(), ["forward"]
     for name, module in model.named_modules():
         projection = name.rsplit(".", 1)[-1]  # PEFT's wrapper of q_proj and v_proj, the 4-bit others
         if projection.endswith("_proj"):
-            module.register_forward_hook(
-                lambda *_, p=projection: calls.update({(phase[0], p): calls.get((phase[0], p), 0) + 1})
-            )
+            module.register_forward_hook(lambda *_, p=projection: calls.update([(phase[0], p)]))
     ids = torch.randint(3, 1024, (2, 64), generator=torch.Generator().manual_seed(0)).to(model.device)
     loss = model(input_ids=ids, labels=ids).loss
     phase[0] = "backward"
     loss.backward()
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert {p: calls.get(("forward", p)) for p in projections} == dict.fromkeys(projections, 2)  # 2 layers
-    assert {p: calls.get(("backward", p), 0) for p in projections} == dict(dict.fromkeys(projections, 2), down_proj=0)
+    assert {p: calls[("backward", p)] for p in projections} == dict(dict.fromkeys(projections, 2), down_proj=0)
 
 
 def test_compile_with_liger_stops_at_config_check():
