@@ -210,6 +210,12 @@ RESULTS = {  # each file's rows that must be there
         ("lean_yaml", "epoch_b4"),
         ("lean_yaml_4.2", "seed_epoch_b1"),
     },
+    "epochs_h200_unsloth_current.json": {
+        ("lean_yaml_5.75", "block_2048x4"),
+        ("pipeline", "block_2048x4"),
+        ("lean_yaml", "epoch_b4"),
+        ("lean_yaml_4.2", "seed_epoch_b1"),
+    },
 }
 
 
