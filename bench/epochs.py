@@ -165,6 +165,7 @@ def run_row(row: dict) -> dict:
     shape = dict(recipe="tutorial" if tutorial else "pipeline", method="qlora", targets="qv", seq=seq, batch=batch)
     shape["folded_lora_dropouts"] = details.get("folded_lora_dropouts", 0)
     shape["offload_checkpoints"] = details.get("offloaded_checkpoints", False)
+    shape["offload_prefetch"] = details.get("offload_prefetch", False)
     shape["double_quant"] = cell["double_quant"] and not tutorial
     predicted = predict_peak(
         ModelShape.from_config(model_dir), checkpoint_every=every, **prediction_recipe(shape, details["kernels"])
@@ -193,6 +194,7 @@ def run_row(row: dict) -> dict:
     result["folded_lora_dropouts"] = shape["folded_lora_dropouts"]
     result["fused_lora_adds"] = details.get("fused_lora_adds", 0)
     result["offload_checkpoints"] = shape["offload_checkpoints"]  # inputs of checkpointed layers in host memory
+    result["offload_prefetch"] = shape["offload_prefetch"]  # each brought back ahead of its recomputation
     result["double_quant"] = shape["double_quant"]
     result["memory_budget_gib"] = settings.get("memory_budget_gib")
     result["checkpoint_steps_by_layers"] = plan.summary() if plan else None  # steps per number of checkpointed layers

@@ -234,12 +234,15 @@ def run_row(row: dict) -> dict:
 def prediction_recipe(row: dict, kernels: str) -> dict:
     """The memory model's arguments for a bench row (the tutorial's LoRA counterpart has no
     fp32 upcast: the pipeline's layout without autocast; a row that folded its LoRA dropouts,
-    offloaded its checkpointed inputs or double-quantised says so)."""
+    offloaded its checkpointed inputs, ahead of their recomputation or in line, or
+    double-quantised says so)."""
     recipe = dict(method=row["method"], rank=64, targets=row["targets"], seq=row["seq"], batch=row["batch"])
     if row["recipe"] == "tutorial" and row["method"] == "lora":
         return dict(recipe, recipe="pipeline", kernels="none", autocast=False)
     recipe.update(recompute_dropout=bool(row.get("folded_lora_dropouts")), double_quant=bool(row.get("double_quant")))
-    return dict(recipe, recipe=row["recipe"], kernels=kernels, offload_checkpoints=bool(row.get("offload_checkpoints")))
+    offload = dict(offload_checkpoints=bool(row.get("offload_checkpoints")))
+    offload["offload_prefetch"] = bool(row.get("offload_prefetch"))  # rows before it copied in line
+    return dict(recipe, recipe=row["recipe"], kernels=kernels, **offload)
 
 
 def summarise(results: list[dict]) -> list[dict]:

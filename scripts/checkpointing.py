@@ -44,13 +44,18 @@ def set_checkpointing(layers: list, chosen) -> int:
 
 
 def enable_checkpointing(
-    model, every: int, planned: bool = False, offload: bool = False, longest_tokens: int | None = None
+    model,
+    every: int,
+    planned: bool = False,
+    offload: bool = False,
+    longest_tokens: int | None = None,
+    offload_prefetch: bool = True,
 ) -> int:
     """Checkpoint decoder layers 0, k, 2k, ...; the others keep their activations. With
     planned=True the machinery is set up even for every=0 (a per-batch plan may switch it
     on); with offload=True checkpointed layers keep their inputs in host memory
-    (scripts/offload.py), buffers reserved for ``longest_tokens``. Returns the number of
-    checkpointed layers."""
+    (scripts/offload.py), buffers reserved for ``longest_tokens``, each brought back ahead of
+    its recomputation with ``offload_prefetch``. Returns the number of checkpointed layers."""
     if every == 0 and not planned:
         return 0
     kwargs = {"use_reentrant": False}
@@ -61,7 +66,7 @@ def enable_checkpointing(
     if offload:
         hidden_dtype = model.get_input_embeddings().weight.dtype  # the residual stream's
         longest = (longest_tokens * model.config.hidden_size, hidden_dtype) if longest_tokens else None
-        reserved = offload_checkpoints(decoder_layers(model), kwargs, longest)
+        reserved = offload_checkpoints(decoder_layers(model), kwargs, longest, offload_prefetch)
         logging.getLogger("recipe").info("offload_checkpoints: %.2f GiB of pinned host memory reserved", reserved / GIB)
     layers = decoder_layers(model)
     return set_checkpointing(layers, every_kth_layer(len(layers), every))
@@ -80,20 +85,27 @@ class CheckpointPlan:
         self.recipe = cell_recipe(cell, train, kernels)
         self.plan = train.get("checkpoint_plan", "layers")
         checkpoint_layer_sets(self.shape.layers, self.plan)  # an unknown plan fails here, not at a batch
-        self.graph_peak_factor = graph_headroom(train) if train.get("cuda_graphs", False) else 1.0
+        self.records = bool(train.get("cuda_graphs", False))
+        self.graph_peak_factor = graph_headroom(train) if self.records else 1.0
         self.graph_max_tokens = train.get("cuda_graphs_max_tokens")
         self.chosen: dict[tuple[int, int], tuple[int, ...]] = {}
         self.predicted: dict[tuple[int, int], int] = {}
         self.steps_by_layers: dict[int, int] = {}
         self.applied: tuple[int, ...] | None = None  # the layers checkpointed now
 
+    def without_recordings(self) -> None:
+        """No recording will run (graphs off, or off for this run): every batch planned eager."""
+        self.records, self.graph_peak_factor = False, 1.0
+
     def layers_for(self, batch: int, seq: int) -> tuple[int, ...]:
         """The indices of the decoder layers this batch shape recomputes."""
         if (batch, seq) not in self.chosen:
-            graphed = self.graph_max_tokens is None or batch * seq <= self.graph_max_tokens
-            factor = self.graph_peak_factor if graphed else 1.0
+            recorded = self.records and (self.graph_max_tokens is None or batch * seq <= self.graph_max_tokens)
+            factor = self.graph_peak_factor if recorded else 1.0
             # the peak this batch is expected to reach: a recorded step's headroom included
-            layers, prediction = planned_batch(self.shape, self.budget, self.recipe, batch, seq, factor, self.plan)
+            layers, prediction = planned_batch(
+                self.shape, self.budget, self.recipe, batch, seq, factor, self.plan, recorded
+            )
             self.chosen[(batch, seq)], self.predicted[(batch, seq)] = layers, prediction["expected"]
             if self.predicted[(batch, seq)] > self.budget:
                 logging.getLogger("recipe").warning(

@@ -16,7 +16,8 @@ A checkpointed layer keeps only its input and recomputes the rest in the backwar
 layer at a time (which layers: every k-th with ``checkpoint_every``, or any number of them,
 the lowest, where the per-batch plan chose ``checkpointed_layers``: checkpoint_layer_sets);
 with ``offload_checkpoints`` (scripts/offload.py) those inputs wait in pinned host memory
-(``host_offload``, outside the total, like the paged optimizer state).
+(``host_offload``, outside the total, like the paged optimizer state), all but the one
+coming back ahead of its recomputation.
 
 The recipes:
 - ``pipeline``: base in the compute dtype (bf16), autocast, fp32 LoRA weights;
@@ -183,10 +184,14 @@ def predict_peak(
     recompute_dropout: bool = False,
     offload_checkpoints: bool = False,
     checkpointed_layers: int | None = None,
+    recorded: bool = False,
+    offload_prefetch: bool = True,
 ) -> dict:
     """Predicted peak of torch-allocated bytes, term by term (``host_offload``: pinned host
     memory, outside the total). ``checkpointed_layers``: how many layers recompute, where a
-    per-batch plan chose them (checkpoint_layer_sets) rather than ``checkpoint_every``."""
+    per-batch plan chose them (checkpoint_layer_sets) rather than ``checkpoint_every``.
+    ``recorded``: a step the CUDA graphs record (offloaded inputs come back in line, as they do
+    without ``offload_prefetch``)."""
     compute = 2  # bf16/fp16
     if method == "qlora":
         linear = shape.linear_parameters()
@@ -212,7 +217,10 @@ def predict_peak(
         stored = checkpointed_layer_count(shape.layers, checkpoint_every)
     full = shape.layers - stored
     offloaded = max(stored - 1, 0) if offload_checkpoints else 0
-    kept = stored * (input_bytes + masks) - offloaded * input_bytes
+    # while a layer recomputes eagerly, the input of the one below it is already coming back
+    # (a recorded step copies in line): one input more on the device
+    prefetched = 1 if offloaded > 1 and offload_prefetch and not recorded else 0
+    kept = stored * (input_bytes + masks) - (offloaded - prefetched) * input_bytes
     activations = tokens * (full * a_layer + kept + (a_layer if stored else 0))
     head = tokens * loss_head_bytes(shape, recipe, kernels, autocast)
     working = tokens * 2 * compute * (shape.intermediate + shape.hidden)  # one layer's backward grads
@@ -276,6 +284,7 @@ def cell_recipe(cell: dict, train: dict, kernels: str) -> dict:
         paged_optimizer=train["optimizer"].startswith("paged"),
         recompute_dropout=bool(train.get("recompute_lora_dropout", False)) and cell.get("lora_dropout", 0.1) > 0,
         offload_checkpoints=bool(train.get("offload_checkpoints", False)),
+        offload_prefetch=bool(train.get("offload_prefetch", True)),
     )
 
 
@@ -301,13 +310,20 @@ def planned_batch(
     seq: int,
     factor: float = 1.0,
     plan: str = "layers",
+    recorded: bool = False,
 ) -> tuple[tuple[int, ...], dict]:
     """``auto`` for one batch shape: the fastest of ``plan``'s layer sets within budget / ``factor``
     (a recorded step's headroom, 1 for an eager one), every layer when none fits, and its
     prediction, with the peak it is expected at (``expected``: the total x factor)."""
     for layers in checkpoint_layer_sets(shape.layers, plan):
         prediction = predict_peak(
-            shape, checkpoint_every=0, checkpointed_layers=len(layers), seq=seq, batch=batch, **recipe
+            shape,
+            checkpoint_every=0,
+            checkpointed_layers=len(layers),
+            seq=seq,
+            batch=batch,
+            recorded=recorded,
+            **recipe,
         )
         if prediction["total"] <= budget_bytes / factor:
             break
@@ -332,13 +348,15 @@ def expected_peak(model_config, cell: dict, train: dict, max_length: int, kernel
     step = multiple if multiple > 1 else 64  # unpadded lengths: every 64th, and the longest
     predictions, headroom = [], graph_headroom(train)
     for seq in sorted({*range(step, max_length + 1, step), max_length}):
-        factor = headroom if records and (limit is None or batch * seq <= limit) else 1.0
+        recorded = records and (limit is None or batch * seq <= limit)
+        factor = headroom if recorded else 1.0
         if train["gradient_checkpointing"] == "auto":
             plan = train.get("checkpoint_plan", "layers")
-            _, prediction = planned_batch(shape, train["memory_budget_gib"] * GIB, recipe, batch, seq, factor, plan)
+            budget = train["memory_budget_gib"] * GIB
+            _, prediction = planned_batch(shape, budget, recipe, batch, seq, factor, plan, recorded)
         else:
             every = train["checkpoint_every"] if train["gradient_checkpointing"] else 0
-            prediction = predict_peak(shape, checkpoint_every=every, seq=seq, batch=batch, **recipe)
+            prediction = predict_peak(shape, checkpoint_every=every, seq=seq, batch=batch, recorded=recorded, **recipe)
             prediction["expected"] = int(prediction["total"] * factor)
         predictions.append(prediction)
     return max(predictions, key=lambda prediction: prediction["expected"])

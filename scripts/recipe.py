@@ -158,8 +158,10 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     offload = bool(train.get("offload_checkpoints", False))
     multiple = train.get("pad_to_multiple_of") or 1
     longest = train["batch_size"] * -(-max_length // multiple) * multiple  # tokens of the longest batch
-    details["checkpointed_layers"] = enable_checkpointing(model, every, per_batch, offload, longest)
+    prefetch = bool(train.get("offload_prefetch", True))
+    details["checkpointed_layers"] = enable_checkpointing(model, every, per_batch, offload, longest, prefetch)
     details["offloaded_checkpoints"] = offload
+    details["offload_prefetch"] = offload and prefetch
     details["predicted_host_offload_bytes"] = prediction["host_offload"]
     details["predicted_peak_bytes"] = prediction["total"]
     details["predicted_paged_optimizer_bytes"] = prediction["paged_optimizer"]
@@ -281,7 +283,7 @@ def make_trainer(
             loop_ahead = train.get("cuda_graphs_loop_ahead", 0)
             trainer.graphs.recorder = Recorder(trainer.graphs, shapes, loop_ahead)
     if plan is not None and (trainer.graphs is None or trainer.graphs.off_reason):
-        plan.graph_peak_factor = 1.0  # no recording will run: the eager step's budget
+        plan.without_recordings()  # the eager step's budget
     if train["padding_free"]:
         # Sequences concatenated into one row with restarting position_ids: transformers
         # masks attention per example, so the maths is that of the padded batch.

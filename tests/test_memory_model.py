@@ -167,7 +167,7 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
         plan.layers_for(batch, seq)
     assert requested == plan.predicted_peak_bytes()
     eager = CheckpointPlan([], model_config, cell, train, "liger")
-    eager.graph_peak_factor = 1.0  # what the train stage sets where no recording will run
+    eager.without_recordings()  # what the train stage sets where no recording will run
     for seq in range(64, 1025, train["pad_to_multiple_of"]):
         eager.layers_for(batch, seq)
     assert expected_peak(model_config, cell, train, 1024, "liger", graphs=False)["expected"] == (

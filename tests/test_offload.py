@@ -96,11 +96,20 @@ def test_memory_model_counts_offloaded_inputs_in_host_memory():
     recipe_args = dict(method="qlora", rank=64, targets="qv", kernels="liger", recompute_dropout=True)
     on_device = predict_peak(shape, seq=2048, batch=4, checkpoint_every=1, **recipe_args)
     offloaded = predict_peak(shape, seq=2048, batch=4, checkpoint_every=1, offload_checkpoints=True, **recipe_args)
-    inputs = 2048 * 4 * 31 * 4096 * 2  # tokens x layers but the first x hidden x bf16: 1.94 GiB
-    assert on_device["total"] - offloaded["total"] == inputs == offloaded["host_offload"]
-    assert on_device["host_offload"] == 0
-    # 7.75 GiB on the device (the measured pipeline row: 7.748) becomes 5.81
-    assert round(on_device["total"] / GIB, 2) == 7.75 and round(offloaded["total"] / GIB, 2) == 5.81
+    one_input = 2048 * 4 * 4096 * 2  # tokens x hidden x bf16: 64 MiB
+    inputs = 31 * one_input  # every layer's but the first: 1.94 GiB
+    assert offloaded["host_offload"] == inputs and on_device["host_offload"] == 0
+    # on the device meanwhile: the input coming back ahead of its layer's recomputation
+    assert on_device["total"] - offloaded["total"] == inputs - one_input
+    in_line = predict_peak(
+        shape, seq=2048, batch=4, checkpoint_every=1, offload_checkpoints=True, **recipe_args, offload_prefetch=False
+    )
+    recorded = predict_peak(
+        shape, seq=2048, batch=4, checkpoint_every=1, offload_checkpoints=True, **recipe_args, recorded=True
+    )
+    assert on_device["total"] - in_line["total"] == on_device["total"] - recorded["total"] == inputs
+    # 7.75 GiB on the device (the measured pipeline row: 7.748) becomes 5.88
+    assert round(on_device["total"] / GIB, 2) == 7.75 and round(offloaded["total"] / GIB, 2) == 5.88
     # The plan under a 6 GiB budget: every layer checkpointed fits only with the inputs offloaded.
     every, prediction = choose_checkpointing(shape, 6 * GIB, seq=2048, batch=4, **recipe_args)
     assert every == 1 and prediction["total"] > 6 * GIB
@@ -159,6 +168,66 @@ def test_a_second_forward_before_the_backward_is_refused():
     offloaded_checkpoint(linear, torch.randn(4, 8, requires_grad=True) * 1, slot=slot, use_reentrant=False)
     with pytest.raises(RuntimeError, match="a layer ran forward again before the backward of its previous call"):
         first.sum().backward()
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned copies on a side stream need CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_the_backward_brings_each_input_back_while_the_layer_above_recomputes(monkeypatch, prefetch, device):
+    """Double buffering: a layer's recomputation starts the copy back of the layer below it
+    (the one the backward reaches next), so every input but the top layer's is already
+    fetched when its own recomputation asks; a second step links nothing to the first's copies,
+    and the gradients are those of plain checkpointing. Without ``prefetch`` every copy comes
+    back in line. On a GPU the copies back run on the side stream, their events waited for."""
+    from offload import HostCopy, HostSlot, offloaded_checkpoint
+
+    made, fetched_after_get = [], []
+    make, get = HostCopy.__init__, HostCopy.get
+
+    def recording_make(self, *args):
+        make(self, *args)
+        made.append(self)
+
+    def recording_get(self):
+        tensor = get(self)
+        if self.tensor is None:  # a recomputation, not the forward
+            fetched_after_get.append([copy.fetched is not None for copy in made])
+        return tensor
+
+    monkeypatch.setattr(HostCopy, "__init__", recording_make)
+    monkeypatch.setattr(HostCopy, "get", recording_get)
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(512, 512, device=device) for _ in range(4)]
+    slots = [HostSlot(prefetch=prefetch) for _ in range(4)]
+    leaf = torch.randn(256, 512, device=device, requires_grad=True)
+    for step in range(2):
+        hidden = leaf * 1  # not a leaf: every layer's input is offloaded
+        for layer, slot in zip(layers, slots, strict=True):
+            hidden = offloaded_checkpoint(layer, hidden, slot=slot, use_reentrant=False)
+        hidden.sum().backward()
+        copies = made[4 * step :]
+        assert [copy.prefetched for copy in copies] == [prefetch] * 3 + [False]  # the top layer's in line
+        assert copies[0].below is None and all(copy.below is None for copy in copies)  # links dropped once used
+    # after the top layer's recomputation the one below it is fetched, and so on down
+    assert fetched_after_get[:4] == [
+        [False, False, prefetch, False],
+        [False, prefetch, False, False],
+        [prefetch, False, False, False],
+        [False, False, False, False],
+    ]
+    ours = [leaf.grad.clone()] + [p.grad.clone() for layer in layers for p in layer.parameters()]
+    leaf.grad = None
+    for layer in layers:
+        layer.zero_grad()
+    for _ in range(2):
+        hidden = leaf * 1
+        for layer in layers:
+            hidden = torch.utils.checkpoint.checkpoint(layer, hidden, use_reentrant=False)
+        hidden.sum().backward()
+    theirs = [leaf.grad] + [p.grad for layer in layers for p in layer.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
 def test_a_host_slot_grows_once_to_the_longest_batch():
