@@ -29,6 +29,7 @@ the recorded stream, in order.
 
 import functools
 import logging
+import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -73,8 +74,9 @@ class HostSlot:
         return buffer[: like.numel()].view(like.shape)
 
 
-# Per device, the HostCopy made last: the next one's ``below`` (the layer the backward reaches next).
-_latest: dict[torch.device, "HostCopy"] = {}
+# Per device, the HostCopy made last: the next one's ``below`` (the layer the backward reaches
+# next). Weak: a finished run's last copy does not keep its slot's pinned buffers alive.
+_latest: dict[torch.device, weakref.ref] = {}
 
 
 class HostCopy:
@@ -92,10 +94,10 @@ class HostCopy:
         self.fetched_ready = None  # the side stream's event for it
         self.prefetched = False  # its recomputation found it fetched (tests, bench)
         self.brought_back = False  # a recomputation has had it
-        below = _latest.get(self.device)
+        below = _latest[self.device]() if self.device in _latest else None
         # a copy already brought back belongs to an earlier forward's backward
         self.below = below if slot.prefetch and below is not None and below.pending() else None
-        _latest[self.device] = self
+        _latest[self.device] = weakref.ref(self)
         if tensor.is_cuda and not torch.cuda.is_current_stream_capturing():
             stream = _copy_stream(tensor.device)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is written
