@@ -183,12 +183,13 @@ def test_the_backward_brings_each_input_back_while_the_layer_above_recomputes(mo
     back in line. On a GPU the copies back run on the side stream, their events waited for."""
     from offload import HostCopy, HostSlot, offloaded_checkpoint
 
-    made, fetched_after_get = [], []
+    made, links, fetched_after_get = [], [], []
     make, get = HostCopy.__init__, HostCopy.get
 
     def recording_make(self, *args):
         make(self, *args)
         made.append(self)
+        links.append(self.below)
 
     def recording_get(self):
         tensor = get(self)
@@ -209,7 +210,10 @@ def test_the_backward_brings_each_input_back_while_the_layer_above_recomputes(mo
         hidden.sum().backward()
         copies = made[4 * step :]
         assert [copy.prefetched for copy in copies] == [prefetch] * 3 + [False]  # the top layer's in line
-        assert copies[0].below is None and all(copy.below is None for copy in copies)  # links dropped once used
+        assert all(copy.below is None for copy in copies)  # each link dropped once used
+    # each copy linked to the one made before it in its own forward, never to the step before's
+    chain = [None, made[0], made[1], made[2], None, made[4], made[5], made[6]]
+    assert links == (chain if prefetch else [None] * 8)
     # after the top layer's recomputation the one below it is fetched, and so on down
     assert fetched_after_get[:4] == [
         [False, False, prefetch, False],
