@@ -53,9 +53,11 @@ class HostSlot:
     (longer than reserved, or in another dtype) gets a new buffer of at least ``longest``
     elements; the old ones stay (a recording may hold their addresses)."""
 
-    def __init__(self, longest: int = 0, prefetch: bool = True):
+    def __init__(self, longest: int = 0, prefetch: bool = True, index: int = 0, model=None):
         self.longest = longest
-        self.prefetch = prefetch  # its input comes back while the layer above recomputes
+        # its input comes back while the layer above recomputes: the slots of one ``model``'s
+        # layers, by ``index`` (the backward reaches a lower index later)
+        self.prefetch, self.index, self.model = prefetch and model is not None, index, model
         self.buffers: list[torch.Tensor] = []
         self.owner: HostCopy | None = None  # the forward whose input the buffer holds
 
@@ -74,9 +76,9 @@ class HostSlot:
         return buffer[: like.numel()].view(like.shape)
 
 
-# Per device, the HostCopy made last: the next one's ``below`` (the layer the backward reaches
+# Per model, the HostCopy made last: the next one's ``below`` (the layer the backward reaches
 # next). Weak: a finished run's last copy does not keep its slot's pinned buffers alive.
-_latest: dict[torch.device, weakref.ref] = {}
+_latest: dict[int, weakref.ref] = {}
 
 
 class HostCopy:
@@ -94,10 +96,14 @@ class HostCopy:
         self.fetched_ready = None  # the side stream's event for it
         self.prefetched = False  # its recomputation found it fetched (tests, bench)
         self.brought_back = False  # a recomputation has had it
-        below = _latest[self.device]() if self.device in _latest else None
-        # a copy already brought back belongs to an earlier forward's backward
-        self.below = below if slot.prefetch and below is not None and below.pending() else None
-        _latest[self.device] = weakref.ref(self)
+        self.below = None
+        if slot.prefetch:
+            below = _latest[id(slot.model)]() if id(slot.model) in _latest else None
+            # a lower layer of this forward; not a copy of an earlier forward's (brought back, or
+            # a higher layer's: a forward whose backward never ran)
+            if below is not None and below.pending() and below.slot.index < slot.index:
+                self.below = below
+            _latest[id(slot.model)] = weakref.ref(self)
         if tensor.is_cuda and not torch.cuda.is_current_stream_capturing():
             stream = _copy_stream(tensor.device)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is written
@@ -190,9 +196,9 @@ def offload_checkpoints(
     batch's hidden states, pinned up front on a GPU (a recording cannot allocate them);
     ``prefetch``: each input comes back while the layer above recomputes. Returns the pinned
     bytes reserved."""
-    reserved = 0
-    for layer in layers:
-        slot = HostSlot(longest[0] if longest else 0, prefetch)
+    reserved, model = 0, object()  # these layers' slots: one chain of copies
+    for index, layer in enumerate(layers):
+        slot = HostSlot(longest[0] if longest else 0, prefetch, index, model)
         if longest is not None and torch.cuda.is_available():
             reserved += slot.reserve(*longest, pinned=True).nbytes
         layer._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, slot=slot, **checkpoint_kwargs)

@@ -180,7 +180,8 @@ def test_the_backward_brings_each_input_back_while_the_layer_above_recomputes(mo
     (the one the backward reaches next), so every input but the top layer's is already
     fetched when its own recomputation asks; a second step links nothing to the first's copies,
     and the gradients are those of plain checkpointing. Without ``prefetch`` every copy comes
-    back in line. On a GPU the copies back run on the side stream, their events waited for."""
+    back in line; a forward whose backward never ran is never prefetched from. On a GPU the
+    copies back run on the side stream, their events waited for."""
     from offload import HostCopy, HostSlot, offloaded_checkpoint
 
     made, links, fetched_after_get = [], [], []
@@ -201,8 +202,14 @@ def test_the_backward_brings_each_input_back_while_the_layer_above_recomputes(mo
     monkeypatch.setattr(HostCopy, "get", recording_get)
     torch.manual_seed(0)
     layers = [torch.nn.Linear(512, 512, device=device) for _ in range(4)]
-    slots = [HostSlot(prefetch=prefetch) for _ in range(4)]
+    model = object()  # one model's slots, by layer
+    slots = [HostSlot(prefetch=prefetch, index=index, model=model) for index in range(4)]
     leaf = torch.randn(256, 512, device=device, requires_grad=True)
+    abandoned = leaf * 1  # a forward whose backward never runs: its copies stay in the slots
+    for layer, slot in zip(layers, slots, strict=True):
+        abandoned = offloaded_checkpoint(layer, abandoned, slot=slot, use_reentrant=False)
+    made.clear()
+    links.clear()
     for step in range(2):
         hidden = leaf * 1  # not a leaf: every layer's input is offloaded
         for layer, slot in zip(layers, slots, strict=True):
@@ -211,7 +218,8 @@ def test_the_backward_brings_each_input_back_while_the_layer_above_recomputes(mo
         copies = made[4 * step :]
         assert [copy.prefetched for copy in copies] == [prefetch] * 3 + [False]  # the top layer's in line
         assert all(copy.below is None for copy in copies)  # each link dropped once used
-    # each copy linked to the one made before it in its own forward, never to the step before's
+    # each copy linked to the one made before it in its own forward, never to an earlier
+    # forward's (the step before's, brought back; the abandoned one's top layer, still held)
     chain = [None, made[0], made[1], made[2], None, made[4], made[5], made[6]]
     assert links == (chain if prefetch else [None] * 8)
     # after the top layer's recomputation the one below it is fetched, and so on down
