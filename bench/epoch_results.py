@@ -92,15 +92,9 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
 
 
 def memory_overrides(row: dict) -> dict:
-    """A variant row's settings the memory plan reads (its budget, offloading, which batches it
-    records, how it pads them, quantisation, optimizer)."""
-    keys = (
-        "memory_budget_gib",
-        "offload_checkpoints",
-        "offload_prefetch",
-        "cuda_graphs_max_tokens",
-        "pad_to_multiple_of",
-    )
+    """A variant row's settings the memory plan reads (its budget, offloading and how the inputs
+    came back, which batches it records, how it pads them, quantisation, optimizer)."""
+    keys = ("memory_budget_gib", "offload_checkpoints", "cuda_graphs", "cuda_graphs_max_tokens", "pad_to_multiple_of")
     keys += CELL_KEYS
     overrides = {k: v for k, v in row.get("train", {}).items() if k in keys}
     if row.get("offload_checkpoints"):  # how its inputs came back (in line in the rows before prefetching)

@@ -240,9 +240,9 @@ def prediction_recipe(row: dict, kernels: str) -> dict:
     if row["recipe"] == "tutorial" and row["method"] == "lora":
         return dict(recipe, recipe="pipeline", kernels="none", autocast=False)
     recipe.update(recompute_dropout=bool(row.get("folded_lora_dropouts")), double_quant=bool(row.get("double_quant")))
-    offload = dict(offload_checkpoints=bool(row.get("offload_checkpoints")))
-    offload["offload_prefetch"] = bool(row.get("offload_prefetch"))  # rows before it copied in line
-    return dict(recipe, recipe=row["recipe"], kernels=kernels, **offload)
+    recipe.update(offload_checkpoints=bool(row.get("offload_checkpoints")))
+    recipe.update(offload_prefetch=bool(row.get("offload_prefetch")))  # rows before it copied in line
+    return dict(recipe, recipe=row["recipe"], kernels=kernels)
 
 
 def summarise(results: list[dict]) -> list[dict]:

@@ -53,11 +53,11 @@ class HostSlot:
     (longer than reserved, or in another dtype) gets a new buffer of at least ``longest``
     elements; the old ones stay (a recording may hold their addresses)."""
 
-    def __init__(self, longest: int = 0, prefetch: bool = True, index: int = 0, model=None):
+    def __init__(self, longest: int = 0, chain: "CopyChain | None" = None, index: int = 0):
         self.longest = longest
-        # its input comes back while the layer above recomputes: the slots of one ``model``'s
-        # layers, by ``index`` (the backward reaches a lower index later)
-        self.prefetch, self.index, self.model = prefetch and model is not None, index, model
+        # its input comes back while the layer above recomputes: one model's slots share a
+        # ``chain``, by layer ``index`` (the backward reaches a lower index later); None: in line
+        self.chain, self.index = chain, index
         self.buffers: list[torch.Tensor] = []
         self.owner: HostCopy | None = None  # the forward whose input the buffer holds
 
@@ -76,9 +76,12 @@ class HostSlot:
         return buffer[: like.numel()].view(like.shape)
 
 
-# Per model, the HostCopy made last: the next one's ``below`` (the layer the backward reaches
-# next). Weak: a finished run's last copy does not keep its slot's pinned buffers alive.
-_latest: dict[int, weakref.ref] = {}
+class CopyChain:
+    """One model's offloaded layers: the HostCopy made last, the next one's ``below`` (the layer
+    the backward reaches next). Weak: a finished run's last copy keeps no pinned buffer alive."""
+
+    def __init__(self):
+        self.latest = lambda: None  # a weakref.ref once a copy is made
 
 
 class HostCopy:
@@ -97,13 +100,13 @@ class HostCopy:
         self.prefetched = False  # its recomputation found it fetched (tests, bench)
         self.brought_back = False  # a recomputation has had it
         self.below = None
-        if slot.prefetch:
-            below = _latest[id(slot.model)]() if id(slot.model) in _latest else None
+        if slot.chain is not None:
+            below = slot.chain.latest()
             # a lower layer of this forward; not a copy of an earlier forward's (brought back, or
             # a higher layer's: a forward whose backward never ran)
             if below is not None and below.pending() and below.slot.index < slot.index:
                 self.below = below
-            _latest[id(slot.model)] = weakref.ref(self)
+            slot.chain.latest = weakref.ref(self)
         if tensor.is_cuda and not torch.cuda.is_current_stream_capturing():
             stream = _copy_stream(tensor.device)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is written
@@ -196,9 +199,9 @@ def offload_checkpoints(
     batch's hidden states, pinned up front on a GPU (a recording cannot allocate them);
     ``prefetch``: each input comes back while the layer above recomputes. Returns the pinned
     bytes reserved."""
-    reserved, model = 0, object()  # these layers' slots: one chain of copies
+    reserved, chain = 0, CopyChain() if prefetch else None
     for index, layer in enumerate(layers):
-        slot = HostSlot(longest[0] if longest else 0, prefetch, index, model)
+        slot = HostSlot(longest[0] if longest else 0, chain, index)
         if longest is not None and torch.cuda.is_available():
             reserved += slot.reserve(*longest, pinned=True).nbytes
         layer._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, slot=slot, **checkpoint_kwargs)

@@ -182,7 +182,7 @@ def test_the_backward_brings_each_input_back_while_the_layer_above_recomputes(mo
     and the gradients are those of plain checkpointing. Without ``prefetch`` every copy comes
     back in line; a forward whose backward never ran is never prefetched from. On a GPU the
     copies back run on the side stream, their events waited for."""
-    from offload import HostCopy, HostSlot, offloaded_checkpoint
+    from offload import CopyChain, HostCopy, HostSlot, offloaded_checkpoint
 
     made, links, fetched_after_get = [], [], []
     make, get = HostCopy.__init__, HostCopy.get
@@ -202,8 +202,8 @@ def test_the_backward_brings_each_input_back_while_the_layer_above_recomputes(mo
     monkeypatch.setattr(HostCopy, "get", recording_get)
     torch.manual_seed(0)
     layers = [torch.nn.Linear(512, 512, device=device) for _ in range(4)]
-    model = object()  # one model's slots, by layer
-    slots = [HostSlot(prefetch=prefetch, index=index, model=model) for index in range(4)]
+    copies_chain = CopyChain() if prefetch else None  # one model's slots, by layer
+    slots = [HostSlot(chain=copies_chain, index=index) for index in range(4)]
     leaf = torch.randn(256, 512, device=device, requires_grad=True)
     abandoned = leaf * 1  # a forward whose backward never runs: its copies stay in the slots
     for layer, slot in zip(layers, slots, strict=True):
