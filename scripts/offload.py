@@ -22,9 +22,10 @@ the copy has read it: ``record_stream``; the copy back waits for it: an event), 
 back is double-buffered: when the backward reaches a layer, the layer below it starts coming
 back on the side stream, so its copy runs beside this layer's recomputation and backward
 instead of in line with them (at 2,048 x 4 on the 7B shape, 31 copies of 64 MiB a step, each
-~3 ms at a host's ~21-25 GB/s: bench/results/epochs_h200_unsloth_current). One input more is
-on the device meanwhile (the memory model counts it). Inside a recording the copies run on
-the recorded stream, in order.
+~1.2 ms at the 55 GB/s one H200's link measured: 1.06-1.085x the blocks' speed in line,
+bench/results/epochs_h200_offload_*). Its memory comes from the compute stream's pool (a side
+stream's pool would hold a segment of its own). One input more is on the device meanwhile (the
+memory model counts it). Inside a recording the copies run on the recorded stream, in order.
 """
 
 import functools
@@ -134,9 +135,7 @@ class HostCopy:
         if self.fetched is not None:
             tensor, self.fetched, self.prefetched = self.fetched, None, True
             if self.fetched_ready is not None:
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(self.fetched_ready)
-                tensor.record_stream(current)  # allocated on the side stream, freed after this stream's use
+                torch.cuda.current_stream(self.device).wait_event(self.fetched_ready)
         else:
             tensor = self._bring_back(on_side_stream=False)
         self.brought_back = True
@@ -152,11 +151,17 @@ class HostCopy:
         prefetch, eager on a GPU) on the side stream, after its copy to the host (the same
         stream, in order) and with an event the recomputation waits for."""
         if on_side_stream and self.device.type == "cuda":
-            stream = _copy_stream(self.device)
+            # allocated from the compute stream's pool: a block allocated on the side stream
+            # stays in that stream's pool (its own segment), ~0.6 GiB more reserved at 2,048 x 4
+            # (bench/results/epochs_h200_offload_prefetch)
+            current, stream = torch.cuda.current_stream(self.device), _copy_stream(self.device)
+            tensor = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+            stream.wait_stream(current)  # work queued before may still use the block's memory
             with torch.cuda.stream(stream):
-                tensor = self.host.to(self.device, non_blocking=True)
+                tensor.copy_(self.host, non_blocking=True)
                 self.fetched_ready = torch.cuda.Event()
                 self.fetched_ready.record(stream)
+            tensor.record_stream(stream)  # a prefetch never used is not reused before it is written
             return tensor
         if self.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(self.copied)

@@ -236,20 +236,33 @@ def test_lean_overlay_changes_only_the_memory_settings_of_the_7b_study():
     assert_plans_the_7b_study_with("lean.yaml")
 
 
-@pytest.mark.parametrize("sitting", ["epochs_h200_unsloth_same.json", "epochs_h200_unsloth_current.json"])
-def test_lean_overlay_leads_unsloth_on_every_job_of_one_sitting(sitting):
+EVERY_JOB = ("seed_epoch_b1", "epoch_b4", "block_2048x4")
+
+
+@pytest.mark.parametrize(
+    "sitting, jobs",
+    [
+        ("epochs_h200_unsloth_same.json", EVERY_JOB),
+        ("epochs_h200_unsloth_current.json", EVERY_JOB),
+        ("epochs_h200_offload_unsloth.json", ("block_2048x4",)),  # the offloaded inputs prefetched
+    ],
+)
+def test_lean_overlay_leads_unsloth_on_every_job_of_one_sitting(sitting, jobs):
     """bench/results/epochs_h200_unsloth_*.json, config/lean.yaml against unsloth on one card in
-    one sitting (two sittings, the second with the current code): each lean row trained
-    lean.yaml's settings (the budget set to unsloth's peak on the blocks and at batch 1) and is,
-    by the medians, at or above unsloth's tokens/s at or below both of its peaks."""
+    one sitting (two sittings on every job, the second with the code as it was then; the blocks
+    again once the offloaded inputs came back ahead of their recomputation): each lean row
+    trained lean.yaml's settings (the budget set to unsloth's peak on the blocks and at batch 1)
+    and is, by the medians, at or above unsloth's tokens/s at or below both of its peaks."""
     overlay = load("config/lean.yaml")
     report = json.loads((PROJECT / "bench" / "results" / sitting).read_text())
     lean = dict(overlay["train"], double_quant=overlay["grid"]["double_quant"][0])
     for row in (r for r in report["rows"] if r["recipe"].startswith("lean_yaml")):
         assert row["status"] == "ok" and row["train"] == dict(lean, memory_budget_gib=row["train"]["memory_budget_gib"])
+        assert row.get("offload_prefetch", False) is (sitting == "epochs_h200_offload_unsloth.json")  # recorded since
     rows = (row for row in report["table"] if row["recipe"] == "unsloth" or row["recipe"].startswith("lean_yaml"))
     table = {(row["recipe"] == "unsloth", row["job"]): row for row in rows}
-    for job in ("seed_epoch_b1", "epoch_b4", "block_2048x4"):
+    assert {job for _, job in table} == set(jobs)
+    for job in jobs:
         ours, theirs = table[False, job], table[True, job]
         assert ours["status"] == theirs["status"] == "ok"
         assert ours["tokens_per_second"] >= theirs["tokens_per_second"], job

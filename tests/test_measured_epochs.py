@@ -216,6 +216,10 @@ RESULTS = {  # each file's rows that must be there
         ("lean_yaml", "epoch_b4"),
         ("lean_yaml_4.2", "seed_epoch_b1"),
     },
+    # the offloaded inputs prefetched (one input more), first from the side stream's pool
+    "epochs_h200_offload_prefetch.json": {("lean_yaml_5.75", "block_2048x4"), ("lean_5.75_in_line", "block_2048x4")},
+    "epochs_h200_offload_pool.json": {("lean_yaml_5.75", "block_2048x4"), ("lean_5.75_in_line", "block_2048x4")},
+    "epochs_h200_offload_unsloth.json": {("lean_yaml_5.75", "block_2048x4")},
 }
 
 

@@ -200,6 +200,8 @@ def test_the_backward_brings_each_input_back_while_the_layer_above_recomputes(mo
 
     monkeypatch.setattr(HostCopy, "__init__", recording_make)
     monkeypatch.setattr(HostCopy, "get", recording_get)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # no segment cached from an earlier test
     torch.manual_seed(0)
     layers = [torch.nn.Linear(512, 512, device=device) for _ in range(4)]
     copies_chain = CopyChain() if prefetch else None  # one model's slots, by layer
@@ -240,6 +242,11 @@ def test_the_backward_brings_each_input_back_while_the_layer_above_recomputes(mo
         hidden.sum().backward()
     theirs = [leaf.grad] + [p.grad for layer in layers for p in layer.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    if device == "cuda":  # the copies back came from the compute stream's pool, none from the side stream's
+        from offload import _copy_stream
+
+        side_stream = _copy_stream(torch.device("cuda", torch.cuda.current_device())).cuda_stream
+        assert side_stream not in {segment["stream"] for segment in torch.cuda.memory_snapshot()}
 
 
 def test_a_host_slot_grows_once_to_the_longest_batch():
