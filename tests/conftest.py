@@ -14,6 +14,8 @@ SHARED_DATA = PROJECT.parent / "shared" / "data"
 TINY_CONFIG = PROJECT / "tests" / "config" / "config.yaml"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(PROJECT / "scripts"))
+# The Slurm cluster and the grid through it (tests/test_slurm.py), started with the session.
+pytest_plugins = ["slurm_cluster"]
 
 
 # Shaped like a real Hub token (hf_ + 34 letters); planted in the tiny run's environment, it

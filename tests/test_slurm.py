@@ -2,7 +2,8 @@
 that is requeued, then hits its time limit, resumes each time; duplicates are refused.
 
 tests/slurm/cluster.sh starts munge, MariaDB, slurmdbd, slurmctld and slurmd (two fake GPUs,
-partitions cpu and gpu) for this module and always stops them afterwards.
+partitions cpu and gpu) for the session and always stops them afterwards; the grid starts with
+the session (tests/slurm_cluster.py).
 """
 
 import csv
@@ -11,7 +12,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,75 +22,29 @@ from snakemake.utils import Paramspace
 
 from conftest import BIN, PROJECT, TINY_CONFIG, read_json
 from grid import grid_table
+from slurm_cluster import (
+    ACCOUNT,
+    CPU_PARTITION,
+    GPU_PARTITION,
+    PROFILE,
+    SLURM_GRID,
+    WORKFLOW_PROFILE,
+    run_profile,
+    slurm_config,
+)
 
-CLUSTER_SCRIPT = PROJECT / "tests" / "slurm" / "cluster.sh"
-PROFILE = PROJECT / "profiles" / "slurm" / "config.yaml"
-WORKFLOW_PROFILE = PROJECT / "profiles" / "default" / "config.yaml"  # Snakemake 9 reads it by itself
+SACCT_FIELDS = ["JobID", "JobName", "Partition", "Account", "State", "Comment", "ReqTRES", "AllocTRES"]
 GPU_RULES = {"train", "merge", "evaluate_base", "evaluate_adapter", "evaluate_merged"}
 GPU_RULES |= {"downstream_base", "downstream_adapter", "downstream_merged"}
 # Run by the controller itself (Snakefile, localrules): never an sbatch job.
 LOCAL_RULES = {"fetch_model", "fetch_data", "push_to_hub", "tokenizer_audit", "perplexity_table", "tables", "figure"}
 LOCAL_RULES |= {"report"}
-# The test cluster's partition names and the account sacctmgr gives root.
-CPU_PARTITION, GPU_PARTITION, ACCOUNT = "cpu", "gpu", "root"
-SACCT_FIELDS = ["JobID", "JobName", "Partition", "Account", "State", "Comment", "ReqTRES", "AllocTRES"]
-# The tiny grid at one of its learning rates: both arms, so every rule kind of the tiny grid
-# (both bases, train, merge, every evaluation) goes through sbatch, at half the jobs. The
-# local run (conftest's pipeline_run) covers the tiny grid's other cells.
-SLURM_GRID = {"learning_rate": [2e-4]}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A running cluster for this module; stopped in the teardown even when a test fails."""
-    # Not under pytest's mode-700 folder: munged runs as user munge and must reach its socket.
-    state = Path(tempfile.mkdtemp(prefix="qlora-slurm-", dir="/tmp"))
-    started = time.monotonic()
-    try:
-        subprocess.run([str(CLUSTER_SCRIPT), "start", str(state)], check=True, timeout=600)
-        print(f"\ncluster start: {time.monotonic() - started:.1f} s")
-        yield state
-    finally:
-        subprocess.run([str(CLUSTER_SCRIPT), "stop", str(state)], timeout=300)
-        shutil.rmtree(state / "mariadb", ignore_errors=True)  # ~100 MB; configs and logs stay
-
-
-@pytest.fixture(scope="module")
-def profile_dir(tmp_path_factory) -> Path:
-    """profiles/slurm as shipped, with only the site keys set for the test cluster (its GPU
-    partition is the workflow profile's `gpu`)."""
-    profile = yaml.safe_load(PROFILE.read_text())
-    profile["default-resources"].update(slurm_partition=CPU_PARTITION, slurm_account=ACCOUNT)
-    folder = tmp_path_factory.mktemp("profile")
-    profile["slurm-logdir"] = str(folder / "slurm_logs")  # keeps the project's .snakemake/ clean
-    (folder / "config.yaml").write_text(yaml.safe_dump(profile))
-    return folder
 
 
 def slurm_cells() -> set[str]:
     """The cells (train/<cell>/) of SLURM_GRID."""
     grid = {**yaml.safe_load(TINY_CONFIG.read_text())["grid"], **SLURM_GRID}
     return set(Paramspace(grid_table(grid), filename_params="*").instance_patterns)
-
-
-def slurm_config(path: Path, results: Path, **changes) -> Path:
-    """The tiny CI config asking one GPU per model job and one thread, so two jobs share the node."""
-    config = yaml.safe_load(TINY_CONFIG.read_text())
-    config["results_dir"] = str(results)
-    config["resources"].update(gpu=1, threads=1)
-    config["evaluate"]["lm_eval"]["enabled"] = False  # lm-eval has its own tests; this one is about Slurm
-    for key, value in changes.items():
-        config[key] = value if not isinstance(value, dict) else {**config[key], **value}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def run_profile(profile: Path, config: Path, *args: str, limit: int = 900) -> subprocess.CompletedProcess:
-    # timeout's SIGTERM alone does not stop snakemake: -k follows it with SIGKILL.
-    command = ["timeout", "-k", "30", str(limit), str(BIN / "snakemake"), *args, "--profile", str(profile)]
-    command += ["--configfile", str(config)]  # last: it takes every path that follows
-    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1"}
-    return subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, env=env)
 
 
 def run_id(output: str) -> str:
@@ -166,21 +120,6 @@ def test_profile_sends_every_gpu_rule_to_the_gpu_partition():
     assert declared == GPU_RULES == set(workflow_profile["set-resources"])
     assert "set-resources" not in profile and set(workflow_profile) == {"set-resources"}
     assert profile["executor"] == "slurm" and profile["rerun-incomplete"] is True and profile["keep-going"] is True
-
-
-@pytest.fixture(scope="module")
-def slurm_run(cluster, profile_dir, tmp_path_factory):
-    """SLURM_GRID through the profile: its results folder and snakemake's output."""
-    folder = tmp_path_factory.mktemp("slurm_grid")
-    config = slurm_config(folder / "config.yaml", folder / "results", grid=SLURM_GRID)
-    started = time.monotonic()
-    # A hang guard, not a budget: the whole tiny grid (4 cells) took 470-490 s on this machine
-    # under load 3-4 and 896 s under load 8-9 (issue 17).
-    result = run_profile(profile_dir, config, limit=1800)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"snakemake through Slurm failed:\n{output[-6000:]}"
-    print(f"\ngrid through Slurm: {time.monotonic() - started:.1f} s")
-    return folder / "results", output
 
 
 def test_tiny_grid_runs_every_job_through_sbatch(slurm_run):
