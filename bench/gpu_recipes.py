@@ -240,8 +240,10 @@ def prediction_recipe(row: dict, kernels: str) -> dict:
     if row["recipe"] == "tutorial" and row["method"] == "lora":
         return dict(recipe, recipe="pipeline", kernels="none", autocast=False)
     recipe.update(recompute_dropout=bool(row.get("folded_lora_dropouts")), double_quant=bool(row.get("double_quant")))
-    recipe.update(offload_checkpoints=bool(row.get("offload_checkpoints")))
-    recipe.update(offload_prefetch=bool(row.get("offload_prefetch")))  # rows before it copied in line
+    # rows before offload_prefetch copied in line
+    recipe.update(
+        offload_checkpoints=bool(row.get("offload_checkpoints")), offload_prefetch=bool(row.get("offload_prefetch"))
+    )
     return dict(recipe, recipe=row["recipe"], kernels=kernels)
 
 

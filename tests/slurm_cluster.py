@@ -76,30 +76,35 @@ def profile_command(profile: Path, config: Path, *args: str, limit: int) -> list
     return command + ["--configfile", str(config)]  # last: it takes every path that follows
 
 
+PROFILE_ENV = {"HF_HUB_DISABLE_TELEMETRY": "1"}  # over the test's environment
+
+
 def run_profile(profile: Path, config: Path, *args: str, limit: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1"}
     command = profile_command(profile, config, *args, limit=limit)
-    return subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, env=env)
+    return subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, env={**os.environ, **PROFILE_ENV})
 
 
 @pytest.fixture(scope="session")
 def slurm_grid(cluster, profile_dir, tmp_path_factory):
     """SLURM_GRID through the profile, started and not waited for: (controller, results folder,
-    its output file). Killed in the teardown if still running (a session cut short)."""
+    its output file, when it started). Killed in the teardown if still running (a session cut short)."""
     folder = tmp_path_factory.mktemp("slurm_grid")
     config = slurm_config(folder / "config.yaml", folder / "results", grid=SLURM_GRID)
     # A hang guard, not a budget: the whole tiny grid (4 cells) took 470-490 s on this machine
     # under load 3-4 and 896 s under load 8-9 (issue 17).
     command = profile_command(profile_dir, config, limit=1800)
-    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1"}
-    log = folder / "snakemake.log"
+    log, started = folder / "snakemake.log", time.monotonic()
     with log.open("w") as handle:
         controller = subprocess.Popen(
-            command, cwd=PROJECT, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command,
+            cwd=PROJECT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **PROFILE_ENV},
+            start_new_session=True,
         )
-    controller.started = time.monotonic()
     try:
-        yield controller, folder / "results", log
+        yield controller, folder / "results", log, started
     finally:
         if controller.poll() is None:
             os.killpg(controller.pid, signal.SIGKILL)
@@ -108,11 +113,11 @@ def slurm_grid(cluster, profile_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def slurm_run(slurm_grid):
     """The grid's results folder and snakemake's output, once it has finished."""
-    controller, results, log = slurm_grid
+    controller, results, log, started = slurm_grid
     controller.wait()
     output = log.read_text()
     assert controller.returncode == 0, f"snakemake through Slurm failed:\n{output[-6000:]}"
-    print(f"\ngrid through Slurm: {time.monotonic() - controller.started:.1f} s from its start")
+    print(f"\ngrid through Slurm: {time.monotonic() - started:.1f} s from its start")
     return results, output
 
 

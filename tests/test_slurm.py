@@ -29,6 +29,7 @@ from slurm_cluster import (
     PROFILE,
     SLURM_GRID,
     WORKFLOW_PROFILE,
+    profile_command,
     run_profile,
     slurm_config,
 )
@@ -217,8 +218,7 @@ def test_requeued_then_time_limited_training_resumes_and_duplicates_are_refused(
     checkpoints = results / "checkpoints" / cell
 
     log = tmp_path / "controller.log"
-    command = ["timeout", "-k", "30", "900", str(BIN / "snakemake"), str(metrics_file)]
-    command += ["--profile", str(profile_dir), "--configfile", str(config)]
+    command = profile_command(profile_dir, config, str(metrics_file), limit=900)
     started = time.monotonic()
     with log.open("w") as handle:
         controller = subprocess.Popen(
