@@ -29,6 +29,7 @@ from epoch_rows import JOBS  # noqa: E402
 from epoch_table import write  # noqa: E402
 from epochs import CELL_KEYS, LLAMA2_7B, WARMUP, split_cell_keys  # noqa: E402
 from gpu_recipes import bench_cell  # noqa: E402
+from memory_model import REVISION  # noqa: E402
 from train_metrics import median_step_tokens_per_second  # noqa: E402
 
 GIB = 1024**3
@@ -42,19 +43,31 @@ def planned_peak_gib(
     folded_dropouts: bool = False,
     graph_peak_factor: float | None = None,
     overrides: dict | None = None,
-) -> float:
+    revision: int = REVISION,
+) -> tuple[float, dict[int, int]]:
     """The plan's largest prediction over ``batches`` ((rows, padded length) per step), with the
     row's own LoRA dropout layout, graph headroom and train ``overrides`` (a variant's budget,
-    offloading): the config may have changed since; rows before the headroom existed had none."""
+    offloading): the config may have changed since; rows before the headroom existed had none.
+    A row measured under an earlier ``revision`` of the memory model is planned by it (the layers
+    it ran) and predicted by this one. Also returns the steps per number of checkpointed layers."""
     from checkpointing import CheckpointPlan
+    from memory_model import predict_peak
 
     cell_keys, train_overrides = split_cell_keys(overrides or {})
     train = {**train, "recompute_lora_dropout": folded_dropouts, **train_overrides}
     plan = CheckpointPlan([], model_config, dict(bench_cell(), **cell_keys), train, "liger")
     plan.graph_peak_factor = graph_peak_factor or 1.0
+    recipe = plan.recipe
+    if revision < 2:  # revision 1 counted a recomputed layer beside every whole one
+        plan.recipe = dict(recipe, recompute_beside_whole=True)
+    peak = 0.0
     for rows, seq in batches:
-        plan.layers_for(rows, seq)
-    return round(plan.predicted_peak_bytes() / GIB, 3)
+        layers, recorded = plan.layers_for(rows, seq), plan.recorded(rows, seq)
+        plan.count(rows, seq)
+        shape = dict(seq=seq, batch=rows, recorded=recorded, checkpoint_every=0, checkpointed_layers=layers)
+        total = predict_peak(plan.shape, **shape, **recipe)["total"]
+        peak = max(peak, total * (plan.graph_peak_factor if recorded else 1.0))
+    return round(int(peak) / GIB, 3), dict(sorted(plan.steps_by_layers.items()))
 
 
 def padded_batches(rows_file: Path, batch: int, multiple: int) -> list[tuple[int, int]]:
@@ -64,26 +77,35 @@ def padded_batches(rows_file: Path, batch: int, multiple: int) -> list[tuple[int
     return [(len(rows), math.ceil(max(map(len, rows)) / multiple) * multiple) for rows in steps]
 
 
+def replayed_plan(row: dict, rows_dir: Path, config: Path, model_config: Path) -> tuple[float, dict[int, int]] | None:
+    """A row trained with the per-batch plan, replayed over its batches (an epoch's rows, or its
+    one block shape): its largest prediction and the steps per number of checkpointed layers
+    (None for a row without the plan)."""
+    if not (row.get("checkpoint_steps_by_every") or row.get("checkpoint_steps_by_layers")):
+        return None
+    train = yaml.safe_load(config.read_text())["train"]
+    # rows before checkpoint_plan ran layers 0, k, 2k, ... (and recorded steps by k)
+    train["checkpoint_plan"] = row.get("checkpoint_plan") or "every"
+    if "rows" in JOBS[row["job"]]:
+        multiple = {**train, **memory_overrides(row)}["pad_to_multiple_of"]
+        batches = padded_batches(rows_dir / JOBS[row["job"]]["rows"], row["batch"], multiple or 1)
+    else:
+        batches = [(row["predicted_for"]["batch"], row["predicted_for"]["seq"])]
+    folded, revision = bool(row.get("folded_lora_dropouts")), row.get("memory_model_revision", 1)
+    return planned_peak_gib(
+        batches, train, model_config, folded, row.get("graph_peak_factor"), memory_overrides(row), revision
+    )
+
+
 def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Path) -> float:
     """A measured row's prediction, recomputed: a row trained with the per-batch plan replays
-    the plan over its batches (an epoch's rows, or its one block shape); any other row, the
-    memory model at its longest batch."""
+    the plan (replayed_plan); any other row, the memory model at its longest batch."""
     from gpu_recipes import prediction_recipe
     from memory_model import ModelShape, predict_peak
 
-    if row.get("checkpoint_steps_by_every") or row.get("checkpoint_steps_by_layers"):
-        train = yaml.safe_load(config.read_text())["train"]
-        # rows before checkpoint_plan ran layers 0, k, 2k, ... (and recorded steps by k)
-        train["checkpoint_plan"] = row.get("checkpoint_plan") or "every"
-        if "rows" in JOBS[row["job"]]:
-            multiple = {**train, **memory_overrides(row)}["pad_to_multiple_of"]
-            batches = padded_batches(rows_dir / JOBS[row["job"]]["rows"], row["batch"], multiple or 1)
-        else:
-            batches = [(row["predicted_for"]["batch"], row["predicted_for"]["seq"])]
-        folded = bool(row.get("folded_lora_dropouts"))
-        return planned_peak_gib(
-            batches, train, model_config, folded, row.get("graph_peak_factor"), memory_overrides(row)
-        )
+    replayed = replayed_plan(row, rows_dir, config, model_config)
+    if replayed:
+        return replayed[0]
     # the row records what the prediction reads (folded dropouts, offloading, double quantisation)
     shape = dict(row, **row["predicted_for"], recipe="tutorial" if row["kind"] == "tutorial" else "pipeline")
     recipe = prediction_recipe(dict(shape, method="qlora", targets="qv"), row["kernels"])
@@ -120,10 +142,9 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
             if row.get("status") == "ok" and row["kind"] != "unsloth":
                 was = row["predicted_peak_gib"]
                 row["predicted_peak_gib"] = row_prediction_gib(row, rows_dir, config, model_config)
-                if row["predicted_peak_gib"] != was:
-                    notes.append(
-                        f"{row['recipe']} {row['job']}: predicted_peak_gib {was} -> {row['predicted_peak_gib']} ({why})"
-                    )
+                note = f"{row['recipe']} {row['job']}: predicted_peak_gib {was} -> {row['predicted_peak_gib']} ({why})"
+                if row["predicted_peak_gib"] != was and note not in notes:  # once for the runs of a row
+                    notes.append(note)
         model_config.unlink()
     examples = report["rows_files"]["rows"]  # every job trains the same rows, in its own order
     for row in report["rows"]:  # runs before capped_at_step was recorded: a capped epoch row has no epoch time

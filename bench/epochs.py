@@ -91,7 +91,7 @@ def run_row(row: dict) -> dict:
     from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer, set_seed
 
-    from memory_model import ModelShape, predict_peak
+    from memory_model import REVISION, ModelShape, predict_peak
     from runtime import set_cuda_memory
     from train_metrics import median_step_tokens_per_second, steady_tokens_per_second, step_timer
 
@@ -199,6 +199,7 @@ def run_row(row: dict) -> dict:
     result["memory_budget_gib"] = settings.get("memory_budget_gib")
     result["checkpoint_steps_by_layers"] = plan.summary() if plan else None  # steps per number of checkpointed layers
     result["checkpoint_plan"] = plan.plan if plan else None
+    result["memory_model_revision"] = REVISION  # the model that planned and predicted this row
     result["graph_peak_factor"] = plan.graph_peak_factor if plan else None  # the plan's headroom for graphs
     result["cuda_graphs"] = trainer.graphs.summary() if getattr(trainer, "graphs", None) else None
     result["python_gc"] = trainer.collections.summary()  # every collection in the epoch, timed

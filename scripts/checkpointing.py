@@ -97,10 +97,14 @@ class CheckpointPlan:
         """No recording will run (graphs off, or off for this run): every batch planned eager."""
         self.records, self.graph_peak_factor = False, 1.0
 
+    def recorded(self, batch: int, seq: int) -> bool:
+        """Whether the CUDA graphs will record a batch of this shape (planned with their headroom)."""
+        return self.records and (self.graph_max_tokens is None or batch * seq <= self.graph_max_tokens)
+
     def layers_for(self, batch: int, seq: int) -> tuple[int, ...]:
         """The indices of the decoder layers this batch shape recomputes."""
         if (batch, seq) not in self.chosen:
-            recorded = self.records and (self.graph_max_tokens is None or batch * seq <= self.graph_max_tokens)
+            recorded = self.recorded(batch, seq)
             factor = self.graph_peak_factor if recorded else 1.0
             # the peak this batch is expected to reach: a recorded step's headroom included
             layers, prediction = planned_batch(

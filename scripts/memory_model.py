@@ -5,9 +5,16 @@ measures). Paged optimizer states live in CUDA managed memory, outside that coun
 they are reported apart (``paged_optimizer``) and added for a SLURM memory request.
 
     peak = weights + adapter (weights, grads, unpaged optimizer state)
-         + tokens x [ full_layers x a_layer + checkpointed_layers x a_input
-                      + (a_layer if any layer is checkpointed: its recompute) ]
+         + tokens x [ live_layers x a_layer + checkpointed_layers x a_input ]
          + tokens x (loss head + one layer's backward working set)
+
+    live_layers = max(full_layers, 1 + full layers below the top checkpointed one)
+
+The backward frees each layer's activations once it has passed it, so a recomputed layer's
+activations live beside the whole layers below it only: with the lowest n checkpointed (the
+per-batch plan) the whole layers above are gone by then, and the peak is at the first
+backward step (revision 2; revision 1 counted one recomputed layer beside every whole layer,
+13.8 % over the peak measured with two whole layers, bench/results/epochs_h200_offload_8gib).
 
 ``a_layer`` counts the bytes per token that autograd keeps for one decoder layer, tensor by
 tensor (see ``layer_activation_bytes``); frozen base weights keep nothing for their inputs
@@ -46,6 +53,9 @@ GIB = 1024**3
 # Kept at 1.08 until the larger budgets are re-measured. A batch the graphs will record is
 # planned within budget / this and expected at the prediction x this (scripts/checkpointing.py).
 GRAPH_PEAK_FACTOR = 1.08  # the default of train.cuda_graphs_headroom
+# The model's revision, recorded with every measured row: a row of an earlier revision was
+# planned by it (its layers are replayed with ``recompute_beside_whole``). 2: live_layers above.
+REVISION = 2
 QLORA_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weights
 DOUBLE_QUANT_BLOCK = 256  # double quantisation: absmax in 8 bit, one fp32 per 256 of them
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -183,15 +193,18 @@ def predict_peak(
     autocast: bool = True,
     recompute_dropout: bool = False,
     offload_checkpoints: bool = False,
-    checkpointed_layers: int | None = None,
+    checkpointed_layers: int | tuple[int, ...] | None = None,
     recorded: bool = False,
     offload_prefetch: bool = True,
+    recompute_beside_whole: bool = False,
 ) -> dict:
     """Predicted peak of torch-allocated bytes, term by term (``host_offload``: pinned host
-    memory, outside the total). ``checkpointed_layers``: how many layers recompute, where a
-    per-batch plan chose them (checkpoint_layer_sets) rather than ``checkpoint_every``.
-    ``recorded``: a step the CUDA graphs record (offloaded inputs come back in line, as they do
-    without ``offload_prefetch``)."""
+    memory, outside the total). ``checkpointed_layers``: the layers that recompute, where a
+    per-batch plan chose them (checkpoint_layer_sets) rather than ``checkpoint_every``: their
+    indices, or a count n for the lowest n. ``recorded``: a step the CUDA graphs record
+    (offloaded inputs come back in line, as they do without ``offload_prefetch``).
+    ``recompute_beside_whole``: revision 1's count (a recomputed layer beside every whole one),
+    to replay the plans of rows measured under it."""
     compute = 2  # bf16/fp16
     if method == "qlora":
         linear = shape.linear_parameters()
@@ -212,16 +225,26 @@ def predict_peak(
     # autograd keeps for its gradient) waits in host memory instead.
     input_bytes = (4 if recipe == "tutorial" else 2) * shape.hidden
     masks = sum(shape.linear_shape(m)[0] // 8 for m in TARGETS[targets]) if recompute_dropout else 0
-    stored = checkpointed_layers
-    if stored is None:
-        stored = checkpointed_layer_count(shape.layers, checkpoint_every)
+    if checkpointed_layers is None:
+        checkpointed = every_kth_layer(shape.layers, checkpoint_every)
+    elif isinstance(checkpointed_layers, int):
+        checkpointed = tuple(range(checkpointed_layers))
+    else:
+        checkpointed = tuple(sorted(checkpointed_layers))
+    stored = len(checkpointed)
     full = shape.layers - stored
+    if not checkpointed:
+        live = full
+    elif recompute_beside_whole:
+        live = full + 1
+    else:  # the top recomputed layer beside the whole layers below it, or every whole layer at the start
+        live = max(full, 1 + checkpointed[-1] - (stored - 1))
     offloaded = max(stored - 1, 0) if offload_checkpoints else 0
     # while a layer recomputes eagerly, the input of the one below it is already coming back
     # (a recorded step copies in line): one input more on the device
     prefetched = 1 if offloaded > 1 and offload_prefetch and not recorded else 0
     kept = stored * (input_bytes + masks) - (offloaded - prefetched) * input_bytes
-    activations = tokens * (full * a_layer + kept + (a_layer if stored else 0))
+    activations = tokens * (live * a_layer + kept)
     head = tokens * loss_head_bytes(shape, recipe, kernels, autocast)
     working = tokens * 2 * compute * (shape.intermediate + shape.hidden)  # one layer's backward grads
     total = weights + adapter + activations + head + working
@@ -319,7 +342,7 @@ def planned_batch(
         prediction = predict_peak(
             shape,
             checkpoint_every=0,
-            checkpointed_layers=len(layers),
+            checkpointed_layers=layers,
             seq=seq,
             batch=batch,
             recorded=recorded,
