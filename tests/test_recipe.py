@@ -352,9 +352,9 @@ def test_a_smaller_graph_headroom_recomputes_fewer_layers_within_the_budget(tmp_
         assert len(lower.layers_for(4, seq)) <= len(default.layers_for(4, seq))
         fewer += len(default.layers_for(4, seq)) - len(lower.layers_for(4, seq))
         assert lower.predicted[(4, seq)] <= 8 * 1024**3 and default.predicted[(4, seq)] <= 8 * 1024**3
-    # 256 tokens a row: 4 layers recomputed within 8 / 1.08 GiB, none within 8 / 1.05
-    assert (len(default.layers_for(4, 256)), len(lower.layers_for(4, 256))) == (4, 0)
-    assert fewer == 12  # over the eight shapes of a batch-4 guanaco epoch at multiples of 128
+    # 256 tokens a row: 3 layers recomputed within 8 / 1.08 GiB, none within 8 / 1.05
+    assert (len(default.layers_for(4, 256)), len(lower.layers_for(4, 256))) == (3, 0)
+    assert fewer == 10  # over the eight shapes of a batch-4 guanaco epoch at multiples of 128
     request = memory_model.expected_peak(model_config, cell, dict(train, pad_to_multiple_of=128), 1024, "liger", True)
     lower_request = memory_model.expected_peak(
         model_config, cell, dict(train, pad_to_multiple_of=128, cuda_graphs_headroom=1.05), 1024, "liger", True
