@@ -15,6 +15,9 @@ activations live beside the whole layers below it only: with the lowest n checkp
 per-batch plan) the whole layers above are gone by then, and the peak is at the first
 backward step (revision 2; revision 1 counted one recomputed layer beside every whole layer,
 13.8 % over the peak measured with two whole layers, bench/results/epochs_h200_offload_8gib).
+The loss head is summed with the activations either way, though its peak lives beside a whole
+top layer and not beside a recomputed one: keeping the top layer whole measured 0.10 GiB more
+than recomputing it where this says 0.07 less (bench/results/epochs_h200_revision2_blocks).
 
 ``a_layer`` counts the bytes per token that autograd keeps for one decoder layer, tensor by
 tensor (see ``layer_activation_bytes``); frozen base weights keep nothing for their inputs
