@@ -18,17 +18,6 @@ sys.path.insert(0, str(PROJECT / "scripts"))
 pytest_plugins = ["slurm_cluster"]
 
 
-# Tests on the tiny DAG's run or the Slurm cluster are marked `dag`: `make test` runs the
-# others in a second session beside them (the DAG and the grid leave part of a core idle).
-DAG_FIXTURES = {"pipeline_run", "slurm_run", "slurm_grid", "cluster", "profile_dir"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if DAG_FIXTURES & set(item.fixturenames):  # the fixture closure: base_model_dir counts too
-            item.add_marker(pytest.mark.dag)
-
-
 # Shaped like a real Hub token (hf_ + 34 letters); planted in the tiny run's environment, it
 # must never reach a file or a log (tests/test_push.py greps for it).
 FAKE_TOKEN = "hf_" + "QlOrAsNaKeMaKeFaKeToKeNaBcDeFgHiJk"
