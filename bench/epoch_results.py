@@ -60,14 +60,17 @@ def planned_peak_gib(
     recipe = plan.recipe
     if revision < 2:  # revision 1 counted a recomputed layer beside every whole one
         plan.recipe = dict(recipe, recompute_beside_whole=True)
-    peak = 0.0
     for rows, seq in batches:
-        layers, recorded = plan.layers_for(rows, seq), plan.recorded(rows, seq)
         plan.count(rows, seq)
-        shape = dict(seq=seq, batch=rows, recorded=recorded, checkpoint_every=0, checkpointed_layers=layers)
-        total = predict_peak(plan.shape, **shape, **recipe)["total"]
-        peak = max(peak, total * (plan.graph_peak_factor if recorded else 1.0))
-    return round(int(peak) / GIB, 3), dict(sorted(plan.steps_by_layers.items()))
+    peak = plan.predicted_peak_bytes()
+    if revision < REVISION:  # the layers the old revision chose, each shape predicted by this one
+        peak = 0
+        for (rows, seq), layers in plan.chosen.items():
+            recorded = plan.recorded(rows, seq)
+            shape = dict(seq=seq, batch=rows, recorded=recorded, checkpoint_every=0, checkpointed_layers=layers)
+            total = predict_peak(plan.shape, **shape, **recipe)["total"]
+            peak = max(peak, int(total * (plan.graph_peak_factor if recorded else 1.0)))
+    return round(peak / GIB, 3), dict(sorted(plan.steps_by_layers.items()))
 
 
 def padded_batches(rows_file: Path, batch: int, multiple: int) -> list[tuple[int, int]]:

@@ -243,11 +243,12 @@ def test_memory_model_within_ten_percent_of_every_measured_epoch_row(rows_dir, r
     measured = [r for r in report["rows"] if r["status"] == "ok" and r["kind"] != "unsloth"]  # its own model
     assert {(r["recipe"], r["job"]) for r in measured} >= RESULTS[results]
     for row in measured:
-        predicted = epoch_results.row_prediction_gib(row, rows_dir, config, model_config)
+        replayed = epoch_results.replayed_plan(row, rows_dir, config, model_config)
+        predicted = replayed[0] if replayed else epoch_results.row_prediction_gib(row, rows_dir, config, model_config)
         assert predicted == pytest.approx(row["predicted_peak_gib"], abs=1e-3), row["recipe"]
         assert abs(predicted - row["peak_allocated_gib"]) / row["peak_allocated_gib"] < 0.10, row["recipe"]
         if row.get("checkpoint_steps_by_layers"):  # the replay planned the layers the row ran
-            _, steps_by_layers = epoch_results.replayed_plan(row, rows_dir, config, model_config)
+            steps_by_layers = replayed[1]
             ran = {int(layers): steps for layers, steps in row["checkpoint_steps_by_layers"].items()}
             if "rows" not in epoch_results.JOBS[row["job"]]:  # a block row: one shape, replayed once
                 ran = dict.fromkeys(ran, 1)
