@@ -199,6 +199,7 @@ def run_row(row: dict) -> dict:
     result["memory_budget_gib"] = settings.get("memory_budget_gib")
     result["checkpoint_steps_by_layers"] = plan.summary() if plan else None  # steps per number of checkpointed layers
     result["checkpoint_plan"] = plan.plan if plan else None
+    result["offload_layers"] = plan.offload_summary() if plan else None  # whole layers' activations in host memory
     result["memory_model_revision"] = REVISION  # the model that planned and predicted this row
     result["graph_peak_factor"] = plan.graph_peak_factor if plan else None  # the plan's headroom for graphs
     result["cuda_graphs"] = trainer.graphs.summary() if getattr(trainer, "graphs", None) else None

@@ -25,6 +25,7 @@ from memory_model import (
     graph_headroom,
     planned_batch,
 )
+from layer_offload import LayerOffload, offloaded_layers
 from offload import offload_checkpoints
 
 
@@ -91,7 +92,12 @@ class CheckpointPlan:
         self.chosen: dict[tuple[int, int], tuple[int, ...]] = {}
         self.predicted: dict[tuple[int, int], int] = {}
         self.steps_by_layers: dict[int, int] = {}
-        self.applied: tuple[int, ...] | None = None  # the layers checkpointed now
+        self.applied: tuple | None = None  # the layers checkpointed now, and those offloaded
+        # train.offload_layers: every k-th layer the plan recomputes keeps its activations in host
+        # memory instead (scripts/layer_offload.py), at the batch shapes no recording holds
+        self.offload_every = int(train.get("offload_layers", 0) or 0)
+        self.offload = LayerOffload(layers) if self.offload_every and layers else None
+        self.steps_by_offloaded: dict[int, int] = {}
 
     def without_recordings(self) -> None:
         """No recording will run (graphs off, or off for this run): every batch planned eager."""
@@ -128,19 +134,32 @@ class CheckpointPlan:
         the graphs' headroom for a batch they record)."""
         return max(self.predicted.values(), default=None)
 
+    def offloaded_for(self, batch: int, seq: int) -> tuple[int, ...]:
+        """The layers of this batch shape that keep their activations in host memory instead of
+        recomputing them (none for a shape a CUDA graph records)."""
+        if self.offload is None or self.recorded(batch, seq):
+            return ()
+        return offloaded_layers(self.layers_for(batch, seq), self.offload_every, len(self.layers))
+
     def select(self, batch: int, seq: int) -> int:
-        """Sets the checkpointed layers of a batch shape on the model (a step or a recording about
-        to run); returns how many."""
-        layers = self.layers_for(batch, seq)
-        if layers != self.applied:
+        """Sets the checkpointed (and offloaded) layers of a batch shape on the model (a step or a
+        recording about to run); returns how many are recomputed."""
+        offloaded = self.offloaded_for(batch, seq)
+        layers = tuple(index for index in self.layers_for(batch, seq) if index not in offloaded)
+        if (layers, offloaded) != self.applied:
             set_checkpointing(self.layers, layers)
-            self.applied = layers
+            if self.offload is not None:
+                self.offload.select(offloaded)
+            self.applied = (layers, offloaded)
         return len(layers)
 
     def count(self, batch: int, seq: int) -> None:
         """One step trained at this shape (a replayed step too: its recording holds the layers)."""
-        count = len(self.layers_for(batch, seq))
+        offloaded = len(self.offloaded_for(batch, seq))
+        count = len(self.layers_for(batch, seq)) - offloaded
         self.steps_by_layers[count] = self.steps_by_layers.get(count, 0) + 1
+        if self.offload is not None:
+            self.steps_by_offloaded[offloaded] = self.steps_by_offloaded.get(offloaded, 0) + 1
 
     def apply(self, input_ids: torch.Tensor) -> int:
         """Sets this batch's checkpointed layers and counts the step; returns how many."""
@@ -151,3 +170,15 @@ class CheckpointPlan:
     def summary(self) -> dict:
         """Steps trained with each number of checkpointed layers (0 = none), for metrics.json."""
         return {str(count): steps for count, steps in sorted(self.steps_by_layers.items())}
+
+    def offload_summary(self) -> dict | None:
+        """train.offload_layers: steps by number of offloaded layers, the last step's bytes sent to
+        the host, and how many layers came back in line (their copy not started ahead)."""
+        if self.offload is None:
+            return None
+        return {
+            "every": self.offload_every,
+            "steps_by_offloaded": {str(count): steps for count, steps in sorted(self.steps_by_offloaded.items())},
+            "bytes_last_step": self.offload.bytes_last_step,
+            "in_line_fetches": self.offload.in_line_fetches,
+        }

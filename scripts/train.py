@@ -254,6 +254,7 @@ def main(
         "padding_free": train["padding_free"],
         "checkpoint_steps_by_layers": plan.summary() if plan else None,
         "checkpoint_plan": plan.plan if plan else None,
+        "offload_layers": plan.offload_summary() if plan else None,
         "plan_predicted_peak_bytes": plan.predicted_peak_bytes() if plan else None,
         "metric_sync_deferred": trainer.metric_sync_deferred,
         "cuda_graphs": trainer.graphs.summary() if trainer.graphs else None,
