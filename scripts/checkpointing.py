@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from layer_offload import LayerOffload, offloaded_layers
 from lora_dropout import checkpoint_context, recompute_needs_rng
 from memory_model import (
     GIB,
@@ -25,7 +26,6 @@ from memory_model import (
     graph_headroom,
     planned_batch,
 )
-from layer_offload import LayerOffload, offloaded_layers
 from offload import offload_checkpoints
 
 

@@ -25,7 +25,6 @@ layer's activations on the device (the plan does not offload a recorded shape).
 """
 
 import functools
-import logging
 
 import torch
 

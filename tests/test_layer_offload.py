@@ -3,7 +3,6 @@ keep their activations in host memory instead, on the tiny random Llama: which l
 losses and gradients as recomputing them bit for bit, and every saved tensor sent and released."""
 
 import pytest
-import torch
 
 import layer_offload
 from layer_offload import offloaded_layers
@@ -50,7 +49,9 @@ def test_offloaded_layers_train_to_the_recomputed_numbers_bit_for_bit(three_laye
     assert summary["steps_by_offloaded"] == {"0": 3, "1": 3} and summary["in_line_fetches"] == 0
     # the last step is a short batch (nothing offloaded); the one before it a long one
     assert summary["bytes_last_step"] > 0
-    assert all(saved.host is None and saved.back is None for group in plan.offload.pending for saved in group.saved.values())
+    assert all(
+        saved.host is None and saved.back is None for group in plan.offload.pending for saved in group.saved.values()
+    )
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
     assert len(offloaded) == len(recomputed) == 6
     for ours, theirs in zip(offloaded, recomputed, strict=True):
