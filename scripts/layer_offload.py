@@ -12,7 +12,8 @@ overlap the layers between them (``offloaded_layers``).
 
 The activations are the tensors autograd saves inside the layer, moved by saved-tensor hooks
 (as torch's ``save_on_cpu``, with streams): the copy to the host runs on a side stream, and the
-tensor's memory is not reused before the copy has read it (``record_stream``). In the
+tensors are kept until the next offloaded layer's forward, where the compute stream waits for
+those copies before it lets their memory go (the peak counts them until then). In the
 backward, when it reaches an offloaded layer, the offloaded layer below starts coming back on a
 second side stream, beside the backward of this layer and of the recomputed ones between (the
 highest offloaded layer starts when the backward enters the top layer); a layer reached before
@@ -80,8 +81,9 @@ class _LayerActivations:
     def __init__(self, index: int, device: torch.device):
         self.index, self.device = index, device
         self.saved: dict[tuple, _Saved] = {}
-        # the tensors themselves until the layer's forward ends: a freed tensor's address could
-        # otherwise come back as another's and be taken for it
+        # the tensors themselves until their copies to the host are done (the compute stream waits
+        # for them at the next offloaded layer's forward, or the top layer's end); a freed tensor's
+        # address could otherwise come back as another's within the layer and be taken for it
         self.originals: list[torch.Tensor] = []
         self.sent: torch.cuda.Event | None = None  # the copies to the host done
         self.arrived = None  # the copies back done: an event on a GPU, True on the CPU (None: not started)
@@ -121,11 +123,13 @@ class LayerOffload:
         if not self._active(index, layer):
             return
         if self.pending and self.pending[-1].index >= index:  # a new step: the last one's are spent
+            self._release_sent()
             self.pending.clear()
         if not self.pending:
             self.bytes_last_step = 0
         hidden = args[0] if args else kwargs.get("hidden_states")
         device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+        self._release_sent()
         self.pending.append(_LayerActivations(index, device))
         self._context = torch.autograd.graph.saved_tensors_hooks(
             functools.partial(self._pack, self.pending[-1]), functools.partial(self._unpack, self.pending[-1])
@@ -137,14 +141,26 @@ class LayerOffload:
             context, self._context = self._context, None
             context.__exit__(None, None, None)
             group = self.pending[-1]
-            group.originals.clear()
             if group.device.type == "cuda" and group.saved:
                 group.sent = _streams(group.device)[0].record_event()
+            else:
+                group.originals.clear()
         if layer is self.layers[-1] and self.pending and layer.training and torch.is_grad_enabled():
+            self._release_sent()
             hidden = output[0] if isinstance(output, tuple) else output
             if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
                 # the backward enters the top layer: the highest offloaded layer starts coming back
                 hidden.register_hook(self._backward_begins)
+
+    def _release_sent(self) -> None:
+        """The layers offloaded before: the compute stream waits for their copies to the host, and
+        their tensors go. Their memory then returns to the compute stream's pool in its order
+        (no ``record_stream``, whose blocks the allocator counts as free while a copy still reads
+        them and cannot reuse until it has: the device's true footprint stays in the peak)."""
+        for group in self.pending:
+            if group.originals and group.sent is not None:
+                torch.cuda.current_stream(group.device).wait_event(group.sent)
+                group.originals.clear()
 
     def _pack(self, group: _LayerActivations, tensor: torch.Tensor):
         if (
@@ -165,7 +181,6 @@ class LayerOffload:
             to_host.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(to_host):
                 host.copy_(tensor, non_blocking=True)
-            tensor.record_stream(to_host)  # its memory is not reused before the copy has read it
         else:  # the CPU (tests): a copy, so that the values that come back are not the tensor's own
             host = tensor.clone()
         saved = group.saved[key] = _Saved(host, tensor)
