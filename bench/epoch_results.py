@@ -89,6 +89,8 @@ def replayed_plan(row: dict, rows_dir: Path, config: Path, model_config: Path) -
     train = yaml.safe_load(config.read_text())["train"]
     # rows before checkpoint_plan ran layers 0, k, 2k, ... (and recorded steps by k)
     train["checkpoint_plan"] = row.get("checkpoint_plan") or "every"
+    # the layers it kept whole in host memory (rows before train.offload_layers kept none)
+    train["offload_layers"] = (row.get("offload_layers") or {}).get("every", 0)
     if "rows" in JOBS[row["job"]]:
         multiple = {**train, **memory_overrides(row)}["pad_to_multiple_of"]
         batches = padded_batches(rows_dir / JOBS[row["job"]]["rows"], row["batch"], multiple or 1)

@@ -137,9 +137,9 @@ class CheckpointPlan:
     def offloaded_for(self, batch: int, seq: int) -> tuple[int, ...]:
         """The layers of this batch shape that keep their activations in host memory instead of
         recomputing them (none for a shape a CUDA graph records)."""
-        if self.offload is None or self.recorded(batch, seq):
+        if not self.offload_every or self.recorded(batch, seq):
             return ()
-        return offloaded_layers(self.layers_for(batch, seq), self.offload_every, len(self.layers))
+        return offloaded_layers(self.layers_for(batch, seq), self.offload_every, self.shape.layers)
 
     def select(self, batch: int, seq: int) -> int:
         """Sets the checkpointed (and offloaded) layers of a batch shape on the model (a step or a
@@ -158,7 +158,7 @@ class CheckpointPlan:
         offloaded = len(self.offloaded_for(batch, seq))
         count = len(self.layers_for(batch, seq)) - offloaded
         self.steps_by_layers[count] = self.steps_by_layers.get(count, 0) + 1
-        if self.offload is not None:
+        if self.offload_every:
             self.steps_by_offloaded[offloaded] = self.steps_by_offloaded.get(offloaded, 0) + 1
 
     def apply(self, input_ids: torch.Tensor) -> int:
@@ -174,11 +174,11 @@ class CheckpointPlan:
     def offload_summary(self) -> dict | None:
         """train.offload_layers: steps by number of offloaded layers, the last step's bytes sent to
         the host, and how many layers came back in line (their copy not started ahead)."""
-        if self.offload is None:
+        if not self.offload_every:
             return None
         return {
             "every": self.offload_every,
             "steps_by_offloaded": {str(count): steps for count, steps in sorted(self.steps_by_offloaded.items())},
-            "bytes_last_step": self.offload.bytes_last_step,
-            "in_line_fetches": self.offload.in_line_fetches,
+            "bytes_last_step": self.offload.bytes_last_step if self.offload else None,
+            "in_line_fetches": self.offload.in_line_fetches if self.offload else None,
         }

@@ -228,6 +228,7 @@ def test_lean_overlay_changes_only_the_memory_settings_of_the_7b_study():
         "train.optimizer",  # the paged one its rows measured (its state outside the allocator's peak)
         "train.memory_budget_gib",
         "train.offload_checkpoints",
+        "train.offload_layers",  # none, as its rows measured (the 7B config keeps every 3rd layer whole)
         "train.cublas_workspace_config",
     }
     # its batch-4 rows: every guanaco batch (4 x 1,024 tokens at most) recorded, one memory pool;
@@ -256,6 +257,7 @@ def test_lean_overlay_leads_unsloth_on_every_job_of_one_sitting(sitting, jobs):
     overlay = load("config/lean.yaml")
     report = json.loads((PROJECT / "bench" / "results" / sitting).read_text())
     lean = dict(overlay["train"], double_quant=overlay["grid"]["double_quant"][0])
+    assert lean.pop("offload_layers") == 0  # the default its rows ran with, before the key existed
     for row in (r for r in report["rows"] if r["recipe"].startswith("lean_yaml")):
         assert row["status"] == "ok" and row["train"] == dict(lean, memory_budget_gib=row["train"]["memory_budget_gib"])
         assert row.get("offload_prefetch", False) is (sitting == "epochs_h200_offload_unsloth.json")  # recorded since

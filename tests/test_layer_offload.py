@@ -7,7 +7,7 @@ import pytest
 import layer_offload
 from layer_offload import offloaded_layers
 from memory_model import ModelShape, predict_peak
-from test_recipe import LENGTHS, build_tiny_model, train_tiny
+from test_recipe import LENGTHS, PROJECT, build_tiny_model, train_tiny
 
 
 def test_offloaded_layers_are_spaced_from_the_lowest_and_never_the_top_one():
@@ -56,3 +56,27 @@ def test_offloaded_layers_train_to_the_recomputed_numbers_bit_for_bit(three_laye
     assert len(offloaded) == len(recomputed) == 6
     for ours, theirs in zip(offloaded, recomputed, strict=True):
         assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"gradient_checkpointing": True}, "needs train.gradient_checkpointing auto"),
+        ({"compile": True, "kernels": "none", "cuda_graphs": False}, "not with train.compile"),
+    ],
+    ids=["without-the-plan", "with-compile"],
+)
+def test_offload_layers_without_the_plan_or_with_compile_stops_at_config_check(change, problem):
+    """The 7B config ships offload_layers 3; a setting it cannot serve is named before any job."""
+    import yaml
+
+    from config_check import ConfigError, validate_config
+
+    config = yaml.safe_load((PROJECT / "config" / "llama2-7b.yaml").read_text())
+    assert config["train"]["offload_layers"] == 3
+    validate_config(config)
+    config["train"].update(change)
+    with pytest.raises(ConfigError, match=f"config key 'train.offload_layers': {problem}"):
+        validate_config(config)
+    config["train"]["offload_layers"] = 0
+    validate_config(config)

@@ -226,6 +226,20 @@ RESULTS = {  # each file's rows that must be there
     "epochs_h200_revision2.json": {("tutorial", "epoch_b4"), ("batch4", "epoch_b4")},
     "epochs_h200_revision2_b4.json": {("tutorial", "epoch_b4"), ("batch4", "epoch_b4")},
     "epochs_h200_revision2_blocks.json": {("pipeline", "block_2048x4"), ("pipeline_offloaded", "block_2048x4")},
+    # train.offload_layers: every k-th layer the plan recomputes kept whole, its activations in host
+    # memory (the plan's recomputed layers less those, replayed); the first sitting's peaks left
+    # out the tensors still being copied (record_stream), so only the two after it
+    "epochs_h200_offload_layers_2.json": {
+        ("offloaded", "block_2048x4"),
+        ("offloaded_layers3", "block_2048x4"),
+        ("offloaded_layers4", "block_2048x4"),
+        ("layers3", "block_2048x4"),
+    },
+    "epochs_h200_offload_layers_3.json": {
+        ("pipeline", "block_2048x4"),
+        ("layers3", "block_2048x4"),
+        ("layers4", "block_2048x4"),
+    },
 }
 
 
