@@ -1,14 +1,14 @@
 """Whole decoder layers whose saved activations wait in host memory (``train.offload_layers``).
 
-Checkpointing buys memory with arithmetic: a recomputed layer runs its forward again in the
-backward, ~28 % of a 2,048 x 4 step's matmuls at the 7B shape with every layer recomputed, and
-that step runs at the card's power limit, where less arithmetic is less time. A layer whose
-activations go to pinned host memory during the forward and come back before its backward
-needs neither the GPU memory nor the recomputation: it costs the host link instead (~0.8 GB
-each way per layer at 2,048 x 4, ~15 ms at the 55 GB/s one H200 measured), on copy engines that
-run beside the compute. The link is slower than the forward produces activations, so only
-some of the layers the plan would recompute are offloaded, spaced so that each one's copies
-overlap the layers between them (``offloaded_layers``).
+Checkpointing buys memory with arithmetic: a recomputed layer runs its forward matmuls again in
+the backward (all but ``down_proj``'s), and the 7B shape's 2,048 x 4 step runs at the card's
+power limit, where less arithmetic is less time. A layer whose activations go to pinned host
+memory during the forward and come back before its backward needs neither the GPU memory nor
+the recomputation: it costs the host link instead (~0.84 GB each way per layer at 2,048 x 4,
+~15 ms at the 55 GB/s one H200 measured), on copy engines beside the compute. The link is slower
+than the forward makes activations, so only some of the layers the plan would recompute are
+offloaded, spaced so that each one's copies overlap the layers between (``offloaded_layers``).
+Every 3rd of them at the 7B config's 8 GiB: 1.088x (bench/results/epochs_h200_offload_layers_3).
 
 The activations are the tensors autograd saves inside the layer, moved by saved-tensor hooks
 (as torch's ``save_on_cpu``, with streams): the copy to the host runs on a side stream, and the
@@ -17,8 +17,8 @@ those copies before it lets their memory go (the peak counts them until then). I
 backward, when it reaches an offloaded layer, the offloaded layer below starts coming back on a
 second side stream, beside the backward of this layer and of the recomputed ones between (the
 highest offloaded layer starts when the backward enters the top layer); a layer reached before
-its copy was started brings it back in line. The values come
-back as they left: the same losses and gradients bit for bit (tests/test_layer_offload.py).
+its copy was started brings it back in line. The values come back as they left: the same
+losses and gradients bit for bit (tests/test_layer_offload.py).
 
 Small tensors, parameters and the frozen 4-bit weights stay (bitsandbytes keeps those as
 attributes anyway, not as saved tensors). Eager steps only: a CUDA graph recording keeps the
@@ -110,14 +110,14 @@ class LayerOffload:
         """The layers offloaded from the next forward on."""
         self.chosen = frozenset(indices)
 
+    @staticmethod
+    def _training(layer) -> bool:
+        """A training forward outside any recording (a recording keeps its activations)."""
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        return layer.training and torch.is_grad_enabled() and not capturing
+
     def _active(self, index: int, layer) -> bool:
-        return (
-            index in self.chosen
-            and layer.training
-            and torch.is_grad_enabled()
-            and not getattr(layer, "gradient_checkpointing", False)
-            and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-        )
+        return index in self.chosen and not getattr(layer, "gradient_checkpointing", False) and self._training(layer)
 
     def _enter(self, index: int, layer, args, kwargs) -> None:
         if not self._active(index, layer):
@@ -145,7 +145,7 @@ class LayerOffload:
                 group.sent = _streams(group.device)[0].record_event()
             else:
                 group.originals.clear()
-        if layer is self.layers[-1] and self.pending and layer.training and torch.is_grad_enabled():
+        if layer is self.layers[-1] and self.pending and self._training(layer):
             self._release_sent()
             hidden = output[0] if isinstance(output, tuple) else output
             if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
