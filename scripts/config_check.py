@@ -77,11 +77,6 @@ def _cross_key_checks(config: dict) -> None:
             "config key 'train.offload_checkpoints': not with train.compile (the compiled layer would trace the "
             "host copies; untested); set one of them false"
         )
-    if train.get("offload_layers", 0) and train["gradient_checkpointing"] != "auto":
-        raise ConfigError(
-            "config key 'train.offload_layers': needs train.gradient_checkpointing auto (the plan picks the "
-            "layers it keeps in host memory among those it would recompute); set it to 0, or checkpointing to auto"
-        )
     if train.get("offload_layers", 0) and train.get("compile", False):
         raise ConfigError(
             "config key 'train.offload_layers': not with train.compile (the compiled layer would trace the "
