@@ -9,7 +9,7 @@ Sources:
   ``~/.cache/qlora-snakemake``; ``off`` turns it off) under a key of the GGUF's sha256, the
   library versions and this conversion's code; a later run with the same key copies it after
   checking every file's sha256 (the stage ~7 s against ~40 s), and the provenance says which it
-  was.
+  was. A run that finds another converting the same entry waits for it (``entry_lock``).
 - ``hub``: ``huggingface_hub.snapshot_download`` of ``hub_id`` at ``revision``; the
   resolved commit is recorded. The token comes from the environment or the Hub login only.
 - ``local``: a copy of a local Hugging Face model folder.
@@ -19,6 +19,8 @@ the collator masks EOS out of the labels and the model never learns to stop.
 """
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -152,11 +154,37 @@ def store_in_cache(folder: Path, entry: Path, details: dict) -> None:
             raise
 
 
+@contextlib.contextmanager
+def entry_lock(entry: Path, logger):
+    """One run at a time converts an entry: a run beside it (a second study, the Slurm
+    controller beside a local run) waits for that entry instead of converting it again. A cache
+    folder that cannot hold the lock file goes unlocked (store_in_cache still renames atomically)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(entry.parent / f"{entry.name}.lock", "w")  # noqa: SIM115 (held across the yield)
+    except OSError as error:
+        logger.warning("conversion cache %s not locked (%s)", entry.parent, error)
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another run is converting into the cache: waiting for its entry %s", entry)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def convert_gguf_cached(gguf_path: Path, out_dir: Path, logger, cache_root: Path | None) -> dict:
     """``convert_gguf``, or the same folder from the conversion cache (see the module docstring)."""
     if cache_root is None:
         return dict(convert_gguf(gguf_path, out_dir, logger), conversion_cache={"status": "off"})
     entry = cache_root / "offline_smollm2" / conversion_key(sha256_file(gguf_path))
+    with entry_lock(entry, logger):
+        return _copied_or_converted(gguf_path, out_dir, logger, cache_root, entry)
+
+
+def _copied_or_converted(gguf_path: Path, out_dir: Path, logger, cache_root: Path, entry: Path) -> dict:
     if entry.is_dir():
         problem = cache_entry_intact(entry)
         if problem is None:

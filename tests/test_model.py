@@ -96,3 +96,43 @@ def test_local_source_without_config_fails_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(fetch_model.ModelSourceError, match="no config.json"):
         fetch_model.main("local", tmp_path / "out", tmp_path / "p.json", local_path=tmp_path / "empty")
+
+
+def test_a_run_beside_a_conversion_waits_for_its_entry(tmp_path, monkeypatch, caplog):
+    """While another run holds an entry's lock (converting), a second run waits, then copies the
+    entry that run stored instead of converting it again."""
+    import fcntl
+    import threading
+
+    entry = tmp_path / "cache" / "offline_smollm2" / "shared"
+    monkeypatch.setattr(fetch_model, "conversion_key", lambda digest: "shared")
+    monkeypatch.setattr(fetch_model, "convert_gguf", lambda *args: pytest.fail("converted a second time"))
+    entry.parent.mkdir(parents=True)
+    (tmp_path / "out").mkdir()  # fetch_model.main makes the stage's folder first
+    results = []
+    with open(entry.parent / "shared.lock", "w") as converting:
+        fcntl.flock(converting, fcntl.LOCK_EX)  # the first run, mid-conversion
+        beside = threading.Thread(
+            target=lambda: results.append(
+                fetch_model.convert_gguf_cached(
+                    fetch_model.smollm2_gguf_path(), tmp_path / "out", LOGGER, tmp_path / "cache"
+                )
+            )
+        )
+        with caplog.at_level("INFO"):
+            beside.start()
+            beside.join(timeout=3)
+            assert beside.is_alive() and not results  # waiting, not converting
+            # the first run stores its entry (a stand-in folder: the cache copies files) and lets go
+            converted = tmp_path / "converted"
+            converted.mkdir()
+            (converted / "config.json").write_text('{"model_type": "llama"}')
+            fetch_model.store_in_cache(converted, entry, {"source": "the first run"})
+            fcntl.flock(converting, fcntl.LOCK_UN)
+            beside.join(timeout=60)
+    assert results and results[0] == {
+        "source": "the first run",
+        "conversion_cache": {"status": "hit", "entry": str(entry)},
+    }
+    assert f"another run is converting into the cache: waiting for its entry {entry}" in caplog.text
+    assert (tmp_path / "out" / "config.json").read_text() == '{"model_type": "llama"}'
