@@ -41,18 +41,8 @@ browser:
 slurm:
 	tests/slurm/cluster.sh install
 
-# Two sessions: the tests on the tiny DAG and the Slurm cluster (marker dag), and, once the DAG's
-# run is done, the others beside the rest of them (the DAG and the Slurm grid fill both cores;
-# the tests after them leave ~40 % idle). The second session's output follows the first's.
 test: setup browser slurm
-	@ready=$$(mktemp -u); log=$$(mktemp); \
-	QLORA_TESTS_DAG_READY=$$ready $(BIN)/python -m pytest tests -m dag -v --durations=15 & dag=$$!; \
-	while [ ! -e $$ready ] && kill -0 $$dag 2>/dev/null; do sleep 5; done; \
-	$(BIN)/python -m pytest tests -m "not dag" -v --durations=10 -p no:cacheprovider > $$log 2>&1; rest=$$?; \
-	wait $$dag; first=$$?; echo "== beside them, once the DAG's run was done: pytest -m 'not dag' =="; \
-	cat $$log; rm -f $$log $$ready; \
-	for rc in $$first $$rest; do [ $$rc -eq 5 ] && { echo "no tests collected"; exit 1; }; done; \
-	[ $$first -eq 0 ] && [ $$rest -eq 0 ]
+	$(BIN)/python -m pytest tests -v --durations=15; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 1; }; exit $$rc
 
 # The study report and Snakemake's own provenance-rich report.
 report: setup

@@ -18,22 +18,6 @@ sys.path.insert(0, str(PROJECT / "scripts"))
 pytest_plugins = ["slurm_cluster"]
 
 
-# `make test` runs two sessions: the tests on the tiny DAG's run or the Slurm cluster (marked
-# `dag` here), and, once the DAG's run is done (pipeline_run touches QLORA_TESTS_DAG_READY), the
-# others beside the rest of them: the DAG and the Slurm grid fill both cores, the tests after
-# them leave ~40 % idle (tests/slurm/NOTES.md).
-DAG_FIXTURES = {"pipeline_run", "slurm_run", "slurm_grid", "cluster", "profile_dir"}
-# Timed against Slurm's limits: last, once the other session has most likely finished.
-LAST = "test_requeued_then_time_limited_training_resumes_and_duplicates_are_refused"
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if DAG_FIXTURES & set(item.fixturenames):  # the fixture closure: base_model_dir counts too
-            item.add_marker(pytest.mark.dag)
-    items.sort(key=lambda item: item.name == LAST)  # stable: the others keep their order
-
-
 # Shaped like a real Hub token (hf_ + 34 letters); planted in the tiny run's environment, it
 # must never reach a file or a log (tests/test_push.py greps for it).
 FAKE_TOKEN = "hf_" + "QlOrAsNaKeMaKeFaKeToKeNaBcDeFgHiJk"
@@ -89,11 +73,7 @@ def pipeline_run(tmp_path_factory) -> Path:
     """The tiny CI grid, run for real through Snakemake; returns its results folder."""
     assert SHARED_DATA.is_dir(), f"the offline data copies are missing: {SHARED_DATA}"
     results = tmp_path_factory.mktemp("results")
-    try:
-        snakemake("--cores", "2", results_dir=results, env={"HF_TOKEN": FAKE_TOKEN})
-    finally:  # the second session of `make test` starts now, whether the run passed or not
-        if os.environ.get("QLORA_TESTS_DAG_READY"):
-            Path(os.environ["QLORA_TESTS_DAG_READY"]).touch()
+    snakemake("--cores", "2", results_dir=results, env={"HF_TOKEN": FAKE_TOKEN})
     return results
 
 
