@@ -122,14 +122,13 @@ class LayerOffload:
     def _enter(self, index: int, layer, args, kwargs) -> None:
         if not self._active(index, layer):
             return
+        self._release_sent()
         if self.pending and self.pending[-1].index >= index:  # a new step: the last one's are spent
-            self._release_sent()
             self.pending.clear()
         if not self.pending:
             self.bytes_last_step = 0
         hidden = args[0] if args else kwargs.get("hidden_states")
         device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-        self._release_sent()
         self.pending.append(_LayerActivations(index, device))
         self._context = torch.autograd.graph.saved_tensors_hooks(
             functools.partial(self._pack, self.pending[-1]), functools.partial(self._unpack, self.pending[-1])
@@ -190,7 +189,7 @@ class LayerOffload:
 
     def _fetch(self, group: _LayerActivations) -> None:
         """Starts bringing a layer's tensors back (on the second side stream on a GPU)."""
-        if group.arrived is not None or group.waited:
+        if group.arrived is not None:
             return
         if group.device.type != "cuda":
             for saved in group.saved.values():
@@ -225,7 +224,7 @@ class LayerOffload:
     def _unpack(self, group: _LayerActivations, saved):
         if not isinstance(saved, _Saved):
             return saved
-        if group.arrived is None and not group.waited:
+        if group.arrived is None:
             self.in_line_fetches += 1
             self._fetch(group)
         if not group.waited:
