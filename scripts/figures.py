@@ -120,7 +120,7 @@ def perplexity(runs: pd.DataFrame, curves: pd.DataFrame, perplexity_table: pd.Da
         col_order=[d for d in DATASET_LABELS if d in set(long.dataset)],
         palette=colours,
         errorbar=seed_errorbar,
-        dodge=0.4,
+        dodge=0.4 if len(colours) > 1 else False,  # seaborn divides the dodge among the arms: one arm, none
         linestyle="none",
         sharey=False,
         height=3.2,

@@ -327,6 +327,7 @@ elif __name__ == "__main__":
         cfg["data"]["format"],
         a.out_dir / "perplexity.csv",
         a.out_dir / "samples.jsonl",
-        a.adapter_dir,
-        cfg["train"]["compute_dtype"],
+        adapter_dir=a.adapter_dir,
+        out_examples=a.out_dir / "perplexity.examples.csv",
+        compute_dtype=cfg["train"]["compute_dtype"],
     )

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ pytest_plugins = ["slurm_cluster"]
 # Shaped like a real Hub token (hf_ + 34 letters); planted in the tiny run's environment, it
 # must never reach a file or a log (tests/test_push.py greps for it).
 FAKE_TOKEN = "hf_" + "QlOrAsNaKeMaKeFaKeToKeNaBcDeFgHiJk"
+# Set once the tiny run (pipeline_run) has ended, however it ended.
+PIPELINE_DONE = threading.Event()
 
 
 def snakemake(
@@ -73,7 +76,10 @@ def pipeline_run(tmp_path_factory) -> Path:
     """The tiny CI grid, run for real through Snakemake; returns its results folder."""
     assert SHARED_DATA.is_dir(), f"the offline data copies are missing: {SHARED_DATA}"
     results = tmp_path_factory.mktemp("results")
-    snakemake("--cores", "2", results_dir=results, env={"HF_TOKEN": FAKE_TOKEN})
+    try:
+        snakemake("--cores", "2", results_dir=results, env={"HF_TOKEN": FAKE_TOKEN})
+    finally:  # the Slurm requeue scenario waits for the cores this run takes (tests/slurm_cluster.py)
+        PIPELINE_DONE.set()
     return results
 
 

@@ -4,7 +4,10 @@ conftest.py): fixtures for tests/test_slurm.py.
 The grid runs in the background from the session's start, beside the local tiny DAG and the
 other tests, and its tests wait for it: a two-core machine otherwise idles through most of
 its status polls (the executor plugin waits 5 s, then 10 s longer each round no job finished)
-and through the one-job stretches of its DAG.
+and through the one-job stretches of its DAG. The requeue scenario (``requeue_run``) runs in
+the background too, once the grid and the local DAG are done: most of its four minutes are
+Slurm's timers and the plugin's polls, which the tests after the DAG fill (they leave a core
+idle for a third of their time).
 """
 
 import os
@@ -12,23 +15,28 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from snakemake.utils import Paramspace
 
-from conftest import BIN, PROJECT, TINY_CONFIG
+from conftest import BIN, PIPELINE_DONE, PROJECT, TINY_CONFIG
+from grid import grid_table
 
 CLUSTER_SCRIPT = PROJECT / "tests" / "slurm" / "cluster.sh"
 PROFILE = PROJECT / "profiles" / "slurm" / "config.yaml"
 WORKFLOW_PROFILE = PROJECT / "profiles" / "default" / "config.yaml"  # Snakemake 9 reads it by itself
 # The test cluster's partition names and the account sacctmgr gives root.
 CPU_PARTITION, GPU_PARTITION, ACCOUNT = "cpu", "gpu", "root"
-# The tiny grid at one of its learning rates: both arms, so every rule kind of the tiny grid
-# (both bases, train, merge, every evaluation) goes through sbatch, at half the jobs. The
-# local run (conftest's pipeline_run) covers the tiny grid's other cells.
-SLURM_GRID = {"learning_rate": [2e-4]}
+# One cell of the tiny grid, its QLoRA arm at one learning rate: both bases (a qlora cell's
+# merge needs the 16-bit one), train, merge and every evaluation go through sbatch, so every rule
+# kind of the tiny grid does. Which arm a cell trains changes none of what Slurm is asked; the
+# local run (conftest's pipeline_run) covers both arms and the other cells.
+SLURM_GRID = {"method": ["qlora"], "learning_rate": [2e-4]}
 
 
 @pytest.fixture(scope="session")
@@ -124,9 +132,141 @@ def slurm_run(slurm_grid):
 @pytest.fixture(scope="session", autouse=True)
 def slurm_grid_from_the_start(request, conversion_cache):
     """Starts the grid with the session when a selected test needs it (and after the session's
-    conversion cache is set: the controller's fetch_model inherits it)."""
-    if any("slurm_run" in item.fixturenames for item in request.session.items):
+    conversion cache is set: the controller's fetch_model inherits it), and the requeue
+    scenario's thread, which waits for it."""
+    needed = {name for item in request.session.items for name in item.fixturenames}  # with their fixtures' own
+    for fixture in ("slurm_grid", "requeue_thread"):
+        if fixture in needed:
+            try:
+                request.getfixturevalue(fixture)
+            except Exception:  # no Slurm here: pytest keeps the error for the tests that need it
+                pass
+
+
+def complete_checkpoints(folder: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/trainer_state.json"))
+
+
+def wait_until(condition, seconds: float, what: str, controller: subprocess.Popen, log: Path):
+    deadline = time.time() + seconds
+    while not condition():
+        assert controller.poll() is None, f"snakemake ended while waiting for {what}:\n{log.read_text()[-4000:]}"
+        assert time.time() < deadline, f"no {what} within {seconds} s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
+
+
+def squeue_ids() -> dict[str, str]:
+    """Job id -> comment of every pending, running or completing job."""
+    queue = subprocess.run(["squeue", "-h", "-o", "%A|%k"], capture_output=True, text=True, check=True).stdout
+    return dict(line.split("|", 1) for line in queue.splitlines())
+
+
+# A two-GPU training job (two gloo processes on the fake GPUs).
+RESUME_STEPS, RESUME_SAVE_STEPS, RESUME_RUNTIME_MIN = 6, 2, 5
+
+
+@dataclass
+class RequeueRun:
+    """The requeue scenario's record for tests/test_slurm.py: its train job, what the duplicate
+    job and the second controller said, how the controller ended; ``error`` if it stopped early."""
+
+    folder: Path
+    cell: str = ""
+    job_id: str = ""
+    before_requeue: int = 0
+    duplicate: subprocess.CompletedProcess | None = None
+    second: subprocess.CompletedProcess | None = None
+    returncode: int | None = None
+    seconds: float = 0.0
+    error: BaseException | None = None
+
+    @property
+    def results(self) -> Path:
+        return self.folder / "results"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "controller.log"
+
+    @property
+    def duplicate_log(self) -> Path:
+        return self.folder / "duplicate.log"
+
+
+def drive_requeue(run: RequeueRun, upstream: Path, profile: Path) -> None:
+    """One train job of a qlora cell, two processes on two GPUs: `scontrol requeue` after its
+    first checkpoint, then a 2-minute limit for the next run (less than the warning's lead time,
+    a site's short --time); while Slurm holds the requeued job, a duplicate job on the cell and a
+    second controller are started (both must be refused); then the controller runs to its end."""
+    results = run.results
+    for part in ("model", "data", "init_adapter"):
+        shutil.copytree(upstream / part, results / part, copy_function=shutil.copy2)
+    tiny = yaml.safe_load(TINY_CONFIG.read_text())
+    grid = {**tiny["grid"], "method": ["qlora"], "learning_rate": [2e-4]}
+    train = {"max_steps": RESUME_STEPS, "save_steps": RESUME_SAVE_STEPS, "batch_size": 2}
+    train["gradient_accumulation_steps"] = 2  # one micro-batch per process and step
+    resources = {"gpus_per_job": 2, "train_runtime_min": RESUME_RUNTIME_MIN}
+    config = slurm_config(run.folder / "resume.yaml", results, train=train, grid=grid, resources=resources)
+    (run.cell,) = Paramspace(grid_table(grid), filename_params="*").instance_patterns
+    metrics_file = results / "train" / run.cell / "metrics.json"
+    checkpoints = results / "checkpoints" / run.cell
+
+    command = profile_command(profile, config, str(metrics_file), limit=900)
+    started = time.monotonic()
+    with run.log.open("w") as handle:
+        controller = subprocess.Popen(
+            command, cwd=PROJECT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_until(lambda: complete_checkpoints(checkpoints), 400, "first checkpoint", controller, run.log)
+        (run.job_id,) = [job for job, comment in squeue_ids().items() if comment.startswith("rule_train_")]
+        run.before_requeue = max(complete_checkpoints(checkpoints))
+        subprocess.run(["scontrol", "requeue", run.job_id], check=True)
+        subprocess.run(["scontrol", "update", f"JobId={run.job_id}", "TimeLimit=2"], check=True)
+        run.duplicate = subprocess.run(
+            ["sbatch", "--parsable", "--wait", "-p", CPU_PARTITION, "-A", ACCOUNT, "-o", str(run.duplicate_log)]
+            + ["--wrap", f"{BIN / 'python'} {PROJECT / 'scripts' / 'cell_lock.py'} {checkpoints}"],
+            capture_output=True,
+            text=True,
+        )
+        # --nolock stands for the `snakemake --unlock` a user runs after the first controller died
+        run.second = run_profile(profile, config, str(metrics_file), "--nolock", limit=300)
+        run.returncode = controller.wait(timeout=600)
+    finally:  # nothing may leave snakemake polling
+        if controller.poll() is None:
+            os.killpg(controller.pid, signal.SIGKILL)
+        run.seconds = time.monotonic() - started
+
+
+@pytest.fixture(scope="session")
+def requeue_thread(request, slurm_grid, profile_dir, tmp_path_factory):
+    """Starts the requeue scenario in a thread that first waits for the grid (its model, data and
+    initial adapter are the scenario's) and for the local DAG where this session runs it."""
+    run = RequeueRun(tmp_path_factory.mktemp("requeue"))
+    controller, upstream, _, _ = slurm_grid
+    local_dag = any("pipeline_run" in item.fixturenames for item in request.session.items)
+
+    def scenario():
         try:
-            request.getfixturevalue("slurm_grid")
-        except Exception:  # no Slurm here: pytest keeps the error for the tests that need the grid
-            pass
+            if controller.wait() != 0:
+                raise RuntimeError("the Slurm grid failed: its model, data and initial adapter are missing")
+            if local_dag:
+                PIPELINE_DONE.wait()
+            drive_requeue(run, upstream, profile_dir)
+        except BaseException as error:  # kept for the test, which raises it
+            run.error = error
+
+    thread = threading.Thread(target=scenario, name="requeue scenario", daemon=True)
+    thread.start()
+    return run, thread
+
+
+@pytest.fixture(scope="session")
+def requeue_run(requeue_thread) -> RequeueRun:
+    """The requeue scenario once it has ended."""
+    run, thread = requeue_thread
+    thread.join(timeout=2400)
+    assert not thread.is_alive(), f"the requeue scenario is still running:\n{run.log.read_text()[-4000:]}"
+    if run.error is not None:
+        raise run.error
+    return run

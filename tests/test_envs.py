@@ -32,6 +32,25 @@ def test_conda_env_matches_requirements():
     assert conda_pins() == requirement_pins()
 
 
+def lock_pins() -> dict[str, str]:
+    pins = {}
+    for line in (PROJECT / "requirements-lock.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version and "+" not in version, f"requirements-lock.txt: {line!r} is not a plain == pin"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_lock_pins_every_requirement_at_its_version():
+    """make setup installs at the lock's versions (uv, -c requirements-lock.txt): a requirement
+    changed without `make lock` would be refused there as a conflict, or drift silently."""
+    locked = lock_pins()
+    assert {name: locked.get(name) for name in requirement_pins()} == requirement_pins()
+    assert len(locked) > 3 * len(requirement_pins())  # the dependencies too, not only the named stack
+
+
 def test_named_stack_is_pinned():
     pins = requirement_pins()
     for name in (

@@ -258,3 +258,24 @@ def test_per_example_nll_adds_up_and_windows_batch(base):
     batched = perplexity.sliding_window_nll(model, ids, context=16, stride=8, batch_size=4)
     assert batched[1] == one[1] == len(ids) - 1
     assert batched[0] == pytest.approx(one[0], rel=1e-5)
+
+
+def test_command_line_scores_the_base_as_its_job_did(pipeline_run, tmp_path, monkeypatch):
+    """perplexity.py's command line: its three files in --out-dir (none beside it), and the same
+    numbers as the tiny run's job on the same model and data."""
+    import runpy
+    import sys
+
+    out = tmp_path / "out"
+    argv = ["perplexity.py", "--config", str(perplexity.Path(__file__).parent / "config" / "config.yaml")]
+    argv += ["--model-dir", str(pipeline_run / "model" / "base"), "--data-dir", str(pipeline_run / "data")]
+    monkeypatch.setattr(sys, "argv", argv + ["--out-dir", str(out)])
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(perplexity.__file__, run_name="__main__")
+    assert sorted(path.name for path in tmp_path.rglob("*")) == sorted(
+        ["out", "perplexity.csv", "perplexity.examples.csv", "samples.jsonl"]
+    )
+    columns = ["dataset", "tokens", "nll"]
+    cli = pd.read_csv(out / "perplexity.csv")[columns]
+    job = pd.read_csv(pipeline_run / "eval" / "base" / "base-16bit.csv")[columns]
+    pd.testing.assert_frame_equal(cli, job, rtol=1e-6)

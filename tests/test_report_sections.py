@@ -130,6 +130,7 @@ def test_a_study_without_pairs_still_reports(cpu_report, tmp_path):
     """A grid of one arm (e.g. QLoRA only) has no gaps: the report says so instead of failing."""
     import shutil
 
+    import figures
     import report
     import tables as tables_script
     from statistics_tables import GAPS_COLUMNS, gaps_table, quantisation_table
@@ -147,3 +148,16 @@ def test_a_study_without_pairs_still_reports(cpu_report, tmp_path):
     quantisation_table(qlora, perplexity, examples).to_csv(tables / "quantisation.csv", index=False)
     report.main(tables, {}, yaml.safe_load(CONFIG.read_text()), tmp_path / "report.html")
     assert "no LoRA/QLoRA pairs" in (tmp_path / "report.html").read_text()
+    # ... and every figure draws with its one arm (seaborn's dodge of one arm divided by zero)
+    curves = pd.read_csv(tables / "loss_curves.csv")
+    curves[curves.method == "qlora"].to_csv(tables / "loss_curves.csv", index=False)
+    for figure in figures.FIGURES:
+        out = tmp_path / "figures" / figure
+        figures.main(
+            figure,
+            tables / "runs.csv",
+            tables / "loss_curves.csv",
+            tables / "perplexity.csv",
+            *(out.with_suffix(suffix) for suffix in (".png", ".svg")),
+        )
+        assert out.with_suffix(".png").stat().st_size > 10_000

@@ -1,4 +1,4 @@
-"""SLURM: a grid of both arms through profiles/slurm on a real one-node cluster; a training job
+"""SLURM: a QLoRA cell through profiles/slurm on a real one-node cluster, every rule kind; a training job
 that is requeued, then hits its time limit, resumes each time; duplicates are refused.
 
 tests/slurm/cluster.sh starts munge, MariaDB, slurmdbd, slurmctld and slurmd (two fake GPUs,
@@ -7,10 +7,7 @@ the session (tests/slurm_cluster.py).
 """
 
 import csv
-import os
 import re
-import shutil
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -20,18 +17,17 @@ import pytest
 import yaml
 from snakemake.utils import Paramspace
 
-from conftest import BIN, PROJECT, TINY_CONFIG, read_json
+from conftest import PROJECT, TINY_CONFIG, read_json
 from grid import grid_table
 from slurm_cluster import (
     ACCOUNT,
     CPU_PARTITION,
     GPU_PARTITION,
     PROFILE,
+    RESUME_RUNTIME_MIN,
+    RESUME_STEPS,
     SLURM_GRID,
     WORKFLOW_PROFILE,
-    profile_command,
-    run_profile,
-    slurm_config,
 )
 
 SACCT_FIELDS = ["JobID", "JobName", "Partition", "Account", "State", "Comment", "ReqTRES", "AllocTRES"]
@@ -68,12 +64,6 @@ def sacct(*selection: str, settle_s: float = 30) -> list[dict]:
         if time.monotonic() > deadline:
             return rows  # the callers' state assertions name what is still unfinished
         time.sleep(0.5)
-
-
-def squeue_ids() -> dict[str, str]:
-    """Job id -> comment of every pending, running or completing job."""
-    queue = subprocess.run(["squeue", "-h", "-o", "%A|%k"], capture_output=True, text=True, check=True).stdout
-    return dict(line.split("|", 1) for line in queue.splitlines())
 
 
 def rule_of(comment: str, rules) -> str:
@@ -126,15 +116,15 @@ def test_profile_sends_every_gpu_rule_to_the_gpu_partition():
 def test_tiny_grid_runs_every_job_through_sbatch(slurm_run):
     results, output = slurm_run
     planned = job_stats(output)
-    assert planned["train"] == 2 and planned["evaluate_base"] == 2 and planned["all"] == 1  # both arms and bases
+    assert planned["train"] == 1 and planned["evaluate_base"] == 2 and planned["all"] == 1  # both bases
     del planned["all"]  # the target rule runs no code: no job
     assert LOCAL_RULES - {"push_to_hub"} <= set(planned)  # the push is off in the tiny config
     jobs = sacct("--name", run_id(output))
     submitted = Counter(rule_of(job["Comment"], planned) for job in jobs)
     assert submitted == {rule: count for rule, count in planned.items() if rule not in LOCAL_RULES}
-    assert submitted["train"] == 2 and submitted["prepare_data"] == 1
+    assert submitted["train"] == 1 and submitted["evaluate_base"] == 2 and submitted["prepare_data"] == 1
     trained = {job["Comment"].split("_wildcards_", 1)[1] for job in jobs if rule_of(job["Comment"], planned) == "train"}
-    assert trained == slurm_cells() and {cell.split("_")[0] for cell in trained} == {"method~lora", "method~qlora"}
+    assert trained == slurm_cells() and {cell.split("_")[0] for cell in trained} == {"method~qlora"}
     for job in jobs:
         assert job["State"] == "COMPLETED", job
         assert job["Account"] == ACCOUNT, job
@@ -151,13 +141,13 @@ def test_slurm_artifacts_match_a_local_run(slurm_run, pipeline_run):
     results, _ = slurm_run
     produced = artifacts(results)
     # The Slurm grid leaves evaluate.lm_eval off (tests/test_downstream.py covers it locally)
-    # and runs two of the tiny grid's four cells: the local run's files less the other cells'.
+    # and runs one of the tiny grid's four cells: the local run's files less the other cells'.
     cells, local_cells = slurm_cells(), {path.name for path in (pipeline_run / "train").iterdir()}
     assert len(local_cells) == 4 and cells < local_cells
     local = artifacts(pipeline_run)
     local = {name for name in local if "downstream" not in name and not of_cells(name, local_cells - cells)}
     assert produced == local
-    assert sum(name.endswith("metrics.json") for name in produced) == 2
+    assert sum(name.endswith("metrics.json") for name in produced) == 1
     # Every rule kind the local run ran (lm-eval's aside) ran here too.
     assert rules_run(results) == {rule for rule in rules_run(pipeline_run) if not rule.startswith("downstream")}
     # Same seeds and data: the first step's loss agrees (to 1e-3: thread counts may differ).
@@ -165,18 +155,6 @@ def test_slurm_artifacts_match_a_local_run(slurm_run, pipeline_run):
         with metrics.open() as a, (pipeline_run / metrics.relative_to(results)).open() as b:
             first = [float(next(csv.DictReader(handle))["loss"]) for handle in (a, b)]
         assert first[0] == pytest.approx(first[1], rel=1e-3)
-
-
-def complete_checkpoints(folder: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/trainer_state.json"))
-
-
-def wait_until(condition, seconds: float, what: str, controller: subprocess.Popen, log: Path):
-    deadline = time.time() + seconds
-    while not condition():
-        assert controller.poll() is None, f"snakemake ended while waiting for {what}:\n{log.read_text()[-4000:]}"
-        assert time.time() < deadline, f"no {what} within {seconds} s:\n{log.read_text()[-4000:]}"
-        time.sleep(0.5)
 
 
 def job_runs(job_id: str) -> list[dict]:
@@ -192,75 +170,31 @@ def submit_line(job_id: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[0]
 
 
-# A two-GPU training job (two gloo processes on the fake GPUs).
-RESUME_STEPS, RESUME_SAVE_STEPS, RESUME_RUNTIME_MIN = 6, 2, 5
-
-
-def test_requeued_then_time_limited_training_resumes_and_duplicates_are_refused(
-    cluster, profile_dir, slurm_run, tmp_path
-):
+def test_requeued_then_time_limited_training_resumes_and_duplicates_are_refused(requeue_run, profile_dir):
     """One train job of a cell, two processes on two GPUs: `scontrol requeue` kills its first
-    run after a checkpoint and Slurm starts it again with a 1-minute limit; that run resumes,
+    run after a checkpoint and Slurm starts it again with a 2-minute limit; that run resumes,
     takes Slurm's warning, saves and stops; Snakemake's retry asks twice the time and finishes
-    from that checkpoint. Meanwhile a duplicate job and a second controller are refused."""
-    upstream, _ = slurm_run
-    results = tmp_path / "results"
-    for part in ("model", "data", "init_adapter"):
-        shutil.copytree(upstream / part, results / part, copy_function=shutil.copy2)
-    tiny = yaml.safe_load(TINY_CONFIG.read_text())
-    grid = {**tiny["grid"], "method": ["qlora"], "learning_rate": [2e-4]}
-    train = {"max_steps": RESUME_STEPS, "save_steps": RESUME_SAVE_STEPS, "batch_size": 2}
-    train["gradient_accumulation_steps"] = 2  # one micro-batch per process and step
-    resources = {"gpus_per_job": 2, "train_runtime_min": RESUME_RUNTIME_MIN}
-    config = slurm_config(tmp_path / "resume.yaml", results, train=train, grid=grid, resources=resources)
-    (cell,) = Paramspace(grid_table(grid), filename_params="*").instance_patterns
+    from that checkpoint. Meanwhile a duplicate job and a second controller are refused
+    (tests/slurm_cluster.py drives it in the background: ``drive_requeue``)."""
+    scenario = requeue_run
+    results, cell, job_id = scenario.results, scenario.cell, scenario.job_id
     metrics_file = results / "train" / cell / "metrics.json"
     checkpoints = results / "checkpoints" / cell
+    print(f"\nrequeue, time limit and retry: {scenario.seconds:.0f} s")
 
-    log = tmp_path / "controller.log"
-    command = profile_command(profile_dir, config, str(metrics_file), limit=900)
-    started = time.monotonic()
-    with log.open("w") as handle:
-        controller = subprocess.Popen(
-            command, cwd=PROJECT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        wait_until(lambda: complete_checkpoints(checkpoints), 400, "first checkpoint", controller, log)
-        (job_id,) = [job for job, comment in squeue_ids().items() if comment.startswith("rule_train_")]
-        before_requeue = max(complete_checkpoints(checkpoints))
-        print(f"\nfirst checkpoint after {time.monotonic() - started:.0f} s")
-        subprocess.run(["scontrol", "requeue", job_id], check=True)
-        # Its next run gets two minutes, less than the warning's lead time (a site's short --time).
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=2"], check=True)
+    # While Slurm held the requeued job, a duplicate job on the cell was refused by its lock (the
+    # record names a job Slurm still has) ...
+    duplicate = scenario.duplicate
+    assert duplicate.returncode == 1, duplicate.stdout + duplicate.stderr
+    assert f"belongs to a live training job, Slurm job {job_id} on " in scenario.duplicate_log.read_text()
+    assert sacct("-j", duplicate.stdout.strip().split(";")[0])[0]["State"] == "FAILED"
+    # ... and so was a second controller, before it submitted anything.
+    second_output = scenario.second.stdout + scenario.second.stderr
+    assert scenario.second.returncode != 0, second_output[-4000:]
+    assert f"Cannot start: live jobs still train cells of this run ({cell} by Slurm job {job_id} on" in second_output
 
-        # While Slurm holds the requeued job, a duplicate job on the cell is refused by its lock
-        # (the record names a job Slurm still has) ...
-        duplicate_log = tmp_path / "duplicate.log"
-        duplicate = subprocess.run(
-            ["sbatch", "--parsable", "--wait", "-p", CPU_PARTITION, "-A", ACCOUNT, "-o", str(duplicate_log)]
-            + ["--wrap", f"{BIN / 'python'} {PROJECT / 'scripts' / 'cell_lock.py'} {checkpoints}"],
-            capture_output=True,
-            text=True,
-        )
-        assert duplicate.returncode == 1, duplicate.stdout + duplicate.stderr
-        assert f"belongs to a live training job, Slurm job {job_id} on " in duplicate_log.read_text()
-        assert sacct("-j", duplicate.stdout.strip().split(";")[0])[0]["State"] == "FAILED"
-        # ... and so is a second controller (--nolock stands for the `snakemake --unlock` a user
-        # runs after the first controller died), before it submits anything.
-        second = run_profile(profile_dir, config, str(metrics_file), "--nolock", limit=300)
-        second_output = second.stdout + second.stderr
-        assert second.returncode != 0, second_output[-4000:]
-        assert (
-            f"Cannot start: live jobs still train cells of this run ({cell} by Slurm job {job_id} on" in second_output
-        )
-
-        controller.wait(timeout=600)
-    finally:  # a failed assertion must not leave snakemake polling
-        if controller.poll() is None:
-            os.killpg(controller.pid, signal.SIGKILL)
-    output = log.read_text()
-    print(f"requeue, time limit and retry: {time.monotonic() - started:.0f} s")
-    assert controller.returncode == 0, output[-6000:]
+    output = scenario.log.read_text()
+    assert scenario.returncode == 0, output[-6000:]
 
     # Slurm's record: the job ran twice (requeued, then stopped on the warning), the retry finished.
     first_runs = job_runs(job_id)
@@ -287,7 +221,7 @@ def test_requeued_then_time_limited_training_resumes_and_duplicates_are_refused(
     restarted = [int(step) for step in re.findall(r"train.rank0: resuming from \S+checkpoint-(\d+)", job_text)]
     warning = r"train.rank0: Slurm's time-limit warning \(SIGURG\): saving a checkpoint at step (\d+) and stopping"
     warned = [int(step) for step in re.findall(warning, job_text)]
-    assert len(restarted) == 1 and restarted[0] >= before_requeue, job_text[-3000:]
+    assert len(restarted) == 1 and restarted[0] >= scenario.before_requeue, job_text[-3000:]
     assert warned == [restarted[0] + 1], job_text[-3000:]
     assert f"stopped at step {warned[0]} by Slurm's time-limit warning after saving a checkpoint" in job_text
     train_log = (results / "logs" / "train" / f"{cell}.log").read_text()
