@@ -78,7 +78,7 @@ def pipeline_run(tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("results")
     try:
         snakemake("--cores", "2", results_dir=results, env={"HF_TOKEN": FAKE_TOKEN})
-    finally:  # the Slurm requeue scenario waits for the cores this run takes (tests/slurm_cluster.py)
+    finally:  # the Slurm grid waits for the cores this run takes (tests/slurm_cluster.py)
         PIPELINE_DONE.set()
     return results
 

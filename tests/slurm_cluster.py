@@ -1,13 +1,12 @@
 """The test Slurm cluster and the tiny grid through profiles/slurm (a pytest plugin, loaded by
 conftest.py): fixtures for tests/test_slurm.py.
 
-The grid runs in the background from the session's start, beside the local tiny DAG and the
-other tests, and its tests wait for it: a two-core machine otherwise idles through most of
-its status polls (the executor plugin waits 5 s, then 10 s longer each round no job finished)
-and through the one-job stretches of its DAG. The requeue scenario (``requeue_run``) runs in
-the background too, once the grid and the local DAG are done: most of its four minutes are
-Slurm's timers and the plugin's polls, which the tests after the DAG fill (they leave a core
-idle for a third of their time).
+The grid runs in the background once the local tiny DAG is done (a two-core machine has no
+core to spare while the DAG runs; after it, the tests leave one idle a third of the time), and
+the requeue scenario (``requeue_run``) once the grid is done: most of their minutes are Slurm's
+timers, the executor plugin's polls (5 s, then 10 s longer each round no job finished) and the
+grid's one-job stretches, which the other tests fill. tests/test_slurm.py runs last and waits
+for them.
 """
 
 import os
@@ -17,7 +16,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -92,48 +91,92 @@ def run_profile(profile: Path, config: Path, *args: str, limit: int = 900) -> su
     return subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, env={**os.environ, **PROFILE_ENV})
 
 
+def runs_local_dag(session) -> bool:
+    """Whether this session runs the local tiny DAG (conftest's pipeline_run)."""
+    return any("pipeline_run" in item.fixturenames for item in session.items)
+
+
+@dataclass
+class GridRun:
+    """SLURM_GRID's controller, run by a background thread: ``wait`` gives its exit status."""
+
+    folder: Path
+    started: float = 0.0
+    returncode: int | None = None
+    controller: subprocess.Popen | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def results(self) -> Path:
+        return self.folder / "results"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "snakemake.log"
+
+    def wait(self) -> int | None:
+        self.done.wait()
+        return self.returncode
+
+
 @pytest.fixture(scope="session")
-def slurm_grid(cluster, profile_dir, tmp_path_factory):
-    """SLURM_GRID through the profile, started and not waited for: (controller, results folder,
-    its output file, when it started). Killed in the teardown if still running (a session cut short)."""
-    folder = tmp_path_factory.mktemp("slurm_grid")
-    config = slurm_config(folder / "config.yaml", folder / "results", grid=SLURM_GRID)
+def slurm_grid(request, cluster, profile_dir, tmp_path_factory):
+    """SLURM_GRID through the profile from a background thread, once the local DAG is done where
+    this session runs it: beside the DAG both compete for the cores and the DAG's chain sets the
+    session's pace, after it the grid's polls and one-job stretches leave room for the tests
+    that follow. Killed in the teardown if still running (a session cut short)."""
+    run = GridRun(tmp_path_factory.mktemp("slurm_grid"))
+    config = slurm_config(run.folder / "config.yaml", run.results, grid=SLURM_GRID)
     # A hang guard, not a budget: the whole tiny grid (4 cells) took 470-490 s on this machine
     # under load 3-4 and 896 s under load 8-9 (issue 17).
     command = profile_command(profile_dir, config, limit=1800)
-    log, started = folder / "snakemake.log", time.monotonic()
-    with log.open("w") as handle:
-        controller = subprocess.Popen(
-            command,
-            cwd=PROJECT,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **PROFILE_ENV},
-            start_new_session=True,
-        )
-    try:
-        yield controller, folder / "results", log, started
-    finally:
-        if controller.poll() is None:
-            os.killpg(controller.pid, signal.SIGKILL)
+    local_dag = runs_local_dag(request.session)
+
+    def grid():
+        try:
+            if local_dag:  # bounded: a skipped test may never set the DAG up (then only the load differs)
+                PIPELINE_DONE.wait(timeout=1800)
+            run.started = time.monotonic()
+            with run.log.open("w") as handle:
+                run.controller = subprocess.Popen(
+                    command,
+                    cwd=PROJECT,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **PROFILE_ENV},
+                    start_new_session=True,
+                )
+            run.returncode = run.controller.wait()
+        finally:
+            run.done.set()
+
+    threading.Thread(target=grid, name="slurm grid", daemon=True).start()
+    yield run
+    if run.controller is not None and run.controller.poll() is None:
+        os.killpg(run.controller.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
 def slurm_run(slurm_grid):
     """The grid's results folder and snakemake's output, once it has finished."""
-    controller, results, log, started = slurm_grid
-    controller.wait()
-    output = log.read_text()
-    assert controller.returncode == 0, f"snakemake through Slurm failed:\n{output[-6000:]}"
-    print(f"\ngrid through Slurm: {time.monotonic() - started:.1f} s from its start")
-    return results, output
+    returncode = slurm_grid.wait()
+    output = slurm_grid.log.read_text() if slurm_grid.log.exists() else ""
+    assert returncode == 0, f"snakemake through Slurm failed:\n{output[-6000:]}"
+    print(f"\ngrid through Slurm: {time.monotonic() - slurm_grid.started:.1f} s from its start")
+    return slurm_grid.results, output
+
+
+def pytest_collection_modifyitems(items):
+    """tests/test_slurm.py last: its tests wait for the grid and the requeue scenario, which run
+    in the background meanwhile."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_slurm.py"))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def slurm_grid_from_the_start(request, conversion_cache):
-    """Starts the grid with the session when a selected test needs it (and after the session's
-    conversion cache is set: the controller's fetch_model inherits it), and the requeue
-    scenario's thread, which waits for it."""
+    """Sets up the grid's thread with the session when a selected test needs it (after the
+    session's conversion cache is set: the controller's fetch_model inherits it), and the
+    requeue scenario's, which waits for the grid."""
     needed = {name for item in request.session.items for name in item.fixturenames}  # with their fixtures' own
     for fixture in ("slurm_grid", "requeue_thread"):
         if fixture in needed:
@@ -240,20 +283,16 @@ def drive_requeue(run: RequeueRun, upstream: Path, profile: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def requeue_thread(request, slurm_grid, profile_dir, tmp_path_factory):
+def requeue_thread(slurm_grid, profile_dir, tmp_path_factory):
     """Starts the requeue scenario in a thread that first waits for the grid (its model, data and
-    initial adapter are the scenario's) and for the local DAG where this session runs it."""
+    initial adapter are the scenario's)."""
     run = RequeueRun(tmp_path_factory.mktemp("requeue"))
-    controller, upstream, _, _ = slurm_grid
-    local_dag = any("pipeline_run" in item.fixturenames for item in request.session.items)
 
     def scenario():
         try:
-            if controller.wait() != 0:
+            if slurm_grid.wait() != 0:  # which started once the local DAG was done
                 raise RuntimeError("the Slurm grid failed: its model, data and initial adapter are missing")
-            if local_dag:  # bounded: a skipped test may never set the DAG up (then only the load differs)
-                PIPELINE_DONE.wait(timeout=1800)
-            drive_requeue(run, upstream, profile_dir)
+            drive_requeue(run, slurm_grid.results, profile_dir)
         except BaseException as error:  # kept for the test, which raises it
             run.error = error
 
