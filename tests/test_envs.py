@@ -7,15 +7,20 @@ import yaml
 from conftest import PROJECT
 
 
-def requirement_pins() -> dict[str, str]:
+def file_pins(name: str = "requirements.txt") -> dict[str, str]:
+    """A requirements file's pins, every line a plain ``name==version`` (no local tag like +cpu)."""
     pins = {}
-    for line in (PROJECT / "requirements.txt").read_text().splitlines():
+    for line in (PROJECT / name).read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
-            name, _, version = line.partition("==")
-            assert version, f"requirements.txt: {line!r} is not pinned with =="
-            pins[name.lower().replace("_", "-")] = version
+            package, _, version = line.partition("==")
+            assert version and "+" not in version, f"{name}: {line!r} is not a plain == pin"
+            pins[package.lower().replace("_", "-")] = version
     return pins
+
+
+def requirement_pins() -> dict[str, str]:
+    return file_pins("requirements.txt")
 
 
 def conda_pins() -> dict[str, str]:
@@ -32,21 +37,10 @@ def test_conda_env_matches_requirements():
     assert conda_pins() == requirement_pins()
 
 
-def lock_pins() -> dict[str, str]:
-    pins = {}
-    for line in (PROJECT / "requirements-lock.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            assert version and "+" not in version, f"requirements-lock.txt: {line!r} is not a plain == pin"
-            pins[name.lower().replace("_", "-")] = version
-    return pins
-
-
 def test_lock_pins_every_requirement_at_its_version():
     """make setup installs at the lock's versions (uv, -c requirements-lock.txt): a requirement
     changed without `make lock` would be refused there as a conflict, or drift silently."""
-    locked = lock_pins()
+    locked = file_pins("requirements-lock.txt")
     assert {name: locked.get(name) for name in requirement_pins()} == requirement_pins()
     assert len(locked) > 3 * len(requirement_pins())  # the dependencies too, not only the named stack
 

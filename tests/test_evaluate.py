@@ -10,7 +10,7 @@ import torch
 
 import merge
 import perplexity
-from conftest import read_json
+from conftest import TINY_CONFIG, read_json
 
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog. It was a sunny day in the small town of Elm."
 
@@ -267,7 +267,7 @@ def test_command_line_scores_the_base_as_its_job_did(pipeline_run, tmp_path, mon
     import sys
 
     out = tmp_path / "out"
-    argv = ["perplexity.py", "--config", str(perplexity.Path(__file__).parent / "config" / "config.yaml")]
+    argv = ["perplexity.py", "--config", str(TINY_CONFIG)]
     argv += ["--model-dir", str(pipeline_run / "model" / "base"), "--data-dir", str(pipeline_run / "data")]
     monkeypatch.setattr(sys, "argv", argv + ["--out-dir", str(out)])
     monkeypatch.chdir(tmp_path)
