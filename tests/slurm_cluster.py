@@ -91,18 +91,17 @@ def run_profile(profile: Path, config: Path, *args: str, limit: int = 900) -> su
     return subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, env={**os.environ, **PROFILE_ENV})
 
 
-def runs_local_dag(session) -> bool:
-    """Whether this session runs the local tiny DAG (conftest's pipeline_run)."""
-    return any("pipeline_run" in item.fixturenames for item in session.items)
-
-
 @dataclass
-class GridRun:
-    """SLURM_GRID's controller, run by a background thread: ``wait`` gives its exit status."""
+class BackgroundRun:
+    """A controller run by a background thread (``start``): its folder, its exit status once
+    ``done``, and ``error`` if the thread stopped on one."""
 
     folder: Path
+    log_name: str = "snakemake.log"
     started: float = 0.0
+    seconds: float = 0.0  # from the controller's start to the thread's end
     returncode: int | None = None
+    error: BaseException | None = None
     controller: subprocess.Popen | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -112,11 +111,28 @@ class GridRun:
 
     @property
     def log(self) -> Path:
-        return self.folder / "snakemake.log"
+        return self.folder / self.log_name
 
-    def wait(self) -> int | None:
-        self.done.wait()
+    def start(self, target, name: str) -> None:
+        def body():
+            try:
+                target()
+            except BaseException as error:  # kept for the test, which raises it
+                self.error = error
+            finally:
+                self.seconds = time.monotonic() - self.started if self.started else 0.0
+                self.done.set()
+
+        threading.Thread(target=body, name=name, daemon=True).start()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.done.wait(timeout)
         return self.returncode
+
+    def stop(self) -> None:
+        """Kills the controller if it still runs (a session cut short, a failed wait)."""
+        if self.controller is not None and self.controller.poll() is None:
+            os.killpg(self.controller.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
@@ -125,42 +141,40 @@ def slurm_grid(request, cluster, profile_dir, tmp_path_factory):
     this session runs it: beside the DAG both compete for the cores and the DAG's chain sets the
     session's pace, after it the grid's polls and one-job stretches leave room for the tests
     that follow. Killed in the teardown if still running (a session cut short)."""
-    run = GridRun(tmp_path_factory.mktemp("slurm_grid"))
+    run = BackgroundRun(tmp_path_factory.mktemp("slurm_grid"))
     config = slurm_config(run.folder / "config.yaml", run.results, grid=SLURM_GRID)
     # A hang guard, not a budget: the whole tiny grid (4 cells) took 470-490 s on this machine
     # under load 3-4 and 896 s under load 8-9 (issue 17).
     command = profile_command(profile_dir, config, limit=1800)
-    local_dag = runs_local_dag(request.session)
+    local_dag = any("pipeline_run" in item.fixturenames for item in request.session.items)
 
     def grid():
-        try:
-            if local_dag:  # bounded: a skipped test may never set the DAG up (then only the load differs)
-                PIPELINE_DONE.wait(timeout=1800)
-            run.started = time.monotonic()
-            with run.log.open("w") as handle:
-                run.controller = subprocess.Popen(
-                    command,
-                    cwd=PROJECT,
-                    stdout=handle,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, **PROFILE_ENV},
-                    start_new_session=True,
-                )
-            run.returncode = run.controller.wait()
-        finally:
-            run.done.set()
+        if local_dag:  # bounded: a skipped test may never set the DAG up (then only the load differs)
+            PIPELINE_DONE.wait(timeout=1800)
+        run.started = time.monotonic()
+        with run.log.open("w") as handle:
+            run.controller = subprocess.Popen(
+                command,
+                cwd=PROJECT,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **PROFILE_ENV},
+                start_new_session=True,
+            )
+        run.returncode = run.controller.wait()
 
-    threading.Thread(target=grid, name="slurm grid", daemon=True).start()
+    run.start(grid, "slurm grid")
     yield run
-    if run.controller is not None and run.controller.poll() is None:
-        os.killpg(run.controller.pid, signal.SIGKILL)
+    run.stop()
 
 
 @pytest.fixture(scope="session")
 def slurm_run(slurm_grid):
     """The grid's results folder and snakemake's output, once it has finished."""
     returncode = slurm_grid.wait()
-    output = slurm_grid.log.read_text() if slurm_grid.log.exists() else ""
+    if slurm_grid.error is not None:
+        raise slurm_grid.error
+    output = slurm_grid.log.read_text()
     assert returncode == 0, f"snakemake through Slurm failed:\n{output[-6000:]}"
     print(f"\ngrid through Slurm: {time.monotonic() - slurm_grid.started:.1f} s from its start")
     return slurm_grid.results, output
@@ -209,28 +223,16 @@ RESUME_STEPS, RESUME_SAVE_STEPS, RESUME_RUNTIME_MIN = 6, 2, 5
 
 
 @dataclass
-class RequeueRun:
+class RequeueRun(BackgroundRun):
     """The requeue scenario's record for tests/test_slurm.py: its train job, what the duplicate
-    job and the second controller said, how the controller ended; ``error`` if it stopped early."""
+    job and the second controller said, how the controller ended."""
 
-    folder: Path
+    log_name: str = "controller.log"
     cell: str = ""
     job_id: str = ""
     before_requeue: int = 0
     duplicate: subprocess.CompletedProcess | None = None
     second: subprocess.CompletedProcess | None = None
-    returncode: int | None = None
-    seconds: float = 0.0
-    error: BaseException | None = None
-    controller: subprocess.Popen | None = None
-
-    @property
-    def results(self) -> Path:
-        return self.folder / "results"
-
-    @property
-    def log(self) -> Path:
-        return self.folder / "controller.log"
 
     @property
     def duplicate_log(self) -> Path:
@@ -245,8 +247,7 @@ def drive_requeue(run: RequeueRun, upstream: Path, profile: Path) -> None:
     results = run.results
     for part in ("model", "data", "init_adapter"):
         shutil.copytree(upstream / part, results / part, copy_function=shutil.copy2)
-    tiny = yaml.safe_load(TINY_CONFIG.read_text())
-    grid = {**tiny["grid"], "method": ["qlora"], "learning_rate": [2e-4]}
+    grid = {**yaml.safe_load(TINY_CONFIG.read_text())["grid"], **SLURM_GRID}  # the grid's own cell
     train = {"max_steps": RESUME_STEPS, "save_steps": RESUME_SAVE_STEPS, "batch_size": 2}
     train["gradient_accumulation_steps"] = 2  # one micro-batch per process and step
     resources = {"gpus_per_job": 2, "train_runtime_min": RESUME_RUNTIME_MIN}
@@ -256,7 +257,7 @@ def drive_requeue(run: RequeueRun, upstream: Path, profile: Path) -> None:
     checkpoints = results / "checkpoints" / run.cell
 
     command = profile_command(profile, config, str(metrics_file), limit=900)
-    started = time.monotonic()
+    run.started = time.monotonic()
     with run.log.open("w") as handle:
         controller = run.controller = subprocess.Popen(
             command, cwd=PROJECT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
@@ -277,9 +278,7 @@ def drive_requeue(run: RequeueRun, upstream: Path, profile: Path) -> None:
         run.second = run_profile(profile, config, str(metrics_file), "--nolock", limit=300)
         run.returncode = controller.wait(timeout=600)
     finally:  # nothing may leave snakemake polling
-        if controller.poll() is None:
-            os.killpg(controller.pid, signal.SIGKILL)
-        run.seconds = time.monotonic() - started
+        run.stop()
 
 
 @pytest.fixture(scope="session")
@@ -289,26 +288,21 @@ def requeue_thread(slurm_grid, profile_dir, tmp_path_factory):
     run = RequeueRun(tmp_path_factory.mktemp("requeue"))
 
     def scenario():
-        try:
-            if slurm_grid.wait() != 0:  # which started once the local DAG was done
-                raise RuntimeError("the Slurm grid failed: its model, data and initial adapter are missing")
-            drive_requeue(run, slurm_grid.results, profile_dir)
-        except BaseException as error:  # kept for the test, which raises it
-            run.error = error
+        if slurm_grid.wait() != 0:  # which started once the local DAG was done
+            raise RuntimeError("the Slurm grid failed: its model, data and initial adapter are missing")
+        drive_requeue(run, slurm_grid.results, profile_dir)
 
-    thread = threading.Thread(target=scenario, name="requeue scenario", daemon=True)
-    thread.start()
-    yield run, thread
-    if run.controller is not None and run.controller.poll() is None:  # a session cut short
-        os.killpg(run.controller.pid, signal.SIGKILL)
+    run.start(scenario, "requeue scenario")
+    yield run
+    run.stop()  # a session cut short
 
 
 @pytest.fixture(scope="session")
 def requeue_run(requeue_thread) -> RequeueRun:
     """The requeue scenario once it has ended."""
-    run, thread = requeue_thread
-    thread.join(timeout=2400)
-    assert not thread.is_alive(), f"the requeue scenario is still running:\n{run.log.read_text()[-4000:]}"
+    run = requeue_thread
+    run.wait(timeout=2400)
+    assert run.done.is_set(), f"the requeue scenario is still running:\n{run.log.read_text()[-4000:]}"
     if run.error is not None:
         raise run.error
     return run

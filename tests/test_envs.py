@@ -7,7 +7,7 @@ import yaml
 from conftest import PROJECT
 
 
-def file_pins(name: str = "requirements.txt") -> dict[str, str]:
+def file_pins(name: str) -> dict[str, str]:
     """A requirements file's pins, every line a plain ``name==version`` (no local tag like +cpu)."""
     pins = {}
     for line in (PROJECT / name).read_text().splitlines():
