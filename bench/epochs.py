@@ -118,6 +118,7 @@ def run_row(row: dict) -> dict:
     cuda_memory = set_cuda_memory({} if tutorial else settings)
     set_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    preparing = time.perf_counter()
     if tutorial:
         model, details = tutorial_model(model_dir, "qlora", model_dir / "adapter_qv")
         compute_dtype = torch.float16
@@ -125,6 +126,7 @@ def run_row(row: dict) -> dict:
         adapter = model_dir / "adapter_qv"
         model, details = train_stage.prepare_model(model_dir, cell, settings, adapter, max_length, logger)
         compute_dtype = details["compute_dtype"]
+    prepare_seconds = time.perf_counter() - preparing  # loading, quantising, wrapping (and any warm-up beside)
     dataset = datasets.Dataset.from_dict({"input_ids": ids})
     with tempfile.TemporaryDirectory() as scratch:
         optimizer = train_stage.choose_optimizer(settings["optimizer"], logger)
@@ -174,6 +176,8 @@ def run_row(row: dict) -> dict:
     speed = tokens / seconds if epoch else median_step_tokens_per_second(times, seq * batch, WARMUP)
     result = dict(status="ok", steps=trainer.state.global_step, tokens=tokens)
     result.update(tokens_seen=trainer.state.num_input_tokens_seen, train_seconds=round(seconds, 2))
+    result["prepare_seconds"] = round(prepare_seconds, 2)
+    result["warm_up"] = details.get("warm_up")  # train.warm_up_beside_load: the libraries' first calls
     result["train_cpu_seconds"] = round(cpu, 2)  # every thread's: a host spinning on the GPU counts here
     result.update(epoch_seconds=round(seconds, 2) if epoch and not cap else None, tokens_per_second=round(speed, 1))
     result["capped_at_step"] = cap if epoch else None  # a part of an epoch: no epoch time, no ratio
