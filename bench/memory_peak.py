@@ -69,6 +69,11 @@ def peak_breakdown(snapshot: dict, baseline: int, top: int = 30, device: int = 0
         "events": len(trace),
         "peak_event": peak_index,
         "traced_live_at_peak_gib": round(sum(g[0] for g in groups.values()) / GIB, 3),
+        # the allocation that set the peak, deeper: forward, recomputation or backward, and where
+        "peak_allocation": {
+            "gib": round(trace[peak_index]["size"] / GIB, 4) if peak_index >= 0 else None,
+            "site": site(trace[peak_index].get("frames", []), depth=10) if peak_index >= 0 else None,
+        },
         "by_site": [
             {"site": name, "gib": round(size / GIB, 4), "blocks": count} for name, (size, count) in ranked[:top]
         ],
