@@ -59,7 +59,9 @@ def planned_peak_gib(
     plan.graph_peak_factor = graph_peak_factor or 1.0
     recipe = plan.recipe
     if revision < 2:  # revision 1 counted a recomputed layer beside every whole one
-        plan.recipe = dict(recipe, recompute_beside_whole=True)
+        plan.recipe = dict(plan.recipe, recompute_beside_whole=True)
+    if revision < 3:  # revisions 1 and 2 counted a layer offloaded to the host as a recomputed one
+        plan.recipe = dict(plan.recipe, offload_every=0)
     for rows, seq in batches:
         plan.count(rows, seq)
     peak = plan.predicted_peak_bytes()

@@ -177,7 +177,6 @@ def run_row(row: dict) -> dict:
     result = dict(status="ok", steps=trainer.state.global_step, tokens=tokens)
     result.update(tokens_seen=trainer.state.num_input_tokens_seen, train_seconds=round(seconds, 2))
     result["prepare_seconds"] = round(prepare_seconds, 2)
-    result["warm_up"] = details.get("warm_up")  # train.warm_up_beside_load: the libraries' first calls
     result["train_cpu_seconds"] = round(cpu, 2)  # every thread's: a host spinning on the GPU counts here
     result.update(epoch_seconds=round(seconds, 2) if epoch and not cap else None, tokens_per_second=round(speed, 1))
     result["capped_at_step"] = cap if epoch else None  # a part of an epoch: no epoch time, no ratio

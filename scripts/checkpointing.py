@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from layer_offload import LayerOffload, offloaded_layers
+from layer_offload import LayerOffload
 from lora_dropout import checkpoint_context, recompute_needs_rng
 from memory_model import (
     GIB,
@@ -24,6 +24,7 @@ from memory_model import (
     checkpoint_layer_sets,
     every_kth_layer,
     graph_headroom,
+    offloaded_layers,
     planned_batch,
 )
 from offload import offload_checkpoints

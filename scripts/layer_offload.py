@@ -29,19 +29,9 @@ import functools
 
 import torch
 
+
 # Saved tensors below this stay on the device: norms' statistics, RoPE tables, masks.
 MIN_OFFLOAD_BYTES = 1 << 20
-
-
-def offloaded_layers(recomputed: tuple[int, ...], every: int, layer_count: int) -> tuple[int, ...]:
-    """Of the layers a plan recomputes (``recomputed``), those kept whole with their activations in
-    host memory: every ``every``-th from the lowest, none directly below another, and none in the
-    top layer (its backward comes first: nothing would overlap its copy back). 0: none."""
-    if every <= 0:
-        return ()
-    candidates = sorted(index for index in recomputed if index < layer_count - 1)
-    chosen = candidates[:: max(every, 2)]
-    return tuple(chosen)
 
 
 def _dense(tensor: torch.Tensor) -> bool:

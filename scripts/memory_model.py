@@ -58,7 +58,10 @@ GIB = 1024**3
 GRAPH_PEAK_FACTOR = 1.08  # the default of train.cuda_graphs_headroom
 # The model's revision, recorded with every measured row: a row of an earlier revision was
 # planned by it (its layers are replayed with ``recompute_beside_whole``). 2: live_layers above.
-REVISION = 2
+# 3: layers offloaded to host memory (train.offload_layers) keep no input on the device, and their
+# plans peak in the forward with the last one beside the whole layers (bench/results/epochs_h200_offload_peak);
+# revision 2 counted them as recomputed (replayed with ``offload_every=0``).
+REVISION = 3
 QLORA_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weights
 DOUBLE_QUANT_BLOCK = 256  # double quantisation: absmax in 8 bit, one fp32 per 256 of them
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -126,6 +129,17 @@ def lora_parameters(shape: ModelShape, rank: int, targets: str) -> int:
 def every_kth_layer(layers: int, checkpoint_every: int) -> tuple[int, ...]:
     """The indices checkpoint_every k checkpoints: layers 0, k, 2k, ...; 0 = none."""
     return tuple(range(0, layers, checkpoint_every)) if checkpoint_every else ()
+
+
+def offloaded_layers(recomputed: tuple[int, ...], every: int, layer_count: int) -> tuple[int, ...]:
+    """Of the layers a plan takes off the device (``recomputed``), those kept whole with their
+    activations in host memory instead (``train.offload_layers``, scripts/layer_offload.py): every
+    ``every``-th from the lowest, none directly below another, and none in the top layer (its
+    backward comes first: nothing would overlap its copy back). 0: none."""
+    if every <= 0:
+        return ()
+    candidates = sorted(index for index in recomputed if index < layer_count - 1)
+    return tuple(candidates[:: max(every, 2)])
 
 
 def checkpointed_layer_count(layers: int, checkpoint_every: int) -> int:
@@ -200,6 +214,7 @@ def predict_peak(
     recorded: bool = False,
     offload_prefetch: bool = True,
     recompute_beside_whole: bool = False,
+    offload_every: int = 0,
 ) -> dict:
     """Predicted peak of torch-allocated bytes, term by term (``host_offload``: pinned host
     memory, outside the total). ``checkpointed_layers``: the layers that recompute, where a
@@ -207,7 +222,9 @@ def predict_peak(
     indices, or a count n for the lowest n. ``recorded``: a step the CUDA graphs record
     (offloaded inputs come back in line, as they do without ``offload_prefetch``).
     ``recompute_beside_whole``: revision 1's count (a recomputed layer beside every whole one),
-    to replay the plans of rows measured under it."""
+    to replay the plans of rows measured under it. ``offload_every``: of those layers, every k-th
+    keeps its activations in host memory instead of recomputing them (offloaded_layers; none in a
+    recorded step); 0, as revision 2 counted them, for none."""
     compute = 2  # bf16/fp16
     if method == "qlora":
         linear = shape.linear_parameters()
@@ -234,14 +251,17 @@ def predict_peak(
         checkpointed = tuple(range(checkpointed_layers))
     else:
         checkpointed = tuple(sorted(checkpointed_layers))
-    stored = len(checkpointed)
-    full = shape.layers - stored
+    full = shape.layers - len(checkpointed)
     if not checkpointed:
         live = full
     elif recompute_beside_whole:
         live = full + 1
     else:  # the top recomputed layer beside the whole layers below it, or every whole layer at the start
-        live = max(full, 1 + checkpointed[-1] - (stored - 1))
+        live = max(full, 1 + checkpointed[-1] - (len(checkpointed) - 1))
+    # An offloaded layer keeps no input of its own on the device (its saved tensors, the input
+    # among them, go to the host); in the backward it counts as a recomputed one (one at a time).
+    in_host = offloaded_layers(checkpointed, offload_every, shape.layers) if not recorded else ()
+    stored = len(checkpointed) - len(in_host)
     offloaded = max(stored - 1, 0) if offload_checkpoints else 0
     # while a layer recomputes eagerly, the input of the one below it is already coming back
     # (a recorded step copies in line): one input more on the device
@@ -251,6 +271,15 @@ def predict_peak(
     head = tokens * loss_head_bytes(shape, recipe, kernels, autocast)
     working = tokens * 2 * compute * (shape.intermediate + shape.hidden)  # one layer's backward grads
     total = weights + adapter + activations + head + working
+    forward = 0
+    if in_host:  # revision 3: the forward's peak, at the top layer's MLP
+        # The last offloaded layer's tensors stay on the device until the top layer's end (until
+        # then the compute stream has not waited for their copies): one layer beside the whole ones,
+        # with the top MLP's transients (SwiGLU's output, down_proj's output and its dequantised weight).
+        dequantised = shape.intermediate * shape.hidden * compute if method == "qlora" else 0
+        passing = tokens * compute * (shape.intermediate + shape.hidden) + dequantised
+        forward = weights + adapter + tokens * ((full + 1) * a_layer + kept) + passing
+        total = max(total, forward)
     return {
         "weights": int(weights),
         "adapter": int(adapter),
@@ -261,6 +290,8 @@ def predict_peak(
         "paged_optimizer": int(lora * 8) if paged_optimizer else 0,
         "host_offload": tokens * offloaded * input_bytes,
         "checkpointed_layers": stored,
+        "offloaded_layers": len(in_host),
+        "forward_peak": int(forward),  # with offloaded layers (0 without): the total when larger
         "layer_activation_bytes_per_token": a_layer,
     }
 
@@ -311,6 +342,7 @@ def cell_recipe(cell: dict, train: dict, kernels: str) -> dict:
         recompute_dropout=bool(train.get("recompute_lora_dropout", False)) and cell.get("lora_dropout", 0.1) > 0,
         offload_checkpoints=bool(train.get("offload_checkpoints", False)),
         offload_prefetch=bool(train.get("offload_prefetch", True)),
+        offload_every=int(train.get("offload_layers", 0) or 0),
     )
 
 

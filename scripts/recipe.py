@@ -39,7 +39,6 @@ from memory_model import GIB, plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
 from nf4_dequantize import install as install_dequantize
 from train_metrics import memory_stats
-from warm_up import LibraryWarmUp
 
 CUDA_ONLY_OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit"}
 
@@ -134,15 +133,6 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     from peft import PeftModel
 
     compute_dtype = resolve_compute_dtype(train["compute_dtype"])
-    multiple = train.get("pad_to_multiple_of") or 1
-    seq = -(-max_length // multiple) * multiple  # the longest batch's padded length
-    warm_up = None
-    if train.get("warm_up_beside_load"):  # the libraries' first calls while the model loads (scripts/warm_up.py)
-        dequantize, fused = train.get("dequantize") == "triton", train.get("optimizer") == "adamw_torch_fused"
-        warm_up = LibraryWarmUp(
-            model_dir, train["kernels"], dequantize, fused, (train["batch_size"], seq), compute_dtype
-        )
-        warm_up.start()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model = load_base_model(model_dir, cell["method"], compute_dtype, cell["quant_type"], cell["double_quant"])
@@ -166,7 +156,8 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     details["checkpoint_every"] = every
     details["checkpoint_per_batch"] = per_batch
     offload = bool(train.get("offload_checkpoints", False))
-    longest = train["batch_size"] * seq  # tokens of the longest batch
+    multiple = train.get("pad_to_multiple_of") or 1
+    longest = train["batch_size"] * -(-max_length // multiple) * multiple  # tokens of the longest batch
     prefetch = bool(train.get("offload_prefetch", True))
     details["checkpointed_layers"] = enable_checkpointing(model, every, per_batch, offload, longest, prefetch)
     details["offloaded_checkpoints"] = offload
@@ -175,7 +166,6 @@ def prepare_model(model_dir: Path, cell: dict, train: dict, init_adapter_dir: Pa
     details["predicted_peak_bytes"] = prediction["total"]
     details["predicted_paged_optimizer_bytes"] = prediction["paged_optimizer"]
     details["compiled_layers"] = compile_layers(model) if train.get("compile", False) else 0
-    details["warm_up"] = warm_up.join() if warm_up else None  # before any training step
     logger.info(
         "gradient checkpointing: every %s layer(s) (%d checkpointed)%s%s; predicted peak %.2f GiB; "
         "%d layers compiled; %d LoRA dropouts folded, %d LoRA adds fused",
