@@ -29,7 +29,6 @@ import functools
 
 import torch
 
-
 # Saved tensors below this stay on the device: norms' statistics, RoPE tables, masks.
 MIN_OFFLOAD_BYTES = 1 << 20
 
