@@ -240,6 +240,16 @@ RESULTS = {  # each file's rows that must be there
         ("layers3", "block_2048x4"),
         ("layers4", "block_2048x4"),
     },
+    # train.warm_up_beside_load: removed after this sitting (no gain); the plan as config/batch4.yaml's
+    "epochs_h200_warm_up.json": {("tutorial", "epoch_b4"), ("batch4", "epoch_b4"), ("batch4_warm_up", "epoch_b4")},
+    # revision 2's plans with offloaded layers under the allocation history ("offloaded": the 7B
+    # config ships offload_layers 3, so it repeats offloaded_layers3); then revision 3's plans
+    "epochs_h200_offload_peak.json": {
+        ("offloaded_layers3", "block_2048x4"),
+        ("layers3", "block_2048x4"),
+        ("offloaded", "block_2048x4"),
+    },
+    "epochs_h200_revision3.json": {("pipeline", "block_2048x4"), ("offloaded", "block_2048x4")},
 }
 
 
