@@ -19,6 +19,12 @@ The loss head is summed with the activations either way, though its peak lives b
 top layer and not beside a recomputed one: keeping the top layer whole measured 0.10 GiB more
 than recomputing it where this says 0.07 less (bench/results/epochs_h200_revision2_blocks).
 
+With layers kept whole in host memory (``offload_every``, scripts/layer_offload.py; revision 3) an
+offloaded layer keeps no input on the device, and the plan also peaks in the forward, at the top
+layer's MLP: the whole layers, the last offloaded one beside them (its tensors wait there for
+their copy to the host), the kept inputs and the MLP's transients; the total is the larger of
+the two peaks (bench/results/epochs_h200_offload_peak, epochs_h200_revision3).
+
 ``a_layer`` counts the bytes per token that autograd keeps for one decoder layer, tensor by
 tensor (see ``layer_activation_bytes``); frozen base weights keep nothing for their inputs
 (PyTorch and bitsandbytes save an input only when a weight needs its gradient).
