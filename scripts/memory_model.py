@@ -348,7 +348,8 @@ def cell_recipe(cell: dict, train: dict, kernels: str) -> dict:
         recompute_dropout=bool(train.get("recompute_lora_dropout", False)) and cell.get("lora_dropout", 0.1) > 0,
         offload_checkpoints=bool(train.get("offload_checkpoints", False)),
         offload_prefetch=bool(train.get("offload_prefetch", True)),
-        offload_every=int(train.get("offload_layers", 0) or 0),
+        # layers offloaded only by the per-batch plan (scripts/checkpointing.py: CheckpointPlan)
+        offload_every=int(train.get("offload_layers", 0) or 0) if train.get("gradient_checkpointing") == "auto" else 0,
     )
 
 

@@ -145,7 +145,7 @@ def test_an_offloaded_layer_keeps_no_input_and_its_plan_peaks_in_the_forward():
     assert shipped["total"] / GIB == pytest.approx(7.766, rel=0.02)
     assert offloaded["total"] / GIB == pytest.approx(8.077, rel=0.01)
     # a recorded step offloads nothing; without offloaded layers the forward is never the peak
-    assert predict(31, 3, recorded=True) == dict(predict(31, 0, recorded=True))
+    assert predict(31, 3, recorded=True) == predict(31, 0, recorded=True)
     assert counted["forward_peak"] == 0
 
 
@@ -160,7 +160,9 @@ def test_the_plan_leaves_room_for_the_offloaded_layer_at_the_7b_configs_budget()
     cell = dict(method="qlora", lora_r=64, target_modules="qv", double_quant=False)
     for offload_inputs, revision_2, revision_3 in ((True, 29, 30), (False, 31, 31)):
         train = dict(optimizer="adamw_torch_fused", recompute_lora_dropout=True, offload_layers=3)
-        recipe = cell_recipe(cell, dict(train, offload_checkpoints=offload_inputs), "liger")
+        train.update(gradient_checkpointing="auto", offload_checkpoints=offload_inputs)
+        recipe = cell_recipe(cell, train, "liger")
+        assert cell_recipe(cell, dict(train, gradient_checkpointing=True), "liger")["offload_every"] == 0
         layers, prediction = planned_batch(LLAMA2_7B, 8 * GIB, recipe, 4, 2048)
         old, _ = planned_batch(LLAMA2_7B, 8 * GIB, dict(recipe, offload_every=0), 4, 2048)
         assert (len(old), len(layers)) == (revision_2, revision_3)
