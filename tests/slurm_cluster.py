@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from snakemake.utils import Paramspace
 
 from conftest import BIN, PIPELINE_DONE, PROJECT, TINY_CONFIG
 from grid import grid_table
@@ -252,6 +251,9 @@ def drive_requeue(run: RequeueRun, upstream: Path, profile: Path) -> None:
     train["gradient_accumulation_steps"] = 2  # one micro-batch per process and step
     resources = {"gpus_per_job": 2, "train_runtime_min": RESUME_RUNTIME_MIN}
     config = slurm_config(run.folder / "resume.yaml", results, train=train, grid=grid, resources=resources)
+    # imported here: the plugin loads in every session, the GPU host's CUDA tests included, which has no snakemake
+    from snakemake.utils import Paramspace
+
     (run.cell,) = Paramspace(grid_table(grid), filename_params="*").instance_patterns
     metrics_file = results / "train" / run.cell / "metrics.json"
     checkpoints = results / "checkpoints" / run.cell
