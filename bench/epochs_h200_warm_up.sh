@@ -5,7 +5,8 @@
 # loads (scripts/warm_up.py). First the GPU tests of tests/test_warm_up.py; then a 12-step warm-up of
 # each recipe (Triton's disk cache); then the tutorial's recipe, config/batch4.yaml and the same with
 # the switch, each a fresh process, twice (the two pipeline rows in the other order the second time).
-# ~12 min from the repository root in the background over two calls.
+# ~12 min from the repository root in the background over two calls. The switch was removed after
+# this sitting (no gain: bench/README.md); the script is its record and runs at commit 0685a18.
 NAME=${1:-epochs_h200_warm_up}
 . bench/h200_workdir.sh  # the environment, /tmp/proj, /tmp/epochs, /tmp/bgout
 python3 -m pytest -q -p no:cacheprovider tests/test_warm_up.py > /tmp/bgout/pytest_cuda_warm_up.txt 2>&1
