@@ -110,8 +110,13 @@ def test_coarse_shapes_serve_the_first_batches_with_the_same_numbers(tmp_path, m
     assert summary["coarse_replays"] == 3 and summary["replayed_steps"] == 5
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
     assert len(coarse) == 6
-    # bit for bit on this CPU (the positions added are masked out of every value)
-    assert [{k: h[k] for k in keys} for h in coarse] == [{k: h[k] for k in keys} for h in eager]
+    # The positions added are masked out of every value: bit for bit, but for the loss, a sum over the
+    # longer padded row in another order: one float32 ulp apart at the padded step on an AVX-512 CPU
+    # (6.9e-8 relative; equal bit for bit on the CPU this was first run on)
+    assert [{k: h[k] for k in keys if k != "loss"} for h in coarse] == [
+        {k: h[k] for k in keys if k != "loss"} for h in eager
+    ]
+    assert [h["loss"] for h in coarse] == pytest.approx([h["loss"] for h in eager], rel=2e-7, abs=0)
     _, _, ahead = train_tiny(model_dir, tmp_path / "c", LENGTHS, **dict(settings, cuda_graphs_capture="ahead"))
     assert ahead.graphs.recorder.shapes == [(2, 320), (2, 288), (2, 64), (2, 32), (2, 304), (2, 48)]
 
