@@ -126,7 +126,7 @@ def run_row(row: dict) -> dict:
         adapter = model_dir / "adapter_qv"
         model, details = train_stage.prepare_model(model_dir, cell, settings, adapter, max_length, logger)
         compute_dtype = details["compute_dtype"]
-    prepare_seconds = time.perf_counter() - preparing  # loading, quantising, wrapping (and any warm-up beside)
+    prepare_seconds = time.perf_counter() - preparing  # loading, quantising, wrapping the model
     dataset = datasets.Dataset.from_dict({"input_ids": ids})
     with tempfile.TemporaryDirectory() as scratch:
         optimizer = train_stage.choose_optimizer(settings["optimizer"], logger)
