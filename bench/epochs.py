@@ -44,7 +44,19 @@ from runtime import hardware  # noqa: E402
 GIB = 1024**3
 WARMUP = 3  # block rows: the median step after these (as gpu_recipes)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
-SHAPES = {"7b": LLAMA2_7B, "tiny": dict(LLAMA2_7B, **TINY)}  # tiny: the same code path on a CPU (tests)
+# SmolLM2-135M-Instruct's shape (the offline model the GPU study trains): where the fixed-size
+# buffers (the fused LM head's tile, workspaces) weigh more against the activations than at 7B
+SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
+SHAPES = {"7b": LLAMA2_7B, "tiny": dict(LLAMA2_7B, **TINY), "smollm2": dict(LLAMA2_7B, **SMOLLM2)}  # tiny: a CPU's (tests)
 # The stock path: no Liger, every layer checkpointed, eager steps, PEFT's own dropout.
 REFERENCE = dict(
     kernels="none", gradient_checkpointing=True, checkpoint_every=1, cuda_graphs=False, recompute_lora_dropout=False
@@ -396,7 +408,7 @@ if __name__ == "__main__":
     r.add_argument("--memory-history", action="store_true", help="what is alive at each row's peak (GPU)")
     r.add_argument("--shape", choices=list(SHAPES), default="7b")
     r.add_argument("--config", type=Path, default=PROJECT / "config" / "llama2-7b.yaml")
-    r.add_argument("--model-dir", type=Path, help="default: /tmp/llama2-7b-shape (7b), a temp folder (tiny)")
+    r.add_argument("--model-dir", type=Path, help="default: /tmp/llama2-7b-shape (7b), /tmp/smollm2-135m-shape, a temp folder (tiny)")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--append", action="store_true", help="add to the rows of an existing OUT.json")
     c = commands.add_parser("child")
@@ -409,5 +421,6 @@ if __name__ == "__main__":
     else:
         a.recipes = ["tutorial", "pipeline", "unsloth"] if a.recipes is None else a.recipes  # none: variants only
         if a.model_dir is None:
-            a.model_dir = Path(tempfile.gettempdir()) / ("llama2-7b-shape" if a.shape == "7b" else "epochs-tiny-shape")
+            folder = {"7b": "llama2-7b-shape", "smollm2": "smollm2-135m-shape"}.get(a.shape, "epochs-tiny-shape")
+            a.model_dir = Path(tempfile.gettempdir()) / folder
         main(a, " ".join(["python", "bench/epochs.py", *sys.argv[1:]]))
