@@ -62,6 +62,8 @@ def planned_peak_gib(
         plan.recipe = dict(plan.recipe, recompute_beside_whole=True)
     if revision < 3:  # revisions 1 and 2 counted a layer offloaded to the host as a recomputed one
         plan.recipe = dict(plan.recipe, offload_every=0)
+    if revision < 4:  # revisions 1-3 counted neither the fused head's tile nor cuBLAS's workspaces
+        plan.recipe = dict(plan.recipe, fixed_buffers=False)
     for rows, seq in batches:
         plan.count(rows, seq)
     peak = plan.predicted_peak_bytes()

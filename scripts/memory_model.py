@@ -4,9 +4,9 @@ Predicts ``torch.cuda.max_memory_allocated()`` of a LoRA/QLoRA step (what the be
 measures). Paged optimizer states live in CUDA managed memory, outside that counter;
 they are reported apart (``paged_optimizer``) and added for a SLURM memory request.
 
-    peak = weights + adapter (weights, grads, unpaged optimizer state)
+    peak = weights + adapter (weights, grads, unpaged optimizer state) + cuBLAS workspaces
          + tokens x [ live_layers x a_layer + checkpointed_layers x a_input ]
-         + tokens x (loss head + one layer's backward working set)
+         + max(loss head + its logits tile, tokens x one layer's backward working set)
 
     live_layers = max(full_layers, 1 + full layers below the top checkpointed one)
 
@@ -18,6 +18,14 @@ backward step (revision 2; revision 1 counted one recomputed layer beside every 
 The loss head is summed with the activations either way, though its peak lives beside a whole
 top layer and not beside a recomputed one: keeping the top layer whole measured 0.10 GiB more
 than recomputing it where this says 0.07 less (bench/results/epochs_h200_revision2_blocks).
+Revision 4: TRL's fused LM head (TRL >= 1.16, under every SFT run) scores the logits one
+[min(tokens, 4,096), 32,768] tile at a time in the forward and again in the backward, beside
+every layer's activations, and frees it before the top layer's backward, whose working set
+takes its place; cuBLAS keeps a 32 MiB workspace per thread and stream, 2 in an eager run and
+4-6 with CUDA graphs. Both were inside the graph headroom at the 7B shape, and 0.40 GiB over
+revision 3 at SmolLM2-135M's (bench/results/memory_h200_head, torch's allocation history at
+the peak). The head terms of the recipes without Liger predate the fused head and are kept as
+calibrated then (they over-predict under TRL 1.16).
 
 With layers kept whole in host memory (``offload_every``, scripts/layer_offload.py; revision 3) an
 offloaded layer keeps no input on the device, and the plan also peaks in the forward, at the top
@@ -37,8 +45,8 @@ coming back ahead of its recomputation.
 
 The recipes:
 - ``pipeline``: base in the compute dtype (bf16), autocast, fp32 LoRA weights;
-  ``kernels: liger`` swaps in Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy
-  (no logits tensor at all).
+  ``kernels: liger`` swaps in Liger's RMSNorm, SwiGLU and RoPE (TRL's fused LM head scores the
+  logits in tiles: no logits tensor at all).
 - ``tutorial``: the tutorial's QLoRA recipe: fp16 compute, ``prepare_model_for_kbit_training``
   (embeddings, norms and head upcast to fp32, so the residual stream is fp32), no autocast.
   Its LoRA counterpart (fp16 base, no upcast, no autocast) is ``pipeline`` with
@@ -54,20 +62,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 1024**3
-# A step recorded by train.cuda_graphs peaks above this model's prediction. Measured on one H200
-# (7B shape): 1.041-1.072 (bench/results/epochs_h200_folded) and 1.076-1.119 with offloaded
-# checkpoints (epochs_h200_offload_graphs) while every recording kept its autograd graph (fixed
-# since); after the fix 1.023-1.048 (epochs_h200_unsloth_peak, graph_memory_h200_b1): a fixed
-# ~0.19 GiB (the gradient buffers the graphs write into, and 0.06 GiB more) rather than a share.
-# Kept at 1.08 until the larger budgets are re-measured. A batch the graphs will record is
-# planned within budget / this and expected at the prediction x this (scripts/checkpointing.py).
-GRAPH_PEAK_FACTOR = 1.08  # the default of train.cuda_graphs_headroom
+# A step recorded by train.cuda_graphs peaks above this model's prediction: revision 3 missed the
+# fused head's tile and the recordings' cuBLAS workspaces (1.023-1.048 at the 7B shape, where 1.05-1.08
+# held them; 1.35x at SmolLM2-135M's). Over revision 4, on one H200: 1.003-1.029 at the 7B shape
+# (epochs_h200_shipped, _recorder_split_b1, _unsloth_peak, _warm_up, memory_h200_head), 1.003-1.005 at
+# SmolLM2's and 1.039 over its whole epoch recorded ahead (a capture on the recorder thread beside the
+# loop's step; memory_h200_head). A batch the graphs will record is planned within budget / this and
+# expected at the prediction x this (scripts/checkpointing.py); the shipped configs set their own.
+GRAPH_PEAK_FACTOR = 1.04  # the default of train.cuda_graphs_headroom
 # The model's revision, recorded with every measured row: a row of an earlier revision was
 # planned by it (its layers are replayed with ``recompute_beside_whole``). 2: live_layers above.
 # 3: layers offloaded to host memory (train.offload_layers) keep no input on the device, and their
 # plans peak in the forward with the last one beside the whole layers (bench/results/epochs_h200_offload_peak);
 # revision 2 counted them as recomputed (replayed with ``offload_every=0``).
-REVISION = 3
+# 4: TRL's fused LM head scores the logits in one [tokens, 32,768] tile at a time, beside every layer's
+# activations, and cuBLAS keeps a 32 MiB workspace per thread and stream (2 eager, 4-6 with CUDA
+# graphs): 0.40 GiB that SmolLM2-135M's recorded steps measured over revision 3 at a 1 GiB budget
+# (bench/results/memory_h200_head); at the 7B shape the graph headroom had been holding it.
+REVISION = 4
+# trl.kernels.chunked_logprob (TRL 1.16): TOKEN_CHUNK_SIZE rows of _CHUNKED_LOGPROB_CHUNK_SIZE logits
+# (trl.trainer.utils) per tile, in the compute dtype; tests/test_memory_model.py reads TRL's values.
+HEAD_TILE_TOKENS = 4096
+HEAD_TILE_VOCAB = 32768
+# torch's cuBLAS workspace per (thread, stream) on Hopper when CUBLAS_WORKSPACE_CONFIG is unset (":4096:8").
+# How many a run keeps, from torch's allocation history at the peak (memory_h200_head): the main
+# thread's and autograd's on the loop's stream; the recordings add both on the capture stream, and
+# recording ahead the recorder thread's (6 at the 7B shape; 4 at SmolLM2's, its thread's not yet made).
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+CUBLAS_WORKSPACES = {False: 2, True: 6}  # by train.cuda_graphs: the largest count measured with them
 QLORA_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weights
 DOUBLE_QUANT_BLOCK = 256  # double quantisation: absmax in 8 bit, one fp32 per 256 of them
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -191,13 +213,31 @@ def layer_activation_bytes(
 def loss_head_bytes(shape: ModelShape, recipe: str, kernels: str, autocast: bool = True) -> int:
     """Bytes per token for the logits and cross-entropy at the step's peak."""
     if recipe != "tutorial" and kernels == "liger":
-        return 4 * shape.hidden  # fused linear cross-entropy: the hidden's gradient only
+        # TRL's fused LM head (TRL >= 1.16 replaces Liger's fused linear cross-entropy with it): its
+        # own copy of the hidden states, their gradient in fp32 and its bf16 copy at the backward's
+        # end, each measured there (bench/results/memory_h200_head); its tile: head_tile_bytes
+        return (2 + 4 + 2) * shape.hidden
     if recipe == "tutorial" or not autocast:
         # fp32 head without autocast: the log-softmax output; calibrated on an H200
         # (bench/results/gpu_recipes_h200_qv_all.json), where 8 bytes over-predicted by 1 GiB.
         return shape.vocab * 4
     # At the peak: the fp32 copy of the bf16 logits and the log-softmax output
     return shape.vocab * (4 + 4)
+
+
+def head_tile_bytes(tokens: int, recipe: str, kernels: str) -> int:
+    """The fused LM head's logits tile (revision 4; the liger pipeline's head, as measured)."""
+    if recipe == "tutorial" or kernels != "liger":
+        return 0  # their head terms predate the fused head and stay as calibrated
+    return min(tokens, HEAD_TILE_TOKENS) * HEAD_TILE_VOCAB * 2
+
+
+def cublas_workspace_bytes(config: str | None) -> int:
+    """One cuBLAS workspace: CUBLAS_WORKSPACE_CONFIG's ":SIZE_KIB:COUNT" pairs, or torch's default."""
+    if not config:
+        return CUBLAS_WORKSPACE_BYTES
+    numbers = [int(n) for n in config.strip(":").split(":")]
+    return sum(size * 1024 * count for size, count in zip(numbers[::2], numbers[1::2], strict=True))
 
 
 def predict_peak(
@@ -221,6 +261,9 @@ def predict_peak(
     offload_prefetch: bool = True,
     recompute_beside_whole: bool = False,
     offload_every: int = 0,
+    cuda_graphs: bool = False,
+    cublas_workspace: int = CUBLAS_WORKSPACE_BYTES,
+    fixed_buffers: bool = True,
 ) -> dict:
     """Predicted peak of torch-allocated bytes, term by term (``host_offload``: pinned host
     memory, outside the total). ``checkpointed_layers``: the layers that recompute, where a
@@ -230,7 +273,9 @@ def predict_peak(
     ``recompute_beside_whole``: revision 1's count (a recomputed layer beside every whole one),
     to replay the plans of rows measured under it. ``offload_every``: of those layers, every k-th
     keeps its activations in host memory instead of recomputing them (offloaded_layers; none in a
-    recorded step); 0, as revision 2 counted them, for none."""
+    recorded step); 0, as revision 2 counted them, for none. ``cuda_graphs``: the run records steps
+    (train.cuda_graphs), for the count of cuBLAS workspaces (``cublas_workspace`` bytes each). ``fixed_buffers`` False: without the head's tile and the
+    workspaces, as revisions 1-3 counted, to replay the plans of rows measured under them."""
     compute = 2  # bf16/fp16
     if method == "qlora":
         linear = shape.linear_parameters()
@@ -276,7 +321,16 @@ def predict_peak(
     activations = tokens * (live * a_layer + kept)
     head = tokens * loss_head_bytes(shape, recipe, kernels, autocast)
     working = tokens * 2 * compute * (shape.intermediate + shape.hidden)  # one layer's backward grads
-    total = weights + adapter + activations + head + working
+    tile = head_tile_bytes(tokens, recipe, kernels) if fixed_buffers else 0
+    workspaces = CUBLAS_WORKSPACES[bool(cuda_graphs)] * cublas_workspace if fixed_buffers else 0
+    if tile:  # revision 4: the head's buffers are gone before the top layer's backward begins
+        head += tile
+        after_layers = max(head, working)
+    else:  # revisions 1-3, and the recipes whose head predates the fused one: summed, as calibrated
+        if recipe != "tutorial" and kernels == "liger":
+            head = tokens * 4 * shape.hidden  # revisions 1-3: the hidden's gradient only
+        after_layers = head + working
+    total = weights + adapter + workspaces + activations + after_layers
     forward = 0
     if in_host:  # revision 3: the forward's peak, at the top layer's MLP
         # The last offloaded layer's tensors stay on the device until the top layer's end (until
@@ -284,13 +338,14 @@ def predict_peak(
         # with the top MLP's transients (SwiGLU's output, down_proj's output and its dequantised weight).
         dequantised = shape.intermediate * shape.hidden * compute if method == "qlora" else 0
         passing = tokens * compute * (shape.intermediate + shape.hidden) + dequantised
-        forward = weights + adapter + tokens * ((full + 1) * a_layer + kept) + passing
+        forward = weights + adapter + workspaces + tokens * ((full + 1) * a_layer + kept) + passing
         total = max(total, forward)
     return {
         "weights": int(weights),
         "adapter": int(adapter),
         "activations": int(activations),
         "loss_head": int(head),
+        "cublas_workspaces": int(workspaces),
         "backward_working_set": int(working),
         "total": int(total),
         "paged_optimizer": int(lora * 8) if paged_optimizer else 0,
@@ -350,6 +405,8 @@ def cell_recipe(cell: dict, train: dict, kernels: str) -> dict:
         offload_prefetch=bool(train.get("offload_prefetch", True)),
         # layers offloaded only by the per-batch plan (scripts/checkpointing.py: CheckpointPlan)
         offload_every=int(train.get("offload_layers", 0) or 0) if train.get("gradient_checkpointing") == "auto" else 0,
+        cuda_graphs=bool(train.get("cuda_graphs")),
+        cublas_workspace=cublas_workspace_bytes(train.get("cublas_workspace_config")),
     )
 
 
