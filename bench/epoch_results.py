@@ -27,7 +27,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "scripts")]
 from epoch_rows import JOBS  # noqa: E402
 from epoch_table import write  # noqa: E402
-from epochs import CELL_KEYS, LLAMA2_7B, WARMUP, split_cell_keys  # noqa: E402
+from epochs import CELL_KEYS, SHAPES, WARMUP, split_cell_keys  # noqa: E402
 from gpu_recipes import bench_cell  # noqa: E402
 from memory_model import REVISION  # noqa: E402
 from train_metrics import median_step_tokens_per_second  # noqa: E402
@@ -122,6 +122,14 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
     return round(total["total"] / GIB, 3)
 
 
+def row_shape(row: dict) -> str:
+    """The model shape a row trained (bench/epochs.py SHAPES; rows before it was recorded name it
+    by their model folder, the 7B shape's by default)."""
+    if "shape" in row:
+        return row["shape"]
+    return "smollm2" if "smollm2" in Path(row.get("model_dir", "")).name else "7b"
+
+
 def memory_overrides(row: dict) -> dict:
     """A variant row's settings the memory plan reads (its budget, offloading and how the inputs
     came back, which batches it records, how it pads them, quantisation, optimizer)."""
@@ -145,16 +153,16 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
     report = json.loads(results.with_suffix(".json").read_text())
     notes = report.setdefault("completed_on_cpu", [])
     if replan:
-        model_config = results.parent / "llama2-7b-shape.config.json"
-        model_config.write_text(json.dumps(LLAMA2_7B))
+        model_config = results.parent / "bench-shape.config.json"
         for row in report["rows"]:
             if row.get("status") == "ok" and row["kind"] != "unsloth":
+                model_config.write_text(json.dumps(SHAPES[row_shape(row)]))
                 was = row["predicted_peak_gib"]
                 row["predicted_peak_gib"] = row_prediction_gib(row, rows_dir, config, model_config)
                 note = f"{row['recipe']} {row['job']}: predicted_peak_gib {was} -> {row['predicted_peak_gib']} ({why})"
                 if row["predicted_peak_gib"] != was and note not in notes:  # once for the runs of a row
                     notes.append(note)
-        model_config.unlink()
+        model_config.unlink(missing_ok=True)
     examples = report["rows_files"]["rows"]  # every job trains the same rows, in its own order
     for row in report["rows"]:  # runs before capped_at_step was recorded: a capped epoch row has no epoch time
         if "rows" in JOBS[row["job"]] and row.get("status") == "ok" and "capped_at_step" not in row:

@@ -56,7 +56,11 @@ SMOLLM2 = dict(
     tie_word_embeddings=True,
     max_position_embeddings=8192,
 )
-SHAPES = {"7b": LLAMA2_7B, "tiny": dict(LLAMA2_7B, **TINY), "smollm2": dict(LLAMA2_7B, **SMOLLM2)}  # tiny: a CPU's (tests)
+SHAPES = {
+    "7b": LLAMA2_7B,
+    "tiny": dict(LLAMA2_7B, **TINY),
+    "smollm2": dict(LLAMA2_7B, **SMOLLM2),
+}  # tiny: a CPU's (tests)
 # The stock path: no Liger, every layer checkpointed, eager steps, PEFT's own dropout.
 REFERENCE = dict(
     kernels="none", gradient_checkpointing=True, checkpoint_every=1, cuda_graphs=False, recompute_lora_dropout=False
@@ -359,7 +363,7 @@ def main(a: argparse.Namespace, command: str) -> dict:
                 train, env = split_environment(settings)
                 row = dict(recipe=name, kind=kind, job=job, repeat=repeat, steps=a.steps, train=train, env=env)
                 row["memory_history"] = a.memory_history
-                row.update(model_dir=str(a.model_dir), config=str(a.config))
+                row.update(model_dir=str(a.model_dir), config=str(a.config), shape=a.shape)
                 if "rows" in JOBS[job]:
                     row["rows_file"] = str(a.rows_dir / JOBS[job]["rows"])
                 started = time.time()
@@ -408,7 +412,11 @@ if __name__ == "__main__":
     r.add_argument("--memory-history", action="store_true", help="what is alive at each row's peak (GPU)")
     r.add_argument("--shape", choices=list(SHAPES), default="7b")
     r.add_argument("--config", type=Path, default=PROJECT / "config" / "llama2-7b.yaml")
-    r.add_argument("--model-dir", type=Path, help="default: /tmp/llama2-7b-shape (7b), /tmp/smollm2-135m-shape, a temp folder (tiny)")
+    r.add_argument(
+        "--model-dir",
+        type=Path,
+        help="default: /tmp/llama2-7b-shape (7b), /tmp/smollm2-135m-shape, a temp folder (tiny)",
+    )
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--append", action="store_true", help="add to the rows of an existing OUT.json")
     c = commands.add_parser("child")

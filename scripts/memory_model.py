@@ -64,12 +64,11 @@ from pathlib import Path
 GIB = 1024**3
 # A step recorded by train.cuda_graphs peaks above this model's prediction: revision 3 missed the
 # fused head's tile and the recordings' cuBLAS workspaces (1.023-1.048 at the 7B shape, where 1.05-1.08
-# held them; 1.35x at SmolLM2-135M's). Over revision 4, on one H200: 1.003-1.029 at the 7B shape
-# (epochs_h200_shipped, _recorder_split_b1, _unsloth_peak, _warm_up, memory_h200_head), 1.003-1.005 at
-# SmolLM2's and 1.039 over its whole epoch recorded ahead (a capture on the recorder thread beside the
-# loop's step; memory_h200_head). A batch the graphs will record is planned within budget / this and
-# expected at the prediction x this (scripts/checkpointing.py); the shipped configs set their own.
-GRAPH_PEAK_FACTOR = 1.04  # the default of train.cuda_graphs_headroom
+# held them; 1.35x at SmolLM2-135M's). Over revision 4, on one H200: 0.991-1.020 at the 7B shape
+# (epochs_h200_shipped, _recorded, _recorder_split_b1, _unsloth_peak, _warm_up, memory_h200_head),
+# 0.915-0.992 at SmolLM2's (memory_h200_head). A batch the graphs will record is planned within
+# budget / this and expected at the prediction x this (scripts/checkpointing.py).
+GRAPH_PEAK_FACTOR = 1.03  # the default of train.cuda_graphs_headroom
 # The model's revision, recorded with every measured row: a row of an earlier revision was
 # planned by it (its layers are replayed with ``recompute_beside_whole``). 2: live_layers above.
 # 3: layers offloaded to host memory (train.offload_layers) keep no input on the device, and their

@@ -295,4 +295,4 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
         row = next(r for r in measured if r["recipe"] == recipe)
         # revision 4 (the headroom of the config as it ships) asks for what the row measured, within 10 %
         assert row["peak_allocated_gib"] <= requested / GIB <= row["peak_allocated_gib"] * 1.10
-        assert requested > eager.predicted_peak_bytes()
+        assert requested >= eager.predicted_peak_bytes()  # the longest batch may be an eager one

@@ -298,7 +298,7 @@ def test_compile_with_liger_stops_at_config_check():
 
 def test_checkpoint_plan_keeps_headroom_for_recorded_batches(tmp_path):
     """A batch the graphs will record is planned within budget / GRAPH_PEAK_FACTOR (its measured
-    peak runs up to 3.9 % over the model's revision 4); a longer one, trained eagerly, within the budget."""
+    peak runs up to 2.0 % over the model's revision 4); a longer one, trained eagerly, within the budget."""
     model_config = tmp_path / "config.json"
     model_config.write_text(json.dumps(LLAMA2_7B))
     cell = dict(CELL, lora_r=64)
@@ -310,7 +310,7 @@ def test_checkpoint_plan_keeps_headroom_for_recorded_batches(tmp_path):
     capped = checkpointing.CheckpointPlan(
         [], model_config, cell, dict(train, cuda_graphs=True, cuda_graphs_max_tokens=512), "liger"
     )
-    # 7B q/v, unpaged AdamW, one row of 1,024 tokens recorded: 7.73 GiB predicted without checkpointing (x 1.04 = 8.04)
+    # 7B q/v, unpaged AdamW, one row of 1,024 tokens recorded: 7.79 GiB predicted without checkpointing (x 1.03 = 8.02)
     assert eager.layers_for(1, 1024) == () and capped.layers_for(1, 1024) == ()
     assert graphed.layers_for(1, 1024) != ()
     shape = ModelShape.from_config(model_config)
@@ -329,8 +329,8 @@ def test_checkpoint_plan_keeps_headroom_for_recorded_batches(tmp_path):
 
 def test_a_smaller_graph_headroom_recomputes_fewer_layers_within_the_budget(tmp_path):
     """``train.cuda_graphs_headroom``: recorded batch-4 shapes of the 7B q/v cell planned within
-    8 GiB / 1.02 (config/batch4.yaml's) instead of / 1.04 (the default) recompute fewer layers where
-    the 0.15 GiB between the two bounds holds a layer's activations, each still expected within the
+    8 GiB / 1.02 (config/batch4.yaml's) instead of / 1.03 (the default) recompute fewer layers where
+    the 0.08 GiB between the two bounds holds a layer's activations, each still expected within the
     budget; the expected peak (the train rule's request) follows the key."""
     model_config = tmp_path / "config.json"
     model_config.write_text(json.dumps(LLAMA2_7B))
@@ -346,20 +346,20 @@ def test_a_smaller_graph_headroom_recomputes_fewer_layers_within_the_budget(tmp_
     )
     default = checkpointing.CheckpointPlan([], model_config, cell, train, "liger")
     lower = checkpointing.CheckpointPlan([], model_config, cell, dict(train, cuda_graphs_headroom=1.02), "liger")
-    assert default.graph_peak_factor == GRAPH_PEAK_FACTOR == 1.04 and lower.graph_peak_factor == 1.02
+    assert default.graph_peak_factor == GRAPH_PEAK_FACTOR == 1.03 and lower.graph_peak_factor == 1.02
     fewer = 0
     for seq in range(128, 1025, 128):
         assert len(lower.layers_for(4, seq)) <= len(default.layers_for(4, seq))
         fewer += len(default.layers_for(4, seq)) - len(lower.layers_for(4, seq))
         assert lower.predicted[(4, seq)] <= 8 * 1024**3 and default.predicted[(4, seq)] <= 8 * 1024**3
-    # 256 tokens a row: 1 layer recomputed within 8 / 1.04 GiB, none within 8 / 1.02
+    # 256 tokens a row: 1 layer recomputed within 8 / 1.03 GiB, none within 8 / 1.02
     assert (len(default.layers_for(4, 256)), len(lower.layers_for(4, 256))) == (1, 0)
-    assert fewer == 5  # over the eight shapes of a batch-4 guanaco epoch at multiples of 128
+    assert fewer == 4  # over the eight shapes of a batch-4 guanaco epoch at multiples of 128
     request = memory_model.expected_peak(model_config, cell, dict(train, pad_to_multiple_of=128), 1024, "liger", True)
     lower_request = memory_model.expected_peak(
         model_config, cell, dict(train, pad_to_multiple_of=128, cuda_graphs_headroom=1.02), 1024, "liger", True
     )
-    assert request["expected"] == int(request["total"] * 1.04) and lower_request["expected"] == int(
+    assert request["expected"] == int(request["total"] * 1.03) and lower_request["expected"] == int(
         lower_request["total"] * 1.02
     )
 
@@ -372,7 +372,7 @@ def test_checkpoint_plan_says_when_nothing_fits_the_budget(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="recipe"):
         assert plan.layers_for(4, 1024) == tuple(range(32))  # the leanest setting, over the budget
         plan.layers_for(4, 1024)  # cached: said once
-    expected = f"{plan.predicted_peak_bytes() / 1024**3:.2f} GiB even with every layer checkpointed (x 1.04 headroom"
+    expected = f"{plan.predicted_peak_bytes() / 1024**3:.2f} GiB even with every layer checkpointed (x 1.03 headroom"
     assert [r.getMessage() for r in caplog.records if expected in r.getMessage()] == [
         f"memory_budget_gib 4.00: a batch of 4 x 1024 tokens is predicted at {expected} for its CUDA graph); "
         "it trains so"
