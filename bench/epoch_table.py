@@ -78,7 +78,9 @@ def summarise(results: list[dict]) -> list[dict]:
 
 def markdown(report: dict) -> str:
     rows = report.get("rows_files", {})
-    lines = [f"Card: {report['device']}. Llama-2-7B shape, random weights, QLoRA q/v r64, lr 2e-4.", ""]
+    shapes = {"smollm2" if "smollm2" in row.get("model_dir", "") else "7b" for row in report.get("rows", [])}
+    shape = "SmolLM2-135M shape" if shapes == {"smollm2"} else "Llama-2-7B shape"
+    lines = [f"Card: {report['device']}. {shape}, random weights, QLoRA q/v r64, lr 2e-4.", ""]
     lines += ["| " + " | ".join(COLUMNS.values()) + " |", "|---" * len(COLUMNS) + "|"]
     for r in report["table"]:
         runs = ", ".join(f"{t:,.0f}" for t in r["runs_tokens_per_second"])
