@@ -44,12 +44,15 @@ def planned_peak_gib(
     graph_peak_factor: float | None = None,
     overrides: dict | None = None,
     revision: int = REVISION,
+    planned_capture: str | None = None,
 ) -> tuple[float, dict[int, int]]:
     """The plan's largest prediction over ``batches`` ((rows, padded length) per step), with the
     row's own LoRA dropout layout, graph headroom and train ``overrides`` (a variant's budget,
     offloading): the config may have changed since; rows before the headroom existed had none.
     A row measured under an earlier ``revision`` of the memory model is planned by it (the layers
-    it ran) and predicted by this one. Also returns the steps per number of checkpointed layers."""
+    it ran) and predicted by this one; so is a row whose plan counted the cuBLAS workspaces of
+    another ``planned_capture`` (revision 4's first sitting counted 6 for any recorded run).
+    Also returns the steps per number of checkpointed layers."""
     from checkpointing import CheckpointPlan
     from memory_model import predict_peak
 
@@ -64,16 +67,20 @@ def planned_peak_gib(
         plan.recipe = dict(plan.recipe, offload_every=0)
     if revision < 4:  # revisions 1-3 counted neither the fused head's tile nor cuBLAS's workspaces
         plan.recipe = dict(plan.recipe, fixed_buffers=False)
+    if planned_capture:
+        plan.recipe = dict(plan.recipe, graph_capture=planned_capture)
     for rows, seq in batches:
         plan.count(rows, seq)
     peak = plan.predicted_peak_bytes()
-    if revision < REVISION:  # the layers the old revision chose, each shape predicted by this one
+    if revision < REVISION or planned_capture:  # the layers the old plan chose, each predicted by this one
+        # the graph headroom of revisions 1-3 held what revision 4 counts: their rows' predictions without it
+        headroom = plan.graph_peak_factor if revision >= 4 else 1.0
         peak = 0
         for (rows, seq), layers in plan.chosen.items():
             recorded = plan.recorded(rows, seq)
             shape = dict(seq=seq, batch=rows, recorded=recorded, checkpoint_every=0, checkpointed_layers=layers)
             total = predict_peak(plan.shape, **shape, **recipe)["total"]
-            peak = max(peak, int(total * (plan.graph_peak_factor if recorded else 1.0)))
+            peak = max(peak, int(total * (headroom if recorded else 1.0)))
     return round(peak / GIB, 3), dict(sorted(plan.steps_by_layers.items()))
 
 
@@ -98,11 +105,19 @@ def replayed_plan(row: dict, rows_dir: Path, config: Path, model_config: Path) -
     if "rows" in JOBS[row["job"]]:
         multiple = {**train, **memory_overrides(row)}["pad_to_multiple_of"]
         batches = padded_batches(rows_dir / JOBS[row["job"]]["rows"], row["batch"], multiple or 1)
+        batches = batches[: row.get("capped_at_step") or len(batches)]  # a --steps row: its first batches
     else:
         batches = [(row["predicted_for"]["batch"], row["predicted_for"]["seq"])]
     folded, revision = bool(row.get("folded_lora_dropouts")), row.get("memory_model_revision", 1)
     return planned_peak_gib(
-        batches, train, model_config, folded, row.get("graph_peak_factor"), memory_overrides(row), revision
+        batches,
+        train,
+        model_config,
+        folded,
+        row.get("graph_peak_factor"),
+        memory_overrides(row),
+        revision,
+        row.get("planned_graph_capture"),
     )
 
 
@@ -134,7 +149,7 @@ def memory_overrides(row: dict) -> dict:
     """A variant row's settings the memory plan reads (its budget, offloading and how the inputs
     came back, which batches it records, how it pads them, quantisation, optimizer)."""
     keys = ("memory_budget_gib", "offload_checkpoints", "cuda_graphs", "cuda_graphs_max_tokens", "pad_to_multiple_of")
-    keys += CELL_KEYS
+    keys += ("cuda_graphs_capture", "cublas_workspace_config") + CELL_KEYS  # the workspaces revision 4 counts
     overrides = {k: v for k, v in row.get("train", {}).items() if k in keys}
     if row.get("offload_checkpoints"):  # how its inputs came back (in line in the rows before prefetching)
         overrides["offload_prefetch"] = bool(row.get("offload_prefetch"))

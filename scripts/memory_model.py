@@ -88,7 +88,7 @@ HEAD_TILE_VOCAB = 32768
 # thread's and autograd's on the loop's stream; the recordings add both on the capture stream, and
 # recording ahead the recorder thread's (6 at the 7B shape; 4 at SmolLM2's, its thread's not yet made).
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
-CUBLAS_WORKSPACES = {False: 2, True: 6}  # by train.cuda_graphs: the largest count measured with them
+CUBLAS_WORKSPACES = {None: 2, "synchronized": 4, "ahead": 6}  # by train.cuda_graphs_capture (None: graphs off)
 QLORA_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weights
 DOUBLE_QUANT_BLOCK = 256  # double quantisation: absmax in 8 bit, one fp32 per 256 of them
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -260,7 +260,7 @@ def predict_peak(
     offload_prefetch: bool = True,
     recompute_beside_whole: bool = False,
     offload_every: int = 0,
-    cuda_graphs: bool = False,
+    graph_capture: str | None = None,
     cublas_workspace: int = CUBLAS_WORKSPACE_BYTES,
     fixed_buffers: bool = True,
 ) -> dict:
@@ -272,8 +272,9 @@ def predict_peak(
     ``recompute_beside_whole``: revision 1's count (a recomputed layer beside every whole one),
     to replay the plans of rows measured under it. ``offload_every``: of those layers, every k-th
     keeps its activations in host memory instead of recomputing them (offloaded_layers; none in a
-    recorded step); 0, as revision 2 counted them, for none. ``cuda_graphs``: the run records steps
-    (train.cuda_graphs), for the count of cuBLAS workspaces (``cublas_workspace`` bytes each). ``fixed_buffers`` False: without the head's tile and the
+    recorded step); 0, as revision 2 counted them, for none. ``graph_capture``: how the run records
+    its steps (train.cuda_graphs_capture; None: graphs off), for the count of cuBLAS workspaces
+    (``cublas_workspace`` bytes each). ``fixed_buffers`` False: without the head's tile and the
     workspaces, as revisions 1-3 counted, to replay the plans of rows measured under them."""
     compute = 2  # bf16/fp16
     if method == "qlora":
@@ -321,7 +322,9 @@ def predict_peak(
     head = tokens * loss_head_bytes(shape, recipe, kernels, autocast)
     working = tokens * 2 * compute * (shape.intermediate + shape.hidden)  # one layer's backward grads
     tile = head_tile_bytes(tokens, recipe, kernels) if fixed_buffers else 0
-    workspaces = CUBLAS_WORKSPACES[bool(cuda_graphs)] * cublas_workspace if fixed_buffers else 0
+    # captures removed since (queued, ahead_padded: bench rows) recorded on a thread too
+    count = CUBLAS_WORKSPACES.get(graph_capture, CUBLAS_WORKSPACES["ahead"])
+    workspaces = count * cublas_workspace if fixed_buffers else 0
     if tile:  # revision 4: the head's buffers are gone before the top layer's backward begins
         head += tile
         after_layers = max(head, working)
@@ -404,7 +407,7 @@ def cell_recipe(cell: dict, train: dict, kernels: str) -> dict:
         offload_prefetch=bool(train.get("offload_prefetch", True)),
         # layers offloaded only by the per-batch plan (scripts/checkpointing.py: CheckpointPlan)
         offload_every=int(train.get("offload_layers", 0) or 0) if train.get("gradient_checkpointing") == "auto" else 0,
-        cuda_graphs=bool(train.get("cuda_graphs")),
+        graph_capture=train.get("cuda_graphs_capture", "synchronized") if train.get("cuda_graphs") else None,
         cublas_workspace=cublas_workspace_bytes(train.get("cublas_workspace_config")),
     )
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import recipe
-from memory_model import GRAPH_PEAK_FACTOR, ModelShape, predict_peak
+from memory_model import CUBLAS_WORKSPACE_BYTES, GRAPH_PEAK_FACTOR, ModelShape, predict_peak
 from test_recipe import LENGTHS, build_tiny_model, train_tiny
 
 
@@ -29,14 +29,16 @@ def test_recording_ahead_trains_like_the_eager_step(tmp_path, monkeypatch):
     model_dir = build_tiny_model(tmp_path / "model", layers=3)
     shape = ModelShape.from_config(model_dir)
     recipe_args = dict(method="qlora", rank=8, targets="qv", kernels="none", double_quant=False, paged_optimizer=False)
-    recipe_args.update(cuda_graphs=True)  # the plan's count of cuBLAS workspaces
+    recipe_args.update(graph_capture="ahead")  # the recorded-ahead run's count of cuBLAS workspaces
     short = predict_peak(shape, checkpoint_every=0, seq=64, batch=2, **recipe_args)["total"]
     two = predict_peak(shape, checkpoint_every=0, checkpointed_layers=2, seq=320, batch=2, **recipe_args)["total"]
     budget_gib = (max(short, two) * GRAPH_PEAK_FACTOR + 1) / 1024**3  # a recording's headroom too
     settings = dict(pad_to_multiple_of=16, logging_steps=1, gradient_checkpointing="auto", memory_budget_gib=budget_gib)
     settings.update(recompute_lora_dropout=True, cuda_graphs=True)
     ahead, plan, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **settings)
-    at_first_batch, plan_at_first_batch, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **settings)
+    # without the recorder thread's two cuBLAS workspaces (memory_model.CUBLAS_WORKSPACES): the same room
+    fewer_workspaces = dict(settings, memory_budget_gib=budget_gib - 2 * CUBLAS_WORKSPACE_BYTES * GRAPH_PEAK_FACTOR / 1024**3)
+    at_first_batch, plan_at_first_batch, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **fewer_workspaces)
     eager, _, _ = train_tiny(model_dir, tmp_path / "c", LENGTHS, **dict(settings, cuda_graphs=False))
     summary = trainer.graphs.summary()
     recorder = trainer.graphs.recorder

@@ -126,7 +126,7 @@ def test_graph_step_serves_offloaded_checkpointed_batches(tiny_model, tmp_path, 
     monkeypatch.setattr(cuda_graphs.GraphedSteps, "replay_on_cpu", True)
     shape = ModelShape.from_config(tiny_model)
     recipe_args = dict(method="qlora", rank=8, targets="qv", kernels="none", paged_optimizer=False)
-    recipe_args.update(recompute_dropout=True, offload_checkpoints=True, cuda_graphs=True)  # the plan's workspaces
+    recipe_args.update(recompute_dropout=True, offload_checkpoints=True, graph_capture="synchronized")  # its workspaces
     short = predict_peak(shape, checkpoint_every=0, seq=64, batch=2, **recipe_args)["total"]
     long = predict_peak(shape, checkpoint_every=1, seq=320, batch=2, **recipe_args)["total"]
     budget_gib = max(short, long) * GRAPH_PEAK_FACTOR / GIB * 1.0001
