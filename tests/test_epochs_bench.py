@@ -123,7 +123,7 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
             cuda_graphs_loop_ahead=2,
             cuda_graphs_coarse_multiple=128,
             cuda_graphs_coarse_steps=100,
-            cuda_graphs_headroom=1.05,
+            cuda_graphs_headroom=1.02,
         ),
     )
     lean = specs["lean"][1]

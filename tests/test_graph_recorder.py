@@ -37,7 +37,9 @@ def test_recording_ahead_trains_like_the_eager_step(tmp_path, monkeypatch):
     settings.update(recompute_lora_dropout=True, cuda_graphs=True)
     ahead, plan, trainer = train_tiny(model_dir, tmp_path / "a", LENGTHS, cuda_graphs_capture="ahead", **settings)
     # without the recorder thread's two cuBLAS workspaces (memory_model.CUBLAS_WORKSPACES): the same room
-    fewer_workspaces = dict(settings, memory_budget_gib=budget_gib - 2 * CUBLAS_WORKSPACE_BYTES * GRAPH_PEAK_FACTOR / 1024**3)
+    fewer_workspaces = dict(
+        settings, memory_budget_gib=budget_gib - 2 * CUBLAS_WORKSPACE_BYTES * GRAPH_PEAK_FACTOR / 1024**3
+    )
     at_first_batch, plan_at_first_batch, _ = train_tiny(model_dir, tmp_path / "b", LENGTHS, **fewer_workspaces)
     eager, _, _ = train_tiny(model_dir, tmp_path / "c", LENGTHS, **dict(settings, cuda_graphs=False))
     summary = trainer.graphs.summary()

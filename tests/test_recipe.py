@@ -303,14 +303,14 @@ def test_checkpoint_plan_keeps_headroom_for_recorded_batches(tmp_path):
     model_config.write_text(json.dumps(LLAMA2_7B))
     cell = dict(CELL, lora_r=64)
     train = dict(
-        TRAIN, gradient_checkpointing="auto", memory_budget_gib=8, kernels="liger", recompute_lora_dropout=True
+        TRAIN, gradient_checkpointing="auto", memory_budget_gib=7.9, kernels="liger", recompute_lora_dropout=True
     )
     eager = checkpointing.CheckpointPlan([], model_config, cell, train, "liger")
     graphed = checkpointing.CheckpointPlan([], model_config, cell, dict(train, cuda_graphs=True), "liger")
     capped = checkpointing.CheckpointPlan(
         [], model_config, cell, dict(train, cuda_graphs=True, cuda_graphs_max_tokens=512), "liger"
     )
-    # 7B q/v, unpaged AdamW, one row of 1,024 tokens recorded: 7.79 GiB predicted without checkpointing (x 1.03 = 8.02)
+    # 7B q/v, unpaged AdamW, one row of 1,024 tokens: 7.67 GiB predicted without checkpointing eager, 7.73 recorded (x 1.03 = 7.96)
     assert eager.layers_for(1, 1024) == () and capped.layers_for(1, 1024) == ()
     assert graphed.layers_for(1, 1024) != ()
     shape = ModelShape.from_config(model_config)
@@ -318,7 +318,7 @@ def test_checkpoint_plan_keeps_headroom_for_recorded_batches(tmp_path):
     model_peak = predict_peak(
         shape, checkpoint_every=0, checkpointed_layers=count, seq=1024, batch=1, **graphed.recipe
     )["total"]
-    assert model_peak * GRAPH_PEAK_FACTOR <= 8 * 1024**3
+    assert model_peak * GRAPH_PEAK_FACTOR <= 7.9 * 1024**3
     # the plan's expected peak carries the headroom of a recorded batch, not of an eager one
     assert graphed.predicted_peak_bytes() == int(model_peak * GRAPH_PEAK_FACTOR)
     assert (
@@ -352,9 +352,9 @@ def test_a_smaller_graph_headroom_recomputes_fewer_layers_within_the_budget(tmp_
         assert len(lower.layers_for(4, seq)) <= len(default.layers_for(4, seq))
         fewer += len(default.layers_for(4, seq)) - len(lower.layers_for(4, seq))
         assert lower.predicted[(4, seq)] <= 8 * 1024**3 and default.predicted[(4, seq)] <= 8 * 1024**3
-    # 256 tokens a row: 1 layer recomputed within 8 / 1.03 GiB, none within 8 / 1.02
-    assert (len(default.layers_for(4, 256)), len(lower.layers_for(4, 256))) == (1, 0)
-    assert fewer == 4  # over the eight shapes of a batch-4 guanaco epoch at multiples of 128
+    # 768 tokens a row: 25 layers recomputed within 8 / 1.03 GiB, 24 within 8 / 1.02
+    assert (len(default.layers_for(4, 768)), len(lower.layers_for(4, 768))) == (25, 24)
+    assert fewer == 2  # over the eight shapes of a batch-4 guanaco epoch at multiples of 128
     request = memory_model.expected_peak(model_config, cell, dict(train, pad_to_multiple_of=128), 1024, "liger", True)
     lower_request = memory_model.expected_peak(
         model_config, cell, dict(train, pad_to_multiple_of=128, cuda_graphs_headroom=1.02), 1024, "liger", True
