@@ -66,8 +66,9 @@ GIB = 1024**3
 # fused head's tile and the recordings' cuBLAS workspaces (1.023-1.048 at the 7B shape, where 1.05-1.08
 # held them; 1.35x at SmolLM2-135M's). Over revision 4, on one H200: 0.973-1.020 at the 7B shape
 # (epochs_h200_shipped, _recorded, _recorder_split_b1, _unsloth_peak, _warm_up, memory_h200_head),
-# 0.959-1.009 at SmolLM2's (memory_h200_head, epochs_h200_revision4_smollm2). A batch the graphs will record is planned within
-# budget / this and expected at the prediction x this (scripts/checkpointing.py).
+# 0.959-1.009 at SmolLM2's (memory_h200_head, epochs_h200_revision4_smollm2). A batch the graphs
+# will record is planned within budget / this and expected at the prediction x this
+# (scripts/checkpointing.py).
 GRAPH_PEAK_FACTOR = 1.03  # the default of train.cuda_graphs_headroom
 # The model's revision, recorded with every measured row: a row of an earlier revision was
 # planned by it (its layers are replayed with ``recompute_beside_whole``). 2: live_layers above.

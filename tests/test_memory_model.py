@@ -296,3 +296,46 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
         # revision 4 (the headroom of the config as it ships) asks for what the row measured, within 10 %
         assert row["peak_allocated_gib"] <= requested / GIB <= row["peak_allocated_gib"] * 1.10
         assert requested >= eager.predicted_peak_bytes()  # the longest batch may be an eager one
+
+
+def test_revision_4_counts_the_fused_heads_tile_and_the_cublas_workspaces():
+    """Revision 4 (measured at SmolLM2-135M's recorded peak, bench/results/memory_h200_head): TRL's
+    fused LM head keeps one [min(tokens, 4096), 32768] bf16 tile of logits beside every layer's
+    activations, instead of the top layer's backward working set; cuBLAS keeps a workspace per
+    thread and stream. The constants are TRL's and torch's own."""
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils as trl_utils
+
+    from memory_model import (
+        CUBLAS_WORKSPACE_BYTES,
+        HEAD_TILE_TOKENS,
+        HEAD_TILE_VOCAB,
+        cublas_workspace_bytes,
+        head_tile_bytes,
+    )
+
+    assert (HEAD_TILE_TOKENS, HEAD_TILE_VOCAB) == (
+        chunked_logprob.TOKEN_CHUNK_SIZE,
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
+    )
+    assert head_tile_bytes(4 * 1024, "pipeline", "liger") == 4096 * 32768 * 2  # 0.25 GiB
+    assert head_tile_bytes(8192, "pipeline", "liger") == head_tile_bytes(4096, "pipeline", "liger")
+    assert head_tile_bytes(1024, "tutorial", "none") == 0  # its head term predates the fused head
+    assert cublas_workspace_bytes(None) == CUBLAS_WORKSPACE_BYTES == cublas_workspace_bytes(":4096:8")
+    assert cublas_workspace_bytes(":4096:2:16:8") == 8 * 2**20 + 128 * 1024  # config/lean.yaml's
+    smollm2 = ModelShape(
+        hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied_embeddings=True
+    )
+    recipe = dict(method="qlora", rank=64, targets="qv", seq=1024, batch=4, kernels="liger", recompute_dropout=True)
+    recipe.update(checkpoint_every=0, checkpointed_layers=17, recorded=True, paged_optimizer=False)
+    ahead = predict_peak(smollm2, graph_capture="ahead", **recipe)
+    eager = predict_peak(smollm2, **recipe)
+    assert ahead["total"] - eager["total"] == ahead["cublas_workspaces"] - eager["cublas_workspaces"] == 4 * 2**25
+    head = 4096 * (2 + 4 + 2) * 576 + 4096 * 32768 * 2
+    assert ahead["loss_head"] == head > ahead["backward_working_set"]
+    parts = ("weights", "adapter", "cublas_workspaces", "activations", "loss_head")
+    assert ahead["total"] == sum(ahead[k] for k in parts)  # the working set comes after the head's buffers
+    # revision 3's count of the same step, and what the history measured there: 1.295 GiB (12 steps)
+    old = predict_peak(smollm2, graph_capture="ahead", fixed_buffers=False, **recipe)
+    assert old["total"] / GIB < 0.95 < 1.25 < ahead["total"] / GIB
+    assert ahead["total"] / GIB == pytest.approx(1.295, rel=0.05)
