@@ -26,7 +26,7 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "scripts")]
 from epoch_rows import JOBS  # noqa: E402
-from epoch_table import write  # noqa: E402
+from epoch_table import row_shape, write  # noqa: E402
 from epochs import CELL_KEYS, SHAPES, WARMUP, split_cell_keys  # noqa: E402
 from gpu_recipes import bench_cell  # noqa: E402
 from memory_model import REVISION  # noqa: E402
@@ -137,12 +137,13 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
     return round(total["total"] / GIB, 3)
 
 
-def row_shape(row: dict) -> str:
-    """The model shape a row trained (bench/epochs.py SHAPES; rows before it was recorded name it
-    by their model folder, the 7B shape's by default)."""
-    if "shape" in row:
-        return row["shape"]
-    return "smollm2" if "smollm2" in Path(row.get("model_dir", "")).name else "7b"
+def shape_configs(folder: Path) -> dict[str, Path]:
+    """Each bench shape's config.json, written once into ``folder`` (a row's: ``[row_shape(row)]``)."""
+    configs = {}
+    for name, config in SHAPES.items():
+        configs[name] = folder / f"{name}-shape.config.json"
+        configs[name].write_text(json.dumps(config))
+    return configs
 
 
 def memory_overrides(row: dict) -> dict:
@@ -168,16 +169,16 @@ def main(results: Path, rows_dir: Path, replan: bool, not_run: list[str], config
     report = json.loads(results.with_suffix(".json").read_text())
     notes = report.setdefault("completed_on_cpu", [])
     if replan:
-        model_config = results.parent / "bench-shape.config.json"
+        configs = shape_configs(results.parent)
         for row in report["rows"]:
             if row.get("status") == "ok" and row["kind"] != "unsloth":
-                model_config.write_text(json.dumps(SHAPES[row_shape(row)]))
                 was = row["predicted_peak_gib"]
-                row["predicted_peak_gib"] = row_prediction_gib(row, rows_dir, config, model_config)
+                row["predicted_peak_gib"] = row_prediction_gib(row, rows_dir, config, configs[row_shape(row)])
                 note = f"{row['recipe']} {row['job']}: predicted_peak_gib {was} -> {row['predicted_peak_gib']} ({why})"
                 if row["predicted_peak_gib"] != was and note not in notes:  # once for the runs of a row
                     notes.append(note)
-        model_config.unlink(missing_ok=True)
+        for path in configs.values():
+            path.unlink()
     examples = report["rows_files"]["rows"]  # every job trains the same rows, in its own order
     for row in report["rows"]:  # runs before capped_at_step was recorded: a capped epoch row has no epoch time
         if "rows" in JOBS[row["job"]] and row.get("status") == "ok" and "capped_at_step" not in row:

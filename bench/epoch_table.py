@@ -76,9 +76,17 @@ def summarise(results: list[dict]) -> list[dict]:
     return table
 
 
+def row_shape(row: dict) -> str:
+    """The model shape a row trained (bench/epochs.py SHAPES; rows before it was recorded name it
+    by their model folder, the 7B shape's by default)."""
+    if "shape" in row:
+        return row["shape"]
+    return "smollm2" if "smollm2" in Path(row.get("model_dir", "")).name else "7b"
+
+
 def markdown(report: dict) -> str:
     rows = report.get("rows_files", {})
-    shapes = {"smollm2" if "smollm2" in row.get("model_dir", "") else "7b" for row in report.get("rows", [])}
+    shapes = {row_shape(row) for row in report.get("rows", [])}
     shape = "SmolLM2-135M shape" if shapes == {"smollm2"} else "Llama-2-7B shape"
     lines = [f"Card: {report['device']}. {shape}, random weights, QLoRA q/v r64, lr 2e-4.", ""]
     lines += ["| " + " | ".join(COLUMNS.values()) + " |", "|---" * len(COLUMNS) + "|"]

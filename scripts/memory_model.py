@@ -210,9 +210,14 @@ def layer_activation_bytes(
     return norms + attention + mlp + adapters
 
 
-def loss_head_bytes(shape: ModelShape, recipe: str, kernels: str, autocast: bool = True) -> int:
-    """Bytes per token for the logits and cross-entropy at the step's peak."""
+def loss_head_bytes(
+    shape: ModelShape, recipe: str, kernels: str, autocast: bool = True, fused_head: bool = True
+) -> int:
+    """Bytes per token for the logits and cross-entropy at the step's peak. ``fused_head`` False:
+    revisions 1-3's count of the liger pipeline's head (the hidden's gradient only)."""
     if recipe != "tutorial" and kernels == "liger":
+        if not fused_head:
+            return 4 * shape.hidden
         # TRL's fused LM head (TRL >= 1.16 replaces Liger's fused linear cross-entropy with it): its
         # own copy of the hidden states, their gradient in fp32 and its bf16 copy at the backward's
         # end, each measured there (bench/results/memory_h200_head); its tile: head_tile_bytes
@@ -320,7 +325,7 @@ def predict_peak(
     prefetched = 1 if offloaded > 1 and offload_prefetch and not recorded else 0
     kept = stored * (input_bytes + masks) - (offloaded - prefetched) * input_bytes
     activations = tokens * (live * a_layer + kept)
-    head = tokens * loss_head_bytes(shape, recipe, kernels, autocast)
+    head = tokens * loss_head_bytes(shape, recipe, kernels, autocast, fused_head=fixed_buffers)
     working = tokens * 2 * compute * (shape.intermediate + shape.hidden)  # one layer's backward grads
     tile = head_tile_bytes(tokens, recipe, kernels) if fixed_buffers else 0
     # captures removed since (queued, ahead_padded: bench rows) recorded on a thread too
@@ -330,8 +335,6 @@ def predict_peak(
         head += tile
         after_layers = max(head, working)
     else:  # revisions 1-3, and the recipes whose head predates the fused one: summed, as calibrated
-        if recipe != "tutorial" and kernels == "liger":
-            head = tokens * 4 * shape.hidden  # revisions 1-3: the hidden's gradient only
         after_layers = head + working
     total = weights + adapter + workspaces + activations + after_layers
     forward = 0

@@ -268,11 +268,11 @@ def test_memory_model_within_ten_percent_of_every_measured_epoch_row(rows_dir, r
 
     report = json.loads((PROJECT / "bench" / "results" / results).read_text())
     config = PROJECT / "config" / "llama2-7b.yaml"
-    model_config = rows_dir / "bench-shape.json"
+    configs = epoch_results.shape_configs(rows_dir)
     measured = [r for r in report["rows"] if r["status"] == "ok" and r["kind"] != "unsloth"]  # its own model
     assert {(r["recipe"], r["job"]) for r in measured} >= RESULTS[results]
     for row in measured:
-        model_config.write_text(json.dumps(epoch_results.SHAPES[epoch_results.row_shape(row)]))
+        model_config = configs[epoch_results.row_shape(row)]
         replayed = epoch_results.replayed_plan(row, rows_dir, config, model_config)
         predicted = replayed[0] if replayed else epoch_results.row_prediction_gib(row, rows_dir, config, model_config)
         assert predicted == pytest.approx(row["predicted_peak_gib"], abs=1e-3), row["recipe"]
