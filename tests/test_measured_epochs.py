@@ -256,6 +256,12 @@ RESULTS = {  # each file's rows that must be there
     "memory_h200_head_7b.json": {("batch4", "epoch_b4")},
     "epochs_h200_revision4_smollm2.json": {("smollm2_b4", "epoch_b4"), ("smollm2_b1", "seed_epoch_b1")},
     "epochs_h200_revision4.json": {("pipeline", "seed_epoch_b1"), ("tutorial", "epoch_b4"), ("batch4", "epoch_b4")},
+    "epochs_h200_eager_long.json": {
+        ("batch4", "epoch_b4"),
+        ("eager_over_640", "epoch_b4"),
+        ("eager_over_768", "epoch_b4"),
+        ("tutorial", "epoch_b4"),
+    },
 }
 
 
