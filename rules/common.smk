@@ -11,7 +11,7 @@ from snakemake.utils import Paramspace
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from config_check import ConfigError, push_settings, validate_config  # noqa: E402
 from grid import base_model_description, base_model_names, grid_table  # noqa: E402
-from memory_model import expected_peak  # noqa: E402
+from memory_plan import expected_peak  # noqa: E402
 from job_resources import LIGHT_MEM_MB, LIGHT_RUNTIME_MIN, train_runtime_min  # noqa: E402
 from preemption import sbatch_options  # noqa: E402
 from site_check import (  # noqa: E402

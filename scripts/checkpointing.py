@@ -17,16 +17,8 @@ import torch
 
 from layer_offload import LayerOffload
 from lora_dropout import checkpoint_context, recompute_needs_rng
-from memory_model import (
-    GIB,
-    ModelShape,
-    cell_recipe,
-    checkpoint_layer_sets,
-    every_kth_layer,
-    graph_headroom,
-    offloaded_layers,
-    planned_batch,
-)
+from memory_model import GIB, ModelShape, every_kth_layer, offloaded_layers
+from memory_plan import cell_recipe, checkpoint_layer_sets, graph_headroom, planned_batch
 from offload import offload_checkpoints
 
 
@@ -78,7 +70,7 @@ class CheckpointPlan:
     """``gradient_checkpointing: auto`` per batch: the memory model's fastest setting that
     fits the budget at this batch's (batch size, padded length), cached per shape; a batch
     that ``train.cuda_graphs`` will record keeps ``train.cuda_graphs_headroom`` (GRAPH_PEAK_FACTOR).
-    ``train.checkpoint_plan`` picks the candidate layer sets (memory_model.checkpoint_layer_sets)."""
+    ``train.checkpoint_plan`` picks the candidate layer sets (memory_plan.checkpoint_layer_sets)."""
 
     def __init__(self, layers: list, model_config: Path, cell: dict, train: dict, kernels: str):
         self.layers = layers

@@ -35,7 +35,8 @@ from cuda_graphs import GraphedSteps
 from graph_recorder import Recorder, padded_shapes
 from host_facts import HostFacts
 from lora_dropout import recompute_lora_dropout, recompute_needs_rng
-from memory_model import GIB, plan_for_cell
+from memory_model import GIB
+from memory_plan import plan_for_cell
 from modeling import apply_kernels, load_base_model, resolve_compute_dtype
 from nf4_dequantize import install as install_dequantize
 from train_metrics import memory_stats

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import PROJECT
-from memory_model import ModelShape, checkpoint_candidates, choose_checkpointing, lora_parameters, predict_peak
+from memory_model import ModelShape, lora_parameters, predict_peak
+from memory_plan import checkpoint_candidates, choose_checkpointing
 
 GIB = 1024**3
 BENCH = PROJECT / "bench" / "results"
@@ -99,7 +100,7 @@ def test_the_plan_keeps_a_layer_more_whole_at_the_7b_configs_budget():
     """The 7B config's 2,048 x 4 blocks at its 8 GiB budget with offloaded inputs: revision 1
     recomputed 30 layers (measured 6.748 GiB, bench/results/epochs_h200_offload_8gib); the layer it
     over-counted (0.78 GiB) leaves room for one more whole layer."""
-    from memory_model import cell_recipe, planned_batch
+    from memory_plan import cell_recipe, planned_batch
 
     cell = dict(method="qlora", lora_r=64, target_modules="qv", double_quant=False)
     train = dict(optimizer="adamw_torch_fused", recompute_lora_dropout=True, offload_checkpoints=True)
@@ -163,7 +164,7 @@ def test_the_plan_leaves_room_for_the_offloaded_layer_at_the_7b_configs_budget()
     GiB (bench/results/epochs_h200_offload_layers_2); revision 3 plans 30 (7.300 GiB measured,
     bench/results/epochs_h200_revision3). With the inputs on the device (as the config ships) the
     plan stays at 31."""
-    from memory_model import cell_recipe, planned_batch
+    from memory_plan import cell_recipe, planned_batch
 
     cell = dict(method="qlora", lora_r=64, target_modules="qv", double_quant=False)
     for offload_inputs, revision_2, revision_3 in ((True, 29, 30), (False, 31, 31)):
@@ -228,7 +229,7 @@ def test_train_jobs_request_the_predicted_gpu_memory(pipeline_run, tiny_config):
 
     from conftest import snakemake
     from grid import grid_table
-    from memory_model import plan_for_cell
+    from memory_plan import plan_for_cell
 
     planned = snakemake("-n", "--forcerun", "train", results_dir=pipeline_run).stdout
     requested = [int(m) for m in re.findall(r"rule train:.*?gpu_mem_mb=(\d+)", planned, flags=re.S)]
@@ -245,7 +246,7 @@ def test_train_jobs_request_the_predicted_gpu_memory(pipeline_run, tiny_config):
 
 @pytest.mark.parametrize(("batch", "lean"), [(4, None), (4, "lean_4.84"), (1, "lean_4.2"), (4, "config/lean.yaml")])
 def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch, lean):
-    """The train rule's gpu_mem_mb (memory_model.expected_peak): with CUDA graphs, the largest peak the
+    """The train rule's gpu_mem_mb (memory_plan.expected_peak): with CUDA graphs, the largest peak the
     per-batch plan expects over every padded batch length of the run (a recorded batch planned
     within budget / headroom and expected at prediction x headroom); without, the prediction at
     the longest batch. Lean: the rows measured at unsloth's peak, whose plans expected what the
@@ -256,7 +257,7 @@ def test_gpu_memory_request_covers_every_batch_the_plan_expects(tmp_path, batch,
     from epoch_results import memory_overrides
     from gpu_recipes import LLAMA2_7B as CONFIG
     from gpu_recipes import bench_cell
-    from memory_model import expected_peak
+    from memory_plan import expected_peak
 
     model_config = tmp_path / "config.json"
     model_config.write_text(json.dumps(CONFIG))
@@ -352,7 +353,7 @@ def test_the_dags_training_jobs_peak_within_their_budget_as_revision_4_plans(tmp
     from snakemake.utils import update_config
 
     from epochs import SHAPES
-    from memory_model import expected_peak
+    from memory_plan import expected_peak
 
     config = yaml_load(PROJECT / "config" / "config.yaml")
     for overlay in ("config/smollm2-gpu.yaml", "bench/configs/gpu-recipe-dag.yaml"):

@@ -12,7 +12,8 @@ import torch
 
 import checkpointing
 from gpu_recipes import LLAMA2_7B
-from memory_model import GIB, GRAPH_PEAK_FACTOR, ModelShape, choose_checkpointing, predict_peak
+from memory_model import GIB, ModelShape, predict_peak
+from memory_plan import GRAPH_PEAK_FACTOR, choose_checkpointing
 from test_recipe import LENGTHS, PROJECT, train_tiny
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import checkpointing
-import memory_model
+import memory_plan
 import recipe
 from gpu_recipes import LLAMA2_7B
-from memory_model import GRAPH_PEAK_FACTOR, ModelShape, predict_peak
+from memory_model import ModelShape, predict_peak
+from memory_plan import GRAPH_PEAK_FACTOR
 
 PROJECT = Path(__file__).resolve().parent.parent
 LOGGER = logging.getLogger("test_recipe")
@@ -355,8 +356,8 @@ def test_a_smaller_graph_headroom_recomputes_fewer_layers_within_the_budget(tmp_
     # 768 tokens a row: 25 layers recomputed within 8 / 1.03 GiB, 24 within 8 / 1.02
     assert (len(default.layers_for(4, 768)), len(lower.layers_for(4, 768))) == (25, 24)
     assert fewer == 2  # over the eight shapes of a batch-4 guanaco epoch at multiples of 128
-    request = memory_model.expected_peak(model_config, cell, dict(train, pad_to_multiple_of=128), 1024, "liger", True)
-    lower_request = memory_model.expected_peak(
+    request = memory_plan.expected_peak(model_config, cell, dict(train, pad_to_multiple_of=128), 1024, "liger", True)
+    lower_request = memory_plan.expected_peak(
         model_config, cell, dict(train, pad_to_multiple_of=128, cuda_graphs_headroom=1.02), 1024, "liger", True
     )
     assert request["expected"] == int(request["total"] * 1.03) and lower_request["expected"] == int(
