@@ -350,16 +350,16 @@ def test_the_dags_training_jobs_peak_within_their_budget_as_revision_4_plans(tmp
     the budget and not below 0.95x the plan (the recorded bench rows: 0.959-1.020x; these jobs
     0.986x). Under revision 3 the same jobs reached 1.354 and 1.339 GiB at a plan of 0.99 and 1.00
     (bench/results/dag_h200_gpu_recipe)."""
+    import yaml
     from snakemake.utils import update_config
 
-    from epochs import SHAPES
+    from epoch_results import shape_configs
     from memory_plan import expected_peak
 
-    config = yaml_load(PROJECT / "config" / "config.yaml")
+    config = yaml.safe_load((PROJECT / "config" / "config.yaml").read_text())
     for overlay in ("config/smollm2-gpu.yaml", "bench/configs/gpu-recipe-dag.yaml"):
-        update_config(config, yaml_load(PROJECT / overlay))  # as Snakemake merges --configfile files
-    model_config = tmp_path / "config.json"
-    model_config.write_text(json.dumps(SHAPES["smollm2"]))  # SmolLM2-135M-Instruct's shape
+        update_config(config, yaml.safe_load((PROJECT / overlay).read_text()))  # as Snakemake merges them
+    model_config = shape_configs(tmp_path)["smollm2"]  # SmolLM2-135M-Instruct's shape
     metrics = json.loads((BENCH / "dag_h200_revision4" / f"train_metrics_{method}.json").read_text())
     assert metrics["device"] == "NVIDIA H200" and metrics["cuda_graphs"]["replayed_steps"] == 249
     cell = {k: metrics[k] for k in ("method", "lora_r", "lora_dropout", "target_modules", "double_quant")}
@@ -371,9 +371,3 @@ def test_the_dags_training_jobs_peak_within_their_budget_as_revision_4_plans(tmp
     assert metrics["checkpoint_steps_by_layers"]["0"] < 250  # the long batches recompute
     measured = metrics["train_peak_allocated_bytes"]
     assert 0.95 * planned <= measured <= budget
-
-
-def yaml_load(path):
-    import yaml
-
-    return yaml.safe_load(path.read_text())
