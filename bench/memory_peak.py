@@ -9,6 +9,8 @@ recorded CUDA-graph steps peaked ~0.55 GiB above the eager plan at batch 4, beca
 recording kept the autograd graph behind its loss: bench/results/graph_memory_h200_recorded).
 """
 
+from collections import Counter
+
 import torch
 
 GIB = 1024**3
@@ -57,11 +59,13 @@ def peak_breakdown(snapshot: dict, baseline: int, top: int = 30, device: int = 0
             at_peak[event["addr"]] = event
         elif event["action"] == "free_requested":
             at_peak.pop(event["addr"], None)
-    groups: dict[str, list[int]] = {}
+    groups: dict[str, list] = {}
     for event in at_peak.values():
-        group = groups.setdefault(site(event.get("frames", [])), [0, 0])
+        group = groups.setdefault(site(event.get("frames", [])), [0, 0, Counter(), Counter()])
         group[0] += event["size"]
         group[1] += 1
+        group[2][event["size"]] += 1
+        group[3][event.get("user_metadata") or "untagged"] += 1  # the step it was allocated in
     ranked = sorted(groups.items(), key=lambda item: -item[1][0])
     return {
         "peak_gib": round(peak / GIB, 3),
@@ -75,20 +79,40 @@ def peak_breakdown(snapshot: dict, baseline: int, top: int = 30, device: int = 0
             "site": site(trace[peak_index].get("frames", []), depth=10) if peak_index >= 0 else None,
         },
         "by_site": [
-            {"site": name, "gib": round(size / GIB, 4), "blocks": count} for name, (size, count) in ranked[:top]
+            {
+                "site": name,
+                "gib": round(size / GIB, 4),
+                "blocks": count,
+                # the most common block sizes and the steps they were allocated in (step_levels' tags)
+                "sizes": {str(size): n for size, n in sizes.most_common(4)},
+                "allocated_in": dict(steps.most_common(4)),
+            }
+            for name, (size, count, sizes, steps) in ranked[:top]
         ],
         "other_sites_gib": round(sum(g[0] for _, g in ranked[top:]) / GIB, 4),
     }
 
 
+def tag_allocations(tag: str) -> None:
+    """Attach ``tag`` to the allocations from here on in the recorded history (the trace's
+    ``user_metadata``), where this torch can (``_set_memory_metadata``, recent releases)."""
+    setter = getattr(torch.cuda.memory, "_set_memory_metadata", None)
+    if setter is not None:
+        setter(tag)
+
+
 def step_levels():
     """A Trainer callback: after every step, the running peak and the allocated bytes (GiB);
-    a recipe whose peak grows over the run shows at which steps."""
+    a recipe whose peak grows over the run shows at which steps. Each step's allocations carry
+    its number in a recorded history, so a block alive at the peak says which step made it."""
     from transformers import TrainerCallback
 
     class StepLevels(TrainerCallback):
         def __init__(self):
             self.levels: list[list] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            tag_allocations(f"step {state.global_step}")
 
         def on_step_end(self, args, state, control, **kwargs):
             peak, now = torch.cuda.max_memory_allocated() / GIB, torch.cuda.memory_allocated() / GIB

@@ -238,8 +238,8 @@ def test_memory_peak_replays_the_allocator_history_to_its_peak():
         dict(action="alloc", addr=2, size=50, frames=frames("trl/utils.py")),
         dict(action="free_requested", addr=1, size=100),
         dict(action="free_completed", addr=1, size=100),
-        dict(action="alloc", addr=3, size=80, frames=frames("peft/lora.py")),
-        dict(action="alloc", addr=4, size=30, frames=frames("peft/lora.py")),
+        dict(action="alloc", addr=3, size=80, frames=frames("peft/lora.py"), user_metadata="step 0"),
+        dict(action="alloc", addr=4, size=30, frames=frames("peft/lora.py"), user_metadata="step 1"),
         dict(action="free_requested", addr=9, size=40),  # a block allocated before the recording
     ]
     gib = 1024**3
@@ -253,3 +253,8 @@ def test_memory_peak_replays_the_allocator_history_to_its_peak():
         ("trl/utils.py:1:utils", 1),
     ]
     assert breakdown["traced_live_at_peak_gib"] == round(160 * (gib // 1000) / gib, 3)
+    # each site's blocks by size and by the step that allocated them (untagged: before the first)
+    lora = breakdown["by_site"][0]
+    assert lora["sizes"] == {str(80 * gib // 1000): 1, str(30 * gib // 1000): 1}
+    assert lora["allocated_in"] == {"step 0": 1, "step 1": 1}
+    assert breakdown["by_site"][1]["allocated_in"] == {"untagged": 1}
