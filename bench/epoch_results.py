@@ -67,6 +67,8 @@ def planned_peak_gib(
         plan.recipe = dict(plan.recipe, offload_every=0)
     if revision < 4:  # revisions 1-3 counted neither the fused head's tile nor cuBLAS's workspaces
         plan.recipe = dict(plan.recipe, fixed_buffers=False)
+    if revision < 5:  # revisions 3-4 counted the offloading forward's peak without its extras
+        plan.recipe = dict(plan.recipe, forward_extras=False)
     if planned_capture:
         plan.recipe = dict(plan.recipe, graph_capture=planned_capture)
     for rows, seq in batches:

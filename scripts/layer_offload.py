@@ -29,8 +29,7 @@ import functools
 
 import torch
 
-# Saved tensors below this stay on the device: norms' statistics, RoPE tables, masks.
-MIN_OFFLOAD_BYTES = 1 << 20
+from memory_model import MIN_OFFLOAD_BYTES  # saved tensors below it stay on the device (counted there)
 
 
 def _dense(tensor: torch.Tensor) -> bool:

@@ -124,6 +124,20 @@ def recompute_needs_rng(model) -> bool:
         return True
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` as the caller's autocast runs it (both operands in its dtype: the same
+    numbers), without autocast's cache: it keeps the cast of a weight that requires grad until
+    the forward's autocast region ends, each lora_A's bf16 copy alive beside every layer's
+    activations (32 MiB at the 7B shape's forward peak with q/v adapters, torch's allocation
+    history in bench/results/memory_h200_steps). The backward casts the weight again."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return F.linear(x, weight)
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return F.linear(x.to(dtype), weight.to(dtype))
+
+
 class DropoutLinearFunction(torch.autograd.Function):
     """``F.linear(dropout(x), weight)`` keeping x and the packed mask, not the dropout output."""
 
@@ -140,7 +154,7 @@ class DropoutLinearFunction(torch.autograd.Function):
             kept, mask_dtype = pack_mask(mask) if packed else mask, mask.dtype
             if masks is not None:
                 masks.masks.append((kept, packed, mask_dtype))
-        out = F.linear(dropped, weight)  # under the caller's autocast, as nn.Linear runs it
+        out = _linear(dropped, weight)
         ctx.save_for_backward(x, kept, weight)
         ctx.packed, ctx.mask_dtype, ctx.scale = packed, mask_dtype, scale
         ctx.device_type = x.device.type

@@ -31,7 +31,9 @@ With layers kept whole in host memory (``offload_every``, scripts/layer_offload.
 offloaded layer keeps no input on the device, and the plan also peaks in the forward, at the top
 layer's MLP: the whole layers, the last offloaded one beside them (its tensors wait there for
 their copy to the host), the kept inputs and the MLP's transients; the total is the larger of
-the two peaks (bench/results/epochs_h200_offload_peak, epochs_h200_revision3).
+the two peaks (bench/results/epochs_h200_offload_peak, epochs_h200_revision3). Revision 5 adds
+what torch's allocation history found beside them: the embedding output, the top MLP's input and
+each offloaded layer's small saved tensors (bench/results/memory_h200_steps).
 
 ``a_layer`` counts the bytes per token that autograd keeps for one decoder layer, tensor by
 tensor (see ``layer_activation_bytes``); frozen base weights keep nothing for their inputs
@@ -71,7 +73,11 @@ GIB = 1024**3
 # activations, and cuBLAS keeps a 32 MiB workspace per thread and stream (2 eager, 4-6 with CUDA
 # graphs): 0.40 GiB that SmolLM2-135M's recorded steps measured over revision 3 at a 1 GiB budget
 # (bench/results/memory_h200_head); at the 7B shape the graph headroom had been holding it.
-REVISION = 4
+# 5: the forward's peak with offloaded layers also holds the embedding output (LlamaModel's forward
+# keeps it to its end), the top MLP's input, and each offloaded layer's saved tensors under
+# MIN_OFFLOAD_BYTES: 0.067 GiB of the 0.10 that eager offloading steps beside recorded graphs measured
+# over revision 4 (bench/results/memory_h200_steps; the rest, autocast's cached lora_A casts, is gone).
+REVISION = 5
 # trl.kernels.chunked_logprob (TRL 1.16): TOKEN_CHUNK_SIZE rows of _CHUNKED_LOGPROB_CHUNK_SIZE logits
 # (trl.trainer.utils) per tile, in the compute dtype; tests/test_memory_model.py reads TRL's values.
 HEAD_TILE_TOKENS = 4096
@@ -82,6 +88,9 @@ HEAD_TILE_VOCAB = 32768
 # recording ahead the recorder thread's (6 at the 7B shape; 4 at SmolLM2's, its thread's not yet made).
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 CUBLAS_WORKSPACES = {None: 2, "synchronized": 4, "ahead": 6}  # by train.cuda_graphs_capture (None: graphs off)
+# Saved tensors under this stay on the device when their layer goes to host memory
+# (scripts/layer_offload.py): lora_A's outputs, SDPA's log-sum-exp, the norms' statistics.
+MIN_OFFLOAD_BYTES = 1 << 20
 QLORA_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weights
 DOUBLE_QUANT_BLOCK = 256  # double quantisation: absmax in 8 bit, one fp32 per 256 of them
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -202,6 +211,14 @@ def layer_activation_bytes(
     return norms + attention + mlp + adapters
 
 
+def offloaded_layer_residue(shape: ModelShape, tokens: int, rank: int, targets: str, kernels: str) -> int:
+    """Bytes an offloaded layer keeps on the device (revision 5): its saved tensors under
+    MIN_OFFLOAD_BYTES (scripts/layer_offload.py), of lora_A's outputs (bf16 under autocast), SDPA's
+    log-sum-exp (fp32 per head) and, with Liger's RMSNorm, the two norms' rstd (fp32)."""
+    per_token = [2 * rank] * len(TARGETS[targets]) + [4 * shape.heads] + ([4, 4] if kernels == "liger" else [])
+    return sum(tokens * size for size in per_token if tokens * size < MIN_OFFLOAD_BYTES)
+
+
 def loss_head_bytes(
     shape: ModelShape, recipe: str, kernels: str, autocast: bool = True, fused_head: bool = True
 ) -> int:
@@ -261,6 +278,7 @@ def predict_peak(
     graph_capture: str | None = None,
     cublas_workspace: int = CUBLAS_WORKSPACE_BYTES,
     fixed_buffers: bool = True,
+    forward_extras: bool = True,
 ) -> dict:
     """Predicted peak of torch-allocated bytes, term by term (``host_offload``: pinned host
     memory, outside the total). ``checkpointed_layers``: the layers that recompute, where a
@@ -273,7 +291,8 @@ def predict_peak(
     recorded step); 0, as revision 2 counted them, for none. ``graph_capture``: how the run records
     its steps (train.cuda_graphs_capture; None: graphs off), for the count of cuBLAS workspaces
     (``cublas_workspace`` bytes each). ``fixed_buffers`` False: without the head's tile and the
-    workspaces, as revisions 1-3 counted, to replay the plans of rows measured under them."""
+    workspaces, as revisions 1-3 counted, to replay the plans of rows measured under them.
+    ``forward_extras`` False: the forward's peak with offloaded layers as revisions 3-4 counted it."""
     compute = 2  # bf16/fp16
     if method == "qlora":
         linear = shape.linear_parameters()
@@ -337,6 +356,14 @@ def predict_peak(
         dequantised = shape.intermediate * shape.hidden * compute if method == "qlora" else 0
         passing = tokens * compute * (shape.intermediate + shape.hidden) + dequantised
         forward = weights + adapter + workspaces + tokens * ((full + 1) * a_layer + kept) + passing
+        if forward_extras:  # revision 5
+            # the embedding output where layer 0 is offloaded (offload_checkpoints keeps it as an input
+            # already), the top MLP's input, each offloaded layer's small saved tensors
+            embedding = input_bytes if 0 in in_host and not offload_checkpoints else 0
+            forward += tokens * (embedding + compute * shape.hidden)
+            forward += len(in_host) * offloaded_layer_residue(shape, tokens, rank, targets, kernels)
+            if graph_capture is None:  # the LoRA gradients: none until the backward (zero_grad frees
+                forward -= lora * 4  # them), where CUDA graphs bind buffers once a shape is recorded
         total = max(total, forward)
     return {
         "weights": int(weights),

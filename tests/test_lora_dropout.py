@@ -111,6 +111,34 @@ def test_checkpointed_recomputation_reuses_the_forward_masks_every_time():
     assert torch.equal(out.detach(), expected)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts the CUDA allocator's bytes (no CPU counter)")
+def test_folded_dropout_keeps_no_cast_of_its_weight_through_the_forward():
+    """Autocast caches the cast of a weight that requires grad until its region ends: nn.Linear's
+    bf16 copy of each lora_A stays beside the whole forward. The folded lora_A casts its own:
+    after its forwards the device holds their outputs and packed masks, nothing more."""
+    from lora_dropout import DropoutLinear
+
+    torch.manual_seed(0)
+    tokens, features, rank = 512, 4096, 64
+    linears = [torch.nn.Linear(features, rank, bias=False, device="cuda") for _ in range(3)]
+    x = torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def held_after_forwards() -> int:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            before = torch.cuda.memory_allocated()
+            outputs = [linear(x) for linear in linears]
+            held = torch.cuda.memory_allocated() - before
+        del outputs  # alive until counted
+        return held
+
+    held_after_forwards()  # this thread's cuBLAS workspace, allocated at its first matmul
+    output, cast = tokens * rank * 2, rank * features * 2
+    assert held_after_forwards() == 3 * (output + cast)  # nn.Linear: autocast's cached bf16 weights
+    for linear in linears:
+        linear.__class__, linear.dropout_p = DropoutLinear, 0.1
+    assert held_after_forwards() == 3 * (output + tokens * features // 8)  # outputs and packed masks
+
+
 # The pipeline's dtypes: float32 on a CPU, bf16 on a GPU (a CPU's bf16 dropout rounds twice).
 DTYPES = [("cuda", torch.float32), ("cuda", torch.bfloat16)] if "cuda" in DEVICES else [("cpu", torch.float32)]
 
