@@ -263,6 +263,11 @@ RESULTS = {  # each file's rows that must be there
         ("tutorial", "epoch_b4"),
     },
     "memory_h200_mixed.json": {("eager_over_640", "epoch_b4")},
+    # the same 60 steps with each block's step (revision 4's plans); the batch-4 epoch against the
+    # tutorial's on a sixth machine; revision 5's plans with the folded lora_A casting its own weight
+    "memory_h200_steps.json": {("eager_over_640", "epoch_b4")},
+    "epochs_h200_goal2.json": {("batch4", "epoch_b4"), ("tutorial", "epoch_b4")},
+    "epochs_h200_revision5.json": {("eager_over_640", "epoch_b4"), ("batch4", "epoch_b4")},
 }
 
 
