@@ -127,7 +127,8 @@ def row_prediction_gib(row: dict, rows_dir: Path, config: Path, model_config: Pa
     """A measured row's prediction, recomputed: a row trained with the per-batch plan replays
     the plan (replayed_plan); any other row, the memory model at its longest batch."""
     from gpu_recipes import prediction_recipe
-    from memory_model import ModelShape, predict_peak
+    from memory_model import predict_peak
+    from model_shape import ModelShape
 
     replayed = replayed_plan(row, rows_dir, config, model_config)
     if replayed:

@@ -107,7 +107,8 @@ def run_row(row: dict) -> dict:
     from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer, set_seed
 
-    from memory_model import REVISION, ModelShape, predict_peak
+    from memory_model import REVISION, predict_peak
+    from model_shape import ModelShape
     from runtime import set_cuda_memory
     from train_metrics import median_step_tokens_per_second, steady_tokens_per_second, step_timer
 

@@ -161,7 +161,8 @@ def run_row(row: dict) -> dict:
     processes, _ = train_stage.join_processes()
     from transformers import AutoTokenizer, set_seed
 
-    from memory_model import ModelShape, predict_peak
+    from memory_model import predict_peak
+    from model_shape import ModelShape
 
     logger = logging.getLogger("bench")
     logging.basicConfig(level=logging.INFO)

@@ -17,8 +17,9 @@ import torch
 
 from layer_offload import LayerOffload
 from lora_dropout import checkpoint_context, recompute_needs_rng
-from memory_model import GIB, ModelShape, every_kth_layer, offloaded_layers
+from memory_model import GIB, every_kth_layer, offloaded_layers
 from memory_plan import cell_recipe, checkpoint_layer_sets, graph_headroom, planned_batch
+from model_shape import ModelShape
 from offload import offload_checkpoints
 
 

@@ -15,12 +15,12 @@ No torch here: the Snakefile imports it while it plans the DAG.
 
 from memory_model import (
     GIB,
-    ModelShape,
     checkpointed_layer_count,
     cublas_workspace_bytes,
     every_kth_layer,
     predict_peak,
 )
+from model_shape import ModelShape
 
 # A step recorded by train.cuda_graphs peaks above this model's prediction: revision 3 missed the
 # fused head's tile and the recordings' cuBLAS workspaces (1.023-1.048 at the 7B shape, where 1.05-1.08

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from cell_lock import describe, live_owners
-from memory_model import ModelShape
+from model_shape import ModelShape
 
 PROJECT = Path(__file__).resolve().parent.parent
 ENV_CPU = "envs/pipeline.yaml"

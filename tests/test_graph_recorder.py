@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import recipe
-from memory_model import CUBLAS_WORKSPACE_BYTES, ModelShape, predict_peak
+from memory_model import CUBLAS_WORKSPACE_BYTES, predict_peak
 from memory_plan import GRAPH_PEAK_FACTOR
+from model_shape import ModelShape
 from test_recipe import LENGTHS, build_tiny_model, train_tiny
 
 

@@ -5,7 +5,8 @@ losses and gradients as recomputing them bit for bit, and every saved tensor sen
 import pytest
 
 import layer_offload
-from memory_model import ModelShape, offloaded_layers, predict_peak
+from memory_model import offloaded_layers, predict_peak
+from model_shape import ModelShape
 from test_recipe import LENGTHS, PROJECT, build_tiny_model, train_tiny
 
 

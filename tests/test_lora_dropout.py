@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lora_dropout import pack_mask, recompute_lora_dropout, unpack_mask
-from memory_model import ModelShape, layer_activation_bytes
+from memory_model import layer_activation_bytes
+from model_shape import ModelShape
 from modeling import load_base_model
 
 RANK, HIDDEN, LAYERS, BATCH, SEQ = 8, 64, 2, 2, 24

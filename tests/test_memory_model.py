@@ -5,8 +5,9 @@ import json
 import pytest
 
 from conftest import PROJECT
-from memory_model import ModelShape, lora_parameters, predict_peak
+from memory_model import predict_peak
 from memory_plan import checkpoint_candidates, choose_checkpointing
+from model_shape import ModelShape, lora_parameters
 
 GIB = 1024**3
 BENCH = PROJECT / "bench" / "results"

@@ -12,8 +12,9 @@ import torch
 
 import checkpointing
 from gpu_recipes import LLAMA2_7B
-from memory_model import GIB, ModelShape, predict_peak
+from memory_model import GIB, predict_peak
 from memory_plan import GRAPH_PEAK_FACTOR, choose_checkpointing
+from model_shape import ModelShape
 from test_recipe import LENGTHS, PROJECT, train_tiny
 
 

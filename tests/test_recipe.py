@@ -15,8 +15,9 @@ import checkpointing
 import memory_plan
 import recipe
 from gpu_recipes import LLAMA2_7B
-from memory_model import ModelShape, predict_peak
+from memory_model import predict_peak
 from memory_plan import GRAPH_PEAK_FACTOR
+from model_shape import ModelShape
 
 PROJECT = Path(__file__).resolve().parent.parent
 LOGGER = logging.getLogger("test_recipe")
