@@ -152,11 +152,14 @@ def layer_activation_bytes(
     return norms + attention + mlp + adapters
 
 
-def offloaded_layer_residue(shape: ModelShape, tokens: int, rank: int, targets: str, kernels: str) -> int:
+def offloaded_layer_residue(
+    shape: ModelShape, tokens: int, rank: int, targets: str, kernels: str, lora_act: int = 2
+) -> int:
     """Bytes an offloaded layer keeps on the device (revision 5): its saved tensors under
-    MIN_OFFLOAD_BYTES (scripts/layer_offload.py), of lora_A's outputs (bf16 under autocast), SDPA's
-    log-sum-exp (fp32 per head) and, with Liger's RMSNorm, the two norms' rstd (fp32)."""
-    per_token = [2 * rank] * len(TARGETS[targets]) + [4 * shape.heads] + ([4, 4] if kernels == "liger" else [])
+    MIN_OFFLOAD_BYTES (scripts/layer_offload.py), of lora_A's outputs (``lora_act`` bytes a value:
+    bf16 under autocast), SDPA's log-sum-exp (fp32 per head) and, with Liger's RMSNorm, the two
+    norms' rstd (fp32)."""
+    per_token = [lora_act * rank] * len(TARGETS[targets]) + [4 * shape.heads] + ([4, 4] if kernels == "liger" else [])
     return sum(tokens * size for size in per_token if tokens * size < MIN_OFFLOAD_BYTES)
 
 
@@ -302,7 +305,8 @@ def predict_peak(
             # already), the top MLP's input, each offloaded layer's small saved tensors
             embedding = input_bytes if 0 in in_host and not offload_checkpoints else 0
             forward += tokens * (embedding + compute * shape.hidden)
-            forward += len(in_host) * offloaded_layer_residue(shape, tokens, rank, targets, kernels)
+            lora_act = 2 if autocast and recipe != "tutorial" else 4  # as layer_activation_bytes counts
+            forward += len(in_host) * offloaded_layer_residue(shape, tokens, rank, targets, kernels, lora_act)
             if graph_capture is None:  # the LoRA gradients: none until the backward (zero_grad frees
                 forward -= lora * 4  # them), where CUDA graphs bind buffers once a shape is recorded
         total = max(total, forward)
