@@ -25,9 +25,10 @@ import yaml
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "scripts")]
+from epoch_recipes import CELL_KEYS, split_cell_keys  # noqa: E402
 from epoch_rows import JOBS  # noqa: E402
 from epoch_table import row_shape, write  # noqa: E402
-from epochs import CELL_KEYS, SHAPES, WARMUP, split_cell_keys  # noqa: E402
+from epochs import SHAPES, WARMUP  # noqa: E402
 from gpu_recipes import bench_cell  # noqa: E402
 from memory_model import REVISION  # noqa: E402
 from train_metrics import median_step_tokens_per_second  # noqa: E402

@@ -109,11 +109,11 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
     """--variant NAME:@OVERLAY.yaml: the overlay's train section but the batch size (the job's) and
     its grid's single-valued cell keys, KEY=VALUE after it over them; a missing file or a grid key
     of several values is refused."""
-    import epochs
+    import epoch_recipes
 
     config = PROJECT / "config"
     lean = f"lean:@{config / 'lean.yaml'},memory_budget_gib=5.75"
-    specs = epochs.recipe_specs([], {"memory_budget_gib": 8}, [f"b4:@{config / 'batch4.yaml'}", lean])
+    specs = epoch_recipes.recipe_specs([], {"memory_budget_gib": 8}, [f"b4:@{config / 'batch4.yaml'}", lean])
     assert specs["b4"] == (
         "pipeline",
         dict(
@@ -130,14 +130,14 @@ def test_an_overlay_variant_is_its_train_settings_and_cell_keys(tmp_path):
     assert lean["double_quant"] is True and lean["offload_checkpoints"] is True and "batch_size" not in lean
     assert lean["memory_budget_gib"] == 5.75  # the variant's key over the overlay's 4.84
     with pytest.raises(SystemExit, match=r"--variant overlay missing\.yaml is not a file"):
-        epochs.recipe_specs([], {}, ["x:@missing.yaml"])
+        epoch_recipes.recipe_specs([], {}, ["x:@missing.yaml"])
     two = tmp_path / "two.yaml"
     two.write_text("grid:\n  double_quant: [true, false]\n")
     with pytest.raises(SystemExit, match=r"grid\.double_quant must be a list of one value"):
-        epochs.recipe_specs([], {}, [f"x:@{two}"])
+        epoch_recipes.recipe_specs([], {}, [f"x:@{two}"])
     two.write_text("grid:\n  double_quant: true\n")  # not a grid axis (a list)
     with pytest.raises(SystemExit, match=r"grid\.double_quant must be a list of one value"):
-        epochs.recipe_specs([], {}, [f"x:@{two}"])
+        epoch_recipes.recipe_specs([], {}, [f"x:@{two}"])
 
 
 def test_tiny_run_trains_every_recipe_on_the_same_rows(rows_dir, tmp_path):
