@@ -11,7 +11,8 @@ every recipe sees the same example at every step. Recipes: ``tutorial`` (gpu_rec
 tutorial model), ``pipeline`` (the train stage's own code, config/llama2-7b.yaml), ``reference``
 (the pipeline without kernels, checkpointing every layer: its losses are the yardstick),
 ``unsloth`` (bench/unsloth_row.py) and ``--variant NAME:KEY=VALUE,...`` pipeline variants
-(``NAME:@config/batch4.yaml,KEY=VALUE,...``: a config overlay's train settings, then the keys).
+(``NAME:@config/batch4.yaml,KEY=VALUE,...``: a config overlay's train settings, then the keys;
+bench/epoch_recipes.py reads these specs).
 Every (job, recipe) runs in a fresh process; results are written after every row.
 
     python bench/epochs.py prepare --out .carry/epochs
