@@ -59,20 +59,20 @@ def peak_breakdown(snapshot: dict, baseline: int, top: int = 30, device: int = 0
             at_peak[event["addr"]] = event
         elif event["action"] == "free_requested":
             at_peak.pop(event["addr"], None)
-    groups: dict[str, list] = {}
+    # per site: its blocks by size, and by the step that allocated them (step_levels' tags)
+    groups: dict[str, tuple[Counter, Counter]] = {}
     for event in at_peak.values():
-        group = groups.setdefault(site(event.get("frames", [])), [0, 0, Counter(), Counter()])
-        group[0] += event["size"]
-        group[1] += 1
-        group[2][event["size"]] += 1
-        group[3][event.get("user_metadata") or "untagged"] += 1  # the step it was allocated in
-    ranked = sorted(groups.items(), key=lambda item: -item[1][0])
+        sizes, steps = groups.setdefault(site(event.get("frames", [])), (Counter(), Counter()))
+        sizes[event["size"]] += 1
+        steps[event.get("user_metadata") or "untagged"] += 1
+    totals = {name: sum(size * n for size, n in sizes.items()) for name, (sizes, _) in groups.items()}
+    ranked = sorted(groups, key=lambda name: -totals[name])
     return {
         "peak_gib": round(peak / GIB, 3),
         "baseline_gib": round(baseline / GIB, 3),
         "events": len(trace),
         "peak_event": peak_index,
-        "traced_live_at_peak_gib": round(sum(g[0] for g in groups.values()) / GIB, 3),
+        "traced_live_at_peak_gib": round(sum(totals.values()) / GIB, 3),
         # the allocation that set the peak, deeper: forward, recomputation or backward, and where
         "peak_allocation": {
             "gib": round(trace[peak_index]["size"] / GIB, 4) if peak_index >= 0 else None,
@@ -81,15 +81,14 @@ def peak_breakdown(snapshot: dict, baseline: int, top: int = 30, device: int = 0
         "by_site": [
             {
                 "site": name,
-                "gib": round(size / GIB, 4),
-                "blocks": count,
-                # the most common block sizes and the steps they were allocated in (step_levels' tags)
-                "sizes": {str(size): n for size, n in sizes.most_common(4)},
-                "allocated_in": dict(steps.most_common(4)),
+                "gib": round(totals[name] / GIB, 4),
+                "blocks": groups[name][0].total(),
+                "sizes": {str(size): n for size, n in groups[name][0].most_common(4)},
+                "allocated_in": dict(groups[name][1].most_common(4)),
             }
-            for name, (size, count, sizes, steps) in ranked[:top]
+            for name in ranked[:top]
         ],
-        "other_sites_gib": round(sum(g[0] for _, g in ranked[top:]) / GIB, 4),
+        "other_sites_gib": round(sum(totals[name] for name in ranked[top:]) / GIB, 4),
     }
 
 

@@ -126,16 +126,16 @@ def recompute_needs_rng(model) -> bool:
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear`` as the caller's autocast runs it (both operands in its dtype: the same
-    numbers), without autocast's cache: it keeps the cast of a weight that requires grad until
-    the forward's autocast region ends, each lora_A's bf16 copy alive beside every layer's
-    activations (32 MiB at the 7B shape's forward peak with q/v adapters, torch's allocation
-    history in bench/results/memory_h200_steps). The backward casts the weight again."""
+    numbers), with the weight cast here: autocast caches its own cast of a weight that requires
+    grad until the forward's autocast region ends, each lora_A's bf16 copy alive beside every
+    layer's activations (32 MiB at the 7B shape's forward peak with q/v adapters, torch's
+    allocation history in bench/results/memory_h200_steps). Operands already in autocast's dtype
+    are not cast again, so nothing is cached. The backward casts the weight again."""
     device = x.device.type
     if not torch.is_autocast_enabled(device):
         return F.linear(x, weight)
     dtype = torch.get_autocast_dtype(device)
-    with torch.autocast(device, enabled=False):
-        return F.linear(x.to(dtype), weight.to(dtype))
+    return F.linear(x.to(dtype), weight.to(dtype))
 
 
 class DropoutLinearFunction(torch.autograd.Function):

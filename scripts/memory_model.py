@@ -116,6 +116,12 @@ def checkpointed_layer_count(layers: int, checkpoint_every: int) -> int:
     return len(every_kth_layer(layers, checkpoint_every))
 
 
+def lora_value_bytes(recipe: str, autocast: bool) -> int:
+    """Bytes of one value of a LoRA path's activations: the compute dtype under autocast; without
+    it PEFT casts a LoRA input to its fp32 weights (fp32 dropout and matmuls)."""
+    return 2 if autocast and recipe != "tutorial" else 4
+
+
 def layer_activation_bytes(
     shape: ModelShape,
     rank: int,
@@ -138,8 +144,7 @@ def layer_activation_bytes(
         norms = 2 * act * h  # Liger RMSNorm keeps its input (and 4 bytes of rstd)
         mlp = 2 * act * i  # Liger SwiGLU keeps gate and up, recomputes the activation
     attention = act * (2 * h + 2 * kv)  # SDPA keeps q, k, v (after RoPE) and its output
-    # Without autocast PEFT casts a LoRA input to its fp32 weights: fp32 dropout and matmuls.
-    lora_act = act if autocast and recipe != "tutorial" else 4
+    lora_act = lora_value_bytes(recipe, autocast)
     adapters, inputs_kept = 0, set()
     for module in TARGETS[targets]:
         features_in, _ = shape.linear_shape(module)
@@ -305,7 +310,7 @@ def predict_peak(
             # already), the top MLP's input, each offloaded layer's small saved tensors
             embedding = input_bytes if 0 in in_host and not offload_checkpoints else 0
             forward += tokens * (embedding + compute * shape.hidden)
-            lora_act = 2 if autocast and recipe != "tutorial" else 4  # as layer_activation_bytes counts
+            lora_act = lora_value_bytes(recipe, autocast)
             forward += len(in_host) * offloaded_layer_residue(shape, tokens, rank, targets, kernels, lora_act)
             if graph_capture is None:  # the LoRA gradients: none until the backward (zero_grad frees
                 forward -= lora * 4  # them), where CUDA graphs bind buffers once a shape is recorded
